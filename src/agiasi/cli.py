@@ -1,0 +1,197 @@
+"""The command line: a thin layer mapping flags 1:1 onto config dataclass fields.
+
+Every flag ``--some-name`` is the field ``some_name`` of a config dataclass; each subcommand calls
+one stage function. Errors raised as :class:`agiasi.errors.AgiasiError` print one line and exit 2
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from agiasi.errors import AgiasiError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "str | None": str,
+    "int | None": int,
+    "float | None": float,
+    "list[str] | None": _parse_list,
+    "list[str]": _parse_list,
+}
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: Sequence[str] = (),
+    positional: Sequence[str] = (),
+    help_text: dict[str, str] | None = None,
+) -> None:
+    """One ``--flag`` per dataclass field (``snake_case`` → ``--kebab-case``).
+
+    Defaults are left as ``None`` on the parser so that a YAML config file can sit between the
+    dataclass defaults and the flags (flags > file > defaults); :func:`build_config` merges them.
+    """
+    help_text = help_text or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = help_text.get(f.name, "")
+        if f.name in positional:
+            parser.add_argument(f.name, help=helptext)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{helptext} (default: {default})".strip(),
+            )
+            continue
+        conv = _TYPES.get(str(f.type), str)
+        shown = ",".join(default) if isinstance(default, list) else default
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=conv,
+            default=None,
+            help=f"{helptext} (default: {shown})".strip(),
+        )
+
+
+def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any] | None = None):
+    """dataclass defaults < config file < explicit flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise AgiasiError(
+                f"unknown key {key!r} in the config file; valid keys are the flag names: "
+                + ", ".join(sorted(n.replace("_", "-") for n in names))
+            )
+        if isinstance(value, str) and _TYPES.get(str(_field(cls, name).type)) is _parse_list:
+            value = _parse_list(value)
+        values[name] = value
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    if missing:
+        raise AgiasiError(
+            "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
+    return cls(**values)
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from agiasi.model import ModelConfig, describe, format_info
+
+    cfg = build_config(ModelConfig, args)
+    info = describe(cfg.base_model, cfg)
+    print(format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agiasi.model import ModelConfig
+
+    parser = argparse.ArgumentParser(
+        prog="agiasi",
+        description="Inject a trainable SO(8) soul into a causal LM, train it with QLoRA, export it.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "info",
+        help="architecture, hidden size, LoRA targets, trainable counts, soul kind and phase",
+        description="Describe what agiasi would build on MODEL (reads only its config).",
+    )
+    add_dataclass_args(
+        p,
+        ModelConfig,
+        positional=("base_model",),
+        skip=("gradient_checkpointing",),
+        help_text={"base_model": "hub id or local folder of a causal LM"},
+    )
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation notes, config hints) drowns our own output; --debug keeps it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:
+        _quiet_libraries()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except AgiasiError as e:
+        if debug:
+            raise
+        print(f"agiasi: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("agiasi: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, full traceback with --debug
+        if debug:
+            raise
+        print(
+            f"agiasi: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""The one exception type users see: a clear message, no traceback (the CLI prints it)."""
+
+
+class AgiasiError(Exception):
+    """A user-facing error: bad input, missing file, unsupported model, unsafe checkpoint.
+
+    The message says what is wrong and what to do; the CLI prints it and exits non-zero.
+    """

@@ -1,0 +1,547 @@
+"""``AGIASI_SO8T_Wrapper``: base causal LM (NF4 or full precision) + LoRA + the soul.
+
+Layout (the design note's three layers)::
+
+    input ids → Cortex: base LM (+ LoRA)  → h, after the final norm
+              → Core:   soul (R, α)        → h + sigmoid(α)·R h
+              → Output: LM head            → logits
+
+The soul is installed by replacing the causal LM's output-embedding module with
+:class:`agiasi.soul.SoulHead`, so the model's own forward and ``generate`` (KV cache included) see
+it without hooks. :meth:`AGIASI_SO8T_Wrapper.forward` runs the decoder and that same head
+explicitly, so training sees exactly what generation sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agiasi.errors import AgiasiError
+from agiasi.soul import Soul, SoulConfig, SoulHead
+
+# LoRA targets per architecture. Phi-3 fuses q/k/v into `qkv_proj` (and gate/up into
+# `gate_up_proj`): the note's q/k/v/o list only matches `o_proj` there.
+LORA_TARGETS: dict[str, list[str]] = {
+    "phi3": ["qkv_proj", "o_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+QUANTIZATIONS = ("nf4", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """How to build the wrapper. Field names match the CLI flags (``--lora-r`` → ``lora_r``)."""
+
+    base_model: str
+    quantization: str = "nf4"
+    dtype: str = "auto"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    soul: bool = True
+    rotation: str = "so8"
+    rotation_init: str = "identity"
+    alpha_mode: str = "schedule"
+    alpha_start: float = -5.0
+    ortho_weight: float = 0.1
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise AgiasiError(
+                f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        if self.dtype not in DTYPES:
+            raise AgiasiError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.lora_r <= 0:
+            raise AgiasiError(f"--lora-r must be positive, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AgiasiError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def soul_config(self, hidden_size: int) -> SoulConfig:
+        return SoulConfig(
+            hidden_size=hidden_size,
+            rotation=self.rotation,
+            init=self.rotation_init,
+            alpha_mode=self.alpha_mode,
+            alpha_start=self.alpha_start,
+            ortho_weight=self.ortho_weight,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class SoulOutput:
+    """What :meth:`AGIASI_SO8T_Wrapper.forward` returns; also indexable like the note's dict."""
+
+    loss: torch.Tensor | None
+    task_loss: torch.Tensor | None
+    ortho_loss: torch.Tensor
+    logits: torch.Tensor
+    alpha: torch.Tensor | None
+    gate: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return ["loss", "task_loss", "ortho_loss", "logits", "alpha", "gate"]
+
+
+# --------------------------------------------------------------------------- loading helpers
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return (
+        model_id.startswith((".", "/", "~"))
+        or os.sep in model_id.strip("/").replace("/", "", 1)
+        or Path(model_id).exists()
+    )
+
+
+def load_config(model_id: str, trust_remote_code: bool = False):
+    """Read the HF config and check that it is a causal LM we can load."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise AgiasiError(f"base model {model_id!r} is a file; pass the model folder")
+        if not (path / "config.json").is_file():
+            raise AgiasiError(
+                f"{model_id!r} is not a model folder: it has no config.json "
+                "(expected a Hugging Face checkpoint folder)"
+            )
+    elif _looks_like_path(model_id):
+        raise AgiasiError(f"base model not found: {model_id!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(path) if path.exists() else model_id, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:  # unknown model_type, or remote code refused
+        raise AgiasiError(f"unsupported architecture in {model_id!r}: {_first_line(e)}") from None
+    except OSError as e:  # hub id without network, missing files
+        raise AgiasiError(
+            f"could not load the config of {model_id!r}: {_first_line(e)} "
+            "(no network? pass a local model folder)"
+        ) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise AgiasiError(
+            f"unsupported architecture {archs} ({config.model_type!r}) in {model_id!r}: "
+            "agiasi needs a causal language model (e.g. Phi3ForCausalLM, LlamaForCausalLM)"
+        )
+    return config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _resolve_dtype(name: str, quantization: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if quantization == "nf4":
+        return _compute_dtype(device)
+    return torch.float32 if device.type == "cpu" else _compute_dtype(device)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device supports it, else fp16 (the note's compute dtype)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def lora_targets_for(config, override: list[str] | None = None) -> list[str]:
+    if override:
+        return list(override)
+    try:
+        return list(LORA_TARGETS[config.model_type])
+    except KeyError:
+        raise AgiasiError(
+            f"unsupported architecture {config.model_type!r}: agiasi has LoRA targets for "
+            f"{', '.join(sorted(LORA_TARGETS))}; to try another causal LM pass --lora-targets "
+            "(its attention projection names, e.g. q_proj,v_proj)"
+        ) from None
+
+
+def match_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, int]:
+    """Count modules each target matches (PEFT's suffix rule); fail loudly on zero matches."""
+    counts = dict.fromkeys(targets, 0)
+    linear_names: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) or type(module).__name__.startswith("Linear"):
+            linear_names.add(leaf)
+        if leaf in counts:
+            counts[leaf] += 1
+    missing = [t for t, n in counts.items() if n == 0]
+    if missing:
+        raise AgiasiError(
+            f"LoRA target(s) {', '.join(missing)} match no module of this model; "
+            f"its linear layers are: {', '.join(sorted(linear_names))}"
+        )
+    return counts
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
+    """Base LM (+NF4) + LoRA + soul.
+
+    Attributes (as in the note):
+        base_model: the PEFT model (``PeftModelForCausalLM``).
+        alpha: the α ``nn.Parameter`` (not trained in ``schedule`` mode).
+        so8_rotation: the rotation module; ``so8_rotation(h)`` returns ``h Rᵀ``.
+    """
+
+    def __init__(
+        self,
+        base_model_id: str | None = None,
+        device: str | torch.device | None = None,
+        config: ModelConfig | None = None,
+        **overrides: Any,
+    ):
+        super().__init__()
+        if config is None:
+            if base_model_id is None:
+                raise AgiasiError("AGIASI_SO8T_Wrapper needs a base model id or folder")
+            config = ModelConfig(base_model=base_model_id, **overrides)
+        elif overrides or (base_model_id and base_model_id != config.base_model):
+            raise AgiasiError("pass either a ModelConfig or keyword options, not both")
+        config.validate()
+        self.config = config
+        self.device_ = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.hf_config = load_config(config.base_model, config.trust_remote_code)
+        self.lora_targets = lora_targets_for(self.hf_config, config.lora_targets)
+        causal_lm = self._load_base()
+        self.lora_target_counts = match_lora_targets(causal_lm, self.lora_targets)
+        self.base_model = self._wrap_lora(causal_lm)
+        head = self.causal_lm.get_output_embeddings()
+        self.hidden_size = int(head.weight.shape[1])
+        self._soul: Soul | None = None
+        if config.soul:
+            soul = Soul(config.soul_config(self.hidden_size)).to(self.device_)
+            self.causal_lm.set_output_embeddings(SoulHead(head, soul))
+            self._soul = soul
+        if config.gradient_checkpointing:
+            self.causal_lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            self.causal_lm.config.use_cache = False
+
+    # ---------------------------------------------------------------- construction
+
+    def _load_base(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        dtype = _resolve_dtype(cfg.dtype, cfg.quantization, self.device_)
+        kwargs: dict[str, Any] = {
+            "trust_remote_code": cfg.trust_remote_code,
+            **_dtype_kwarg(dtype),
+        }
+        if cfg.quantization == "nf4":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise AgiasiError(
+                    "quantization 'nf4' needs bitsandbytes: pip install bitsandbytes "
+                    "(or pass --quantization none)"
+                ) from None
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_type="nf4",
+            )
+            kwargs["device_map"] = {"": self.device_}
+        path = Path(cfg.base_model).expanduser()
+        source = str(path) if path.exists() else cfg.base_model
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise AgiasiError(
+                f"could not load base model {cfg.base_model!r}: {_first_line(e)}"
+            ) from None
+        except Exception as e:  # safetensors header errors, truncated files
+            if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
+                raise AgiasiError(
+                    f"could not read the weights of {cfg.base_model!r} ({_first_line(e)}); "
+                    "an interrupted download? fetch the model again"
+                ) from None
+            raise
+        if cfg.quantization != "nf4":
+            model.to(self.device_)
+        return model
+
+    def _wrap_lora(self, causal_lm: nn.Module):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            target_modules=self.lora_targets,
+            lora_dropout=self.config.lora_dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(causal_lm, lora)
+
+        # The note calls `model.base_model.load_adapter(path)`; PEFT now requires an adapter
+        # name. Default it to the adapter we train ("default"): weights are loaded in place.
+        def load_adapter(model_id, adapter_name: str = "default", **kwargs):
+            return PeftModel.load_adapter(peft_model, model_id, adapter_name, **kwargs)
+
+        peft_model.load_adapter = load_adapter
+        return peft_model
+
+    # ---------------------------------------------------------------- note's attributes
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HF causal LM inside PEFT (LoRA layers injected in place)."""
+        return self.base_model.get_base_model()
+
+    @property
+    def soul(self) -> Soul | None:
+        return self._soul
+
+    @property
+    def alpha(self) -> nn.Parameter:
+        self._need_soul("alpha")
+        return self._soul.alpha
+
+    @property
+    def so8_rotation(self) -> nn.Module:
+        self._need_soul("so8_rotation")
+        return self._soul.rotation
+
+    def _need_soul(self, what: str) -> None:
+        if self._soul is None:
+            raise AgiasiError(f"{what}: this wrapper was built with soul=False (control run)")
+
+    @property
+    def head(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    # ---------------------------------------------------------------- forward
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden state h (after the final norm), what the soul acts on."""
+        decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> SoulOutput:
+        """Logits with the soul, and loss = CE(shifted, padding ignored) + w · ‖RᵀR − I‖_F."""
+        input_ids = input_ids.to(self.device_)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device_)
+        h = self.hidden_states(input_ids, attention_mask)
+        logits = self.head(h)
+        if self._soul is not None:
+            ortho = self._soul.ortho_loss()
+            alpha = self._soul.alpha.detach()
+            gate = self._soul.gate().detach()
+        else:
+            ortho = torch.zeros((), device=logits.device)
+            alpha = gate = None
+        task_loss = loss = None
+        if labels is not None:
+            labels = labels.to(self.device_)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            task_loss = causal_lm_loss(logits, labels)
+            loss = (
+                task_loss + self.config.ortho_weight * ortho
+                if self._soul is not None
+                else task_loss
+            )
+        return SoulOutput(
+            loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """HF ``generate`` through the soul (it lives in the head, so the KV cache just works)."""
+        was_training = self.training
+        self.eval()
+        kwargs.setdefault("use_cache", True)
+        try:
+            return self.base_model.generate(input_ids=input_ids.to(self.device_), **kwargs)
+        finally:
+            self.train(was_training)
+
+    def get_phase_status(self) -> str:
+        if self._soul is None:
+            return "⚪ No soul (control run)"
+        return self._soul.phase()
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def trainable_parameters(self) -> dict[str, int]:
+        lora = sum(
+            p.numel()
+            for n, p in self.base_model.named_parameters()
+            if p.requires_grad and "lora_" in n
+        )
+        soul = self._soul.num_trainable() if self._soul is not None else 0
+        return {"lora": lora, "soul": soul, "total": lora + soul}
+
+    def soul_state(self) -> dict[str, Any]:
+        """``soul.pt`` payload: tensors and ints only (loads with ``weights_only=True``)."""
+        self._need_soul("soul_state")
+        return {
+            "alpha": self._soul.alpha.detach().cpu().clone(),
+            "so8_rotation": {
+                k: v.detach().cpu().clone() for k, v in self._soul.rotation.state_dict().items()
+            },
+        }
+
+    def load_soul_state(self, state: dict[str, Any]) -> None:
+        self._need_soul("load_soul_state")
+        with torch.no_grad():
+            self._soul.alpha.copy_(state["alpha"].to(self._soul.alpha.device))
+        try:
+            self._soul.rotation.load_state_dict(state["so8_rotation"])
+        except RuntimeError as e:
+            raise AgiasiError(f"soul.pt does not fit this model's soul: {_first_line(e)}") from None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt_dir: str | os.PathLike,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> AGIASI_SO8T_Wrapper:
+        """Rebuild base + LoRA + soul from a step folder written by :mod:`agiasi.checkpoint`."""
+        from agiasi.checkpoint import load_into, read_manifest
+
+        manifest = read_manifest(ckpt_dir)
+        cfg = ModelConfig.from_dict({**manifest["model"], **overrides})
+        wrapper = cls(config=cfg, device=device)
+        load_into(wrapper, ckpt_dir)
+        return wrapper
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (in fp32)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    if not (shift_labels != -100).any():
+        raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]:
+    """What ``agiasi info`` prints. Needs only the model's config: the model is built on the
+    meta device, so Phi-3.5-mini's numbers come without touching 7 GB of weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = config or ModelConfig(base_model=model_id)
+    cfg.validate()
+    hf = load_config(model_id, cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.trust_remote_code)
+        targets = lora_targets_for(hf, cfg.lora_targets)
+        counts = match_lora_targets(model, targets)
+        head = model.get_output_embeddings()
+        hidden = int(head.weight.shape[1])
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=targets,
+                lora_dropout=cfg.lora_dropout,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        base = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n)
+    info: dict[str, Any] = {
+        "model": model_id,
+        "architecture": (hf.architectures or [type(model).__name__])[0],
+        "model_type": hf.model_type,
+        "hidden_size": hidden,
+        "num_layers": getattr(hf, "num_hidden_layers", None),
+        "vocab_size": getattr(hf, "vocab_size", None),
+        "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
+        "base_parameters": base,
+        "lora_targets": counts,
+        "lora_r": cfg.lora_r,
+        "lora_parameters": lora,
+    }
+    if cfg.soul:
+        soul = Soul(cfg.soul_config(hidden))
+        info.update(
+            soul_rotation=cfg.rotation,
+            soul_alpha_mode=cfg.alpha_mode,
+            soul_parameters=soul.num_trainable()
+            if cfg.alpha_mode == "learned"
+            else sum(p.numel() for p in soul.rotation.parameters()),
+            alpha=float(soul.alpha.detach()),
+            gate=float(soul.gate().detach()),
+            phase=soul.phase(),
+        )
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    return json.dumps(info, ensure_ascii=False, indent=2)

@@ -1,0 +1,113 @@
+"""Builders for tiny random models saved as HF folders (what users pass as --base-model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def build_tiny_phi3(
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 128,
+    seed: int = 0,
+    longrope: bool = False,
+) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {}
+    if longrope:
+        half = hidden // 4 // 2
+        kwargs["rope_scaling"] = {
+            "type": "longrope",
+            "long_factor": [1.0 + 0.1 * i for i in range(half)],
+            "short_factor": [1.0 + 0.01 * i for i in range(half)],
+        }
+        kwargs["original_max_position_embeddings"] = 64
+        kwargs["max_position_embeddings"] = 256
+    cfg = Phi3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=kwargs.pop("max_position_embeddings", 256),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **kwargs,
+    )
+    cfg.architectures = ["Phi3ForCausalLM"]
+    model = Phi3ForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def build_tiny_llama(
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 128,
+    tie: bool = False,
+    seed: int = 0,
+    heads: int = 4,
+) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=tie,
+        head_dim=hidden // heads,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def make_wrapper(path, **overrides):
+    from agiasi import AGIASI_SO8T_Wrapper
+
+    opts = {"quantization": "none", "dtype": "float32", "lora_dropout": 0.0}
+    opts.update(overrides)
+    return AGIASI_SO8T_Wrapper(str(path), device="cpu", **opts)
+
+
+def randomize_soul(wrapper, alpha: float = 0.7, seed: int = 1) -> None:
+    """Give the soul a non-trivial R and an open gate, so equivalence tests mean something."""
+    g = torch.Generator().manual_seed(seed)
+    soul = wrapper.soul
+    with torch.no_grad():
+        soul.alpha.fill_(alpha)
+        if soul.config.rotation == "so8":
+            soul.rotation.skew_params.copy_(
+                torch.randn(soul.rotation.skew_params.shape, generator=g)
+            )
+        else:
+            h = soul.config.hidden_size
+            q, _ = torch.linalg.qr(torch.randn(h, h, generator=g))
+            soul.rotation.weight = q
+
+
+def randomize_lora(wrapper, seed: int = 2, scale: float = 0.05) -> None:
+    """LoRA B starts at zero; give it values so merge tests see a real delta."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapper.base_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

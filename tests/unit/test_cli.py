@@ -1,0 +1,58 @@
+"""`agiasi info` and the CLI's error contract (one line, non-zero exit, no traceback)."""
+
+import json
+
+import pytest
+
+from agiasi.cli import main
+
+
+def test_info_reports_targets_counts_and_phase(tiny_phi3, capsys):
+    assert main(["info", str(tiny_phi3)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "Phi3ForCausalLM"
+    assert info["hidden_size"] == 64
+    assert info["lora_targets"] == {"qkv_proj": 2, "o_proj": 2}
+    assert info["lora_parameters"] == 2 * 16 * ((64 + 192) + (64 + 64))
+    assert info["soul_parameters"] == 8 * 28
+    assert info["phase"] == "🔵 Stable"
+
+
+def test_info_phi35_mini_shape_from_config_only(tmp_path, capsys):
+    """Phi-3.5-mini's numbers from its config alone (meta device: no 7 GB of weights)."""
+    from transformers import Phi3Config
+
+    cfg = Phi3Config(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    )
+    cfg.architectures = ["Phi3ForCausalLM"]
+    cfg.save_pretrained(tmp_path / "phi35")
+    assert main(["info", str(tmp_path / "phi35")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lora_parameters"] == 9_437_184  # qkv_proj + o_proj, r=16, 32 layers
+    assert info["soul_parameters"] == 10_752  # 384 blocks x 28
+    assert info["lora_targets"] == {"qkv_proj": 32, "o_proj": 32}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/no/such/model"], "base model not found"),
+        (["info", "{tiny}", "--rotation", "bogus"], "unknown rotation kind"),
+        (["info", "{tiny}", "--lora-targets", "nothing_here"], "match no module"),
+        (["info", "{tiny}", "--quantization", "int3"], "unknown quantization"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tiny_phi3, capsys, argv, message):
+    argv = [a.replace("{tiny}", str(tiny_phi3)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,0 +1,192 @@
+"""The wrapper on tiny models: fold equivalence, gradients, LoRA targets, NF4, generation, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agiasi.errors import AgiasiError
+from agiasi.soul import fold_into
+from tests.helpers import build_tiny_llama, make_wrapper, randomize_lora, randomize_soul
+
+
+def _ids(vocab=128, shape=(2, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["so8", "full"])
+def test_wrapper_logits_equal_folded_head(tiny_phi3, kind):
+    w = make_wrapper(tiny_phi3, rotation=kind).eval()
+    randomize_soul(w)
+    randomize_lora(w)
+    ids = _ids()
+    with torch.no_grad():
+        out = w(ids)
+        h = w.hidden_states(ids)
+        folded = fold_into(w.head.weight, w.soul.rotation_matrix(torch.float64), w.soul.gate())
+        plain = F.linear(h, folded)
+    assert (out.logits - plain).abs().max() <= 1e-5
+    # the soul really changes the logits (otherwise the check above proves nothing)
+    assert (out.logits - F.linear(h, w.head.weight)).abs().max() > 1e-2
+
+
+def test_tied_embedding_model_folds_after_untie(tiny_llama_tied):
+    w = make_wrapper(tiny_llama_tied).eval()
+    randomize_soul(w)
+    emb = w.causal_lm.get_input_embeddings().weight
+    assert w.head.weight.data_ptr() == emb.data_ptr(), "fixture should be tied"
+    emb_before = emb.detach().clone()
+    ids = _ids()
+    with torch.no_grad():
+        out = w(ids)
+        untied_head = w.head.weight.detach().clone()  # untie: the head gets its own tensor
+        folded = w.soul.fold_into(untied_head)
+        plain = F.linear(w.hidden_states(ids), folded)
+    assert (out.logits - plain).abs().max() <= 1e-5
+    # folding never touched the input embedding
+    assert torch.equal(emb.detach(), emb_before)
+
+
+def test_gradients_reach_lora_and_soul_only_and_are_finite(tiny_phi3):
+    w = make_wrapper(tiny_phi3, alpha_mode="learned").train()
+    ids = _ids()
+    out = w(ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert out.ortho_loss.item() == pytest.approx(0.0, abs=1e-6)  # identity init
+    out.loss.backward()
+    lora_grads = {n: p.grad for n, p in w.base_model.named_parameters() if "lora_" in n}
+    assert lora_grads and all(
+        g is not None and torch.isfinite(g).all() for g in lora_grads.values()
+    )
+    assert any(g.abs().sum() > 0 for n, g in lora_grads.items() if "lora_B" in n)
+    for name, p in w.base_model.named_parameters():
+        if "lora_" not in name and name.split(".")[-2:] != ["alpha"] and "soul" not in name:
+            assert p.grad is None, f"frozen base parameter {name} got a gradient"
+    assert w.alpha.grad is not None and torch.isfinite(w.alpha.grad)
+    sg = w.so8_rotation.skew_params.grad
+    assert sg is not None and torch.isfinite(sg).all() and sg.abs().sum() > 0
+
+
+def test_loss_is_ce_plus_weighted_ortho_and_ignores_padding(tiny_phi3):
+    w = make_wrapper(tiny_phi3, ortho_weight=0.1).eval()
+    randomize_soul(w)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    with torch.no_grad():
+        out = w(ids, attention_mask=mask, labels=ids)
+        labels = ids.masked_fill(mask == 0, -100)
+        ref = F.cross_entropy(
+            out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+    assert out.task_loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(ref.item() + 0.1 * out.ortho_loss.item(), rel=1e-6)
+    assert out["gate"].item() == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item(), rel=1e-6)
+
+
+def test_phi3_lora_targets_cover_qkv_and_o_in_every_layer(tiny_phi3):
+    from peft.tuners.lora import LoraLayer
+
+    w = make_wrapper(tiny_phi3)
+    layers = w.hf_config.num_hidden_layers
+    wrapped = [
+        n.rsplit(".", 1)[-1] for n, m in w.base_model.named_modules() if isinstance(m, LoraLayer)
+    ]
+    assert wrapped.count("qkv_proj") == layers
+    assert wrapped.count("o_proj") == layers
+    assert len(wrapped) == 2 * layers
+    assert w.lora_target_counts == {"qkv_proj": layers, "o_proj": layers}
+    h, qkv_out = 64, 3 * 64
+    r = 16
+    assert w.trainable_parameters()["lora"] == layers * r * ((h + qkv_out) + (h + h))
+    assert w.trainable_parameters()["soul"] == (h // 8) * 28
+
+
+def test_nf4_path_forward_backward_on_cpu(tiny_phi3):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    w = make_wrapper(tiny_phi3, quantization="nf4", dtype="auto").train()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in w.causal_lm.modules())
+    ids = _ids()
+    out = w(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for n, p in w.base_model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(w.so8_rotation.skew_params.grad).all()
+
+
+def test_llama_family_works(tmp_path):
+    path = build_tiny_llama(tmp_path / "llama")
+    w = make_wrapper(path).train()
+    assert set(w.lora_target_counts) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ids = _ids()
+    out = w(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("kind", ["so8", "full"])
+def test_generation_with_kv_cache_equals_without(tiny_phi3, kind):
+    w = make_wrapper(tiny_phi3, rotation=kind)
+    randomize_soul(w, alpha=1.5)
+    prompt = _ids(shape=(1, 5))
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with_cache = w.generate(prompt, use_cache=True, **kw)
+    without = w.generate(prompt, use_cache=False, **kw)
+    assert with_cache.shape[1] == 25
+    assert torch.equal(with_cache, without)
+    # and generation really goes through the soul: greedy argmax of the soul logits
+    with torch.no_grad():
+        first = w(prompt).logits[0, -1].argmax()
+    assert with_cache[0, 5] == first
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(AgiasiError, match="not found"):
+        make_wrapper(tmp_path / "nope")
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AgiasiError, match="no config.json"):
+        make_wrapper(tmp_path / "empty")
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(AgiasiError, match="unsupported architecture"):
+        make_wrapper(tmp_path / "bert")
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
+    with pytest.raises(AgiasiError, match="unsupported architecture"):
+        make_wrapper(tmp_path / "weird")
+
+
+def test_hidden_not_divisible_by_8_is_a_clear_error(tmp_path):
+    path = build_tiny_llama(tmp_path / "odd", hidden=36, heads=2)
+    with pytest.raises(AgiasiError, match="divisible by 8"):
+        make_wrapper(path)
+    make_wrapper(path, rotation="full")  # the dense kind takes any H
+
+
+def test_lora_target_matching_nothing_is_a_clear_error(tiny_phi3):
+    with pytest.raises(AgiasiError, match=r"q_proj.*match no module.*qkv_proj"):
+        make_wrapper(tiny_phi3, lora_targets=["q_proj", "o_proj"])
+
+
+def test_control_run_has_no_soul(tiny_phi3):
+    w = make_wrapper(tiny_phi3, soul=False)
+    ids = _ids()
+    out = w(ids, labels=ids)
+    assert out.alpha is None and out.gate is None
+    assert out.loss.item() == pytest.approx(out.task_loss.item())
+    assert w.get_phase_status().startswith("⚪")
+    with pytest.raises(AgiasiError, match="soul=False"):
+        _ = w.alpha
