@@ -11,7 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import build_tiny_llama, build_tiny_phi3  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    build_tiny_llama,
+    build_tiny_phi3,
+    build_tiny_phi3_with_tokenizer,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +34,9 @@ def tiny_phi3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("llama_tied"), tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_tok(tmp_path_factory) -> Path:
+    """Tiny Phi-3 + Japanese sentencepiece tokenizer: what training and export tests use."""
+    return build_tiny_phi3_with_tokenizer(tmp_path_factory.mktemp("phi3_tok"))

@@ -111,3 +111,28 @@ def randomize_lora(wrapper, seed: int = 2, scale: float = 0.05) -> None:
         for name, p in wrapper.base_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def sample_text() -> Path:
+    from agiasi.data import default_dataset
+
+    return default_dataset()
+
+
+def build_tiny_phi3_with_tokenizer(
+    out: Path, hidden: int = 64, layers: int = 2, seed: int = 0, vocab_size: int = 1000
+) -> Path:
+    """Tiny Phi-3 with a Japanese sentencepiece tokenizer trained on the shipped sample."""
+    from agiasi.tokenizer import build_phi3_tokenizer
+
+    tok = build_phi3_tokenizer([sample_text()], out, vocab_size=vocab_size)
+    build_tiny_phi3(out, hidden=hidden, layers=layers, vocab=len(tok), seed=seed)
+    # keep the model's special ids consistent with the tokenizer
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return Path(out)

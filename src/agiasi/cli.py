@@ -125,6 +125,54 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise AgiasiError(f"config file not found: {path!r}") from None
+    except yaml.YAMLError as e:
+        raise AgiasiError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise AgiasiError(f"config file {path!r} must be a mapping of flag names to values")
+    return data
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from agiasi.train import TrainConfig, train
+
+    file_values = _read_yaml(args.config) if args.config else None
+    cfg = build_config(TrainConfig, args, file_values)
+    train(cfg)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from agiasi.plot import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
+TRAIN_HELP = {
+    "base_model": "hub id or local folder of the causal LM to inject",
+    "dataset": ".txt (one paragraph a line), .jsonl (text or chat messages) or HF dataset folder; "
+    "default: the shipped Japanese sample",
+    "resume": "'auto' (newest complete step_N in --output-dir) or a step folder",
+    "soul": "--no-soul runs the control: plain QLoRA through the same loop and data",
+    "grad_accum": "micro-batches per optimizer step",
+}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    from agiasi.train import TrainConfig
+
+    p.add_argument("--config", help="YAML file whose keys are flag names; flags override it")
+    add_dataclass_args(p, TrainConfig, help_text=TRAIN_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agiasi.model import ModelConfig
 
@@ -149,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
         help_text={"base_model": "hub id or local folder of a causal LM"},
     )
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "train",
+        help="train LoRA + soul with the alpha annealing (resumable, DDP under torchrun)",
+        description="The note's phase-transition training. Writes OUTPUT/step_N folders, "
+        "metrics.jsonl and phase_transition.png.",
+    )
+    add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
+    p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
+    p.add_argument("--out", help="PNG path (default: RUN/phase_transition.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

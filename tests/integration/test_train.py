@@ -1,0 +1,590 @@
+"""`agiasi train` on a tiny Phi-3 with a Japanese tokenizer: files, schedule, resume, DDP, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agiasi.cli import main
+from agiasi.schedule import linear_annealing
+from agiasi.soul import PHI
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--quantization", "none", "--max-length", "64", "--lora-dropout", "0", "--no-progress"]
+
+
+def run_cli(args, capsys=None):
+    rc = main(["train", *args])
+    return rc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    out = dict(load_file(step_dir / "adapter_model.safetensors"))
+    soul = torch.load(step_dir / "soul.pt", weights_only=True)
+    out["alpha"] = soul["alpha"]
+    for k, v in soul["so8_rotation"].items():
+        out["soul." + k] = v
+    return out
+
+
+def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "run"
+    rc = run_cli(
+        [
+            "--base-model",
+            str(tiny_phi3_tok),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "12",
+            "--save-steps",
+            "4",
+            "--warmup-steps",
+            "2",
+            "--annealing-steps",
+            "6",
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    assert sorted(os.listdir(run)) == [
+        "metrics.jsonl",
+        "phase_transition.png",
+        "step_12",
+        "step_4",
+        "step_8",
+        "train_config.json",
+    ]
+    for step in (4, 8, 12):
+        folder = run / f"step_{step}"
+        assert sorted(os.listdir(folder)) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "soul.json",
+            "soul.pt",
+            "train_config.json",
+            "trainer_state.pt",
+        ]
+        soul = torch.load(folder / "soul.pt", weights_only=True)
+        assert soul["step"] == step
+        # α in the checkpoint is the one used at the last step taken (0-based index step-1)
+        assert soul["alpha"].item() == pytest.approx(linear_annealing(step - 1, 2, 6), abs=1e-6)
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        assert state["step"] == step and state["data_position"] == step
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # α follows the schedule exactly at every step
+    for r in rows:
+        assert r["alpha"] == pytest.approx(
+            linear_annealing(r["step"] - 1, 2, 6, -5.0, PHI), abs=1e-6
+        )
+    assert rows[0]["phase"] == "🔵 Stable" and rows[-1]["phase"] == "🟢 Golden Ratio Reached"
+    assert (run / "phase_transition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_goes_down_over_60_steps(tiny_phi3_tok, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text(
+        "\n\n".join(
+            [
+                "日本語の文章を学習します。",
+                "パッケージを作成する方法を説明します。",
+                "このコマンドはファイルを表示します。",
+            ]
+            * 20
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--dataset",
+                str(text),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "60",
+                "--save-steps",
+                "60",
+                "--warmup-steps",
+                "10",
+                "--annealing-steps",
+                "40",
+                "--learning-rate",
+                "5e-3",
+                "--batch-size",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    losses = [r["task_loss"] for r in metrics(run)]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.25, (first, last)
+
+
+def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "5",
+                "--save-steps",
+                "5",
+                "--alpha-mode",
+                "learned",
+                "--alpha-start",
+                "0.5",
+                "--learning-rate",
+                "1e-2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    alphas = [r["alpha"] for r in metrics(run)]
+    assert alphas[0] != pytest.approx(0.5, abs=1e-7) and len(set(alphas)) == 5
+    state = torch.load(run / "step_5" / "trainer_state.pt", weights_only=True)
+    # α is one of the optimizer's parameters (a scalar with Adam moments)
+    assert any(s["exp_avg"].ndim == 0 for s in state["optimizer"]["state"].values())
+
+
+def test_control_run_without_soul(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "3",
+                "--save-steps",
+                "3",
+                "--no-soul",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    folder = run / "step_3"
+    assert not (folder / "soul.pt").exists()
+    assert json.loads((folder / "soul.json").read_text())["soul"] is None
+    assert metrics(run)[0]["alpha"] is None
+
+
+def test_config_file_maps_to_flags_and_flags_win(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"base-model: {tiny_phi3_tok}\nmax_steps: 3\nsave-steps: 100\nlora-r: 4\n"
+        f"output-dir: {run}\nquantization: none\nmax-length: 32\nprogress: false\n"
+    )
+    assert main(["train", "--config", str(cfg), "--lora-r", "8"]) == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["lora_r"] == 8 and saved["max_length"] == 32
+    assert json.loads((run / "step_3" / "adapter_config.json").read_text())["r"] == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max-stepz: 3\n")
+    assert main(["train", "--config", str(bad)]) == 2
+
+
+def _train_cmd(model, run, steps, extra=()):
+    return [
+        sys.executable,
+        "-m",
+        "agiasi",
+        "train",
+        "--base-model",
+        str(model),
+        "--output-dir",
+        str(run),
+        "--max-steps",
+        str(steps),
+        "--save-steps",
+        "5",
+        "--warmup-steps",
+        "5",
+        "--annealing-steps",
+        "20",
+        "--seed",
+        "7",
+        "--lora-dropout",
+        "0.1",
+        "--quantization",
+        "none",
+        "--max-length",
+        "48",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_sigkill_then_resume_auto_is_bit_exact(tiny_phi3_tok, tmp_path):
+    steps = 40
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(tiny_phi3_tok, ref, steps), check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(tiny_phi3_tok, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (run / "step_15").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / f"step_{steps}").exists(), "the run finished before it was killed"
+    out = subprocess.run(
+        _train_cmd(tiny_phi3_tok, run, steps, ["--resume", "auto"]), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resume: from" in out.stderr
+    a, b = tensors(ref / f"step_{steps}"), tensors(run / f"step_{steps}")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # metrics have one line per step, no duplicates from the killed part
+    assert [r["step"] for r in metrics(run)] == list(range(1, steps + 1))
+
+
+def test_resume_auto_skips_incomplete_folder(tiny_phi3_tok, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "4",
+                "--save-steps",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    (run / "step_4" / "trainer_state.pt").unlink()  # as if damaged
+    capsys.readouterr()
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "4",
+                "--save-steps",
+                "2",
+                "--resume",
+                "auto",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "skipping step_4: incomplete (missing trainer_state.pt)" in err
+    assert "resume: from" in err and "step_2" in err
+
+
+@pytest.mark.parametrize(
+    "content, flags, message",
+    [
+        ('{"text": "日本語"}\n{"text": broken\n', [], "line 2 is not valid JSON"),
+        ("", [], "the dataset is empty"),
+        ('{"messages": [{"role": "user", "content": "こんにちは"}]}\n', [], "no assistant turn"),
+        (
+            '{"text": "日本語の文章です。"}\n',
+            ["--max-length", "0"],
+            "--max-length must be at least 2",
+        ),
+        (
+            '{"text": "日本語の文章です。"}\n',
+            ["--max-steps", "0"],
+            "--max-steps must be at least 1",
+        ),
+        (
+            '{"text": "日本語の文章です。"}\n',
+            ["--learning-rate", "-1"],
+            "--learning-rate must be positive",
+        ),
+    ],
+)
+def test_bad_input_gives_one_clear_error(tiny_phi3_tok, tmp_path, capsys, content, flags, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content, encoding="utf-8")
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--base-model",
+            str(tiny_phi3_tok),
+            "--dataset",
+            str(data),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "2",
+            "--quantization",
+            "none",
+            "--no-progress",
+            "--max-length",
+            "32",
+            *flags,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err
+    assert not any(p.name.startswith("step_") for p in run.glob("*"))
+
+
+def test_checkpoint_from_another_base_is_refused(tiny_phi3_tok, tmp_path, capsys):
+    from tests.helpers import build_tiny_phi3_with_tokenizer
+
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    other = build_tiny_phi3_with_tokenizer(tmp_path / "other", hidden=32)
+    capsys.readouterr()
+    rc = run_cli(
+        [
+            "--base-model",
+            str(other),
+            "--output-dir",
+            str(tmp_path / "run2"),
+            "--max-steps",
+            "4",
+            "--resume",
+            str(run / "step_2"),
+            *FAST,
+        ]
+    )
+    assert rc == 2
+    assert "trained on another base model" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    before = tensors(run / "step_2")
+    capsys.readouterr()
+    rc = run_cli(
+        [
+            "--base-model",
+            str(tiny_phi3_tok),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "30",
+            "--save-steps",
+            "1000",
+            "--resume",
+            "auto",
+            "--learning-rate",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            *FAST,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite" in err and "step_2" in err
+    after = tensors(run / "step_2")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
+
+
+def test_chat_jsonl_trains_only_on_assistant_tokens(tiny_phi3_tok):
+    from transformers import AutoTokenizer
+
+    from agiasi.data import IGNORE, tokenize_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_phi3_tok)
+    rec = {
+        "messages": [
+            {"role": "user", "content": "こんにちは"},
+            {"role": "assistant", "content": "はい、日本語です。"},
+            {"role": "user", "content": "ありがとう"},
+            {"role": "assistant", "content": "どういたしまして"},
+        ]
+    }
+    (ex,) = tokenize_records([rec], tok, 256)
+    learned = tok.decode([t for t in ex.labels if t != IGNORE])
+    assert "はい、日本語です。" in learned and "どういたしまして" in learned
+    assert "こんにちは" not in learned and "ありがとう" not in learned
+    assert "<|user|>" not in learned
+
+
+def test_note_command_line_runs(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "checkpoints_agiasi"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/training/inject_soul_into_borea.py"),
+            "--base-model",
+            str(tiny_phi3_tok),
+            "--max-steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--annealing-steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--max-length",
+            "32",
+            "--learning-rate",
+            "2e-4",
+            "--save-steps",
+            "3",
+            "--output-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (run / "step_3" / "soul.pt").exists()
+
+
+def test_ddp_two_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path):
+    common = [
+        "--base-model",
+        str(tiny_phi3_tok),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "6",
+        "--warmup-steps",
+        "1",
+        "--annealing-steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--device",
+        "cpu",
+        *FAST,
+    ]
+    one = tmp_path / "one"
+    assert main(["train", *common, "--output-dir", str(one), "--grad-accum", "2"]) == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "agiasi",
+            "train",
+            *common,
+            "--output-dir",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = tensors(one / "step_6"), tensors(two / "step_6")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    la = [r["loss"] for r in metrics(one)]
+    lb = [r["loss"] for r in metrics(two)]
+    assert len(lb) == 6
+    # rank 0 logs its own micro-batch; the reduced gradients are what must match
+    assert all(torch.isfinite(torch.tensor(x)) for x in la + lb)
+
+
+def test_hf_dataset_folder_and_plot_command(tiny_phi3_tok, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "hfds"
+    datasets.Dataset.from_dict(
+        {"text": ["日本語の文章です。", "もう一つの文書です。"] * 4}
+    ).save_to_disk(str(folder))
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--dataset",
+                str(folder),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    (run / "phase_transition.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path)]) == 2
