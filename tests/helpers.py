@@ -26,8 +26,10 @@ def build_tiny_phi3(
             "long_factor": [1.0 + 0.1 * i for i in range(half)],
             "short_factor": [1.0 + 0.01 * i for i in range(half)],
         }
-        kwargs["original_max_position_embeddings"] = 64
-        kwargs["max_position_embeddings"] = 256
+        # llama.cpp pads its context to a multiple of 256, so the original window must be larger
+        # than that for a short-context run to stay on the short factors
+        kwargs["original_max_position_embeddings"] = 512
+        kwargs["max_position_embeddings"] = 2048
     cfg = Phi3Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -136,3 +138,46 @@ def build_tiny_phi3_with_tokenizer(
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return Path(out)
+
+
+def build_tiny_llama_with_tokenizer(
+    out: Path, tie: bool = True, hidden: int = 64, seed: int = 0, vocab_size: int = 1000
+) -> Path:
+    """Tiny Llama-family model (tied head by default) with a sentencepiece tokenizer."""
+    import json
+
+    from agiasi.tokenizer import build_phi3_tokenizer
+
+    tok = build_phi3_tokenizer([sample_text()], out, vocab_size=vocab_size)
+    build_tiny_llama(out, hidden=hidden, vocab=len(tok), tie=tie, seed=seed)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return Path(out)
+
+
+def build_tiny_phi3_longrope_with_tokenizer(out: Path, seed: int = 0) -> Path:
+    from agiasi.tokenizer import build_phi3_tokenizer
+
+    tok = build_phi3_tokenizer([sample_text()], out, vocab_size=1000)
+    build_tiny_phi3(out, vocab=len(tok), seed=seed, longrope=True)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return Path(out)
+
+
+def make_checkpoint(model_dir: Path, out: Path, seed: int = 1, **overrides) -> Path:
+    """A step folder with a non-trivial LoRA and soul, without spending time on training."""
+    from agiasi.checkpoint import write_step
+
+    w = make_wrapper(model_dir, **overrides)
+    randomize_soul(w, alpha=1.3, seed=seed)
+    randomize_lora(w, seed=seed + 1)
+    return write_step(w, out, step=10)

@@ -149,6 +149,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from agiasi.export import ExportConfig, export
+
+    export(build_config(ExportConfig, args))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from agiasi.plot import plot_run
 
@@ -207,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
+    from agiasi.export import ExportConfig
+
+    p = sub.add_parser(
+        "export",
+        help="merge LoRA, fold the soul, write HF + GGUF + Modelfile + card + report",
+        description="One plain model from a step folder, with the fidelity of every stage measured.",
+    )
+    add_dataclass_args(
+        p,
+        ExportConfig,
+        positional=("checkpoint",),
+        help_text={
+            "checkpoint": "a step_N folder written by `agiasi train`",
+            "out": "output folder (refused if it exists, unless --force)",
+            "gguf": "comma list of f32,f16,bf16,q8_0,q4_k_m,q5_k_m,q6_k ('' for none)",
+            "merge_base": "auto: nf4 for NF4-trained checkpoints, else w16; w16: merge into the "
+            "original weights; nf4: into the NF4-dequantized weights the LoRA was trained against",
+            "base_model": "override the base model recorded in the checkpoint (e.g. a local copy)",
+            "output_tensor_type": "GGUF type of the head (it carries the soul), e.g. q8_0",
+            "num_ctx": "context for llama.cpp parity and the Modelfile (≤ the original window)",
+            "measure": "--no-measure skips the parity report",
+            "text": "text for perplexity (default: the shipped held-out Japanese sample)",
+        },
+    )
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
     p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default: RUN/phase_transition.png)")
@@ -224,6 +257,7 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:
         pass
 
