@@ -383,31 +383,43 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+        loss_chunk: int = 1024,
     ) -> SoulOutput:
-        """Logits with the soul, and loss = CE(shifted, padding ignored) + w · ‖RᵀR − I‖_F."""
+        """Logits with the soul, and loss = CE(shifted, padding ignored) + w · ‖RᵀR − I‖_F.
+
+        With ``return_logits=False`` (what training uses) the head and the loss run in chunks of
+        ``loss_chunk`` positions under activation checkpointing, so the (T × vocab) fp32 logits
+        of the whole sequence never exist at once; the loss is the same number.
+        """
         input_ids = input_ids.to(self.device_)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device_)
+        if not return_logits and labels is None:
+            raise AgiasiError("return_logits=False needs labels (there is nothing else to return)")
         h = self.hidden_states(input_ids, attention_mask)
-        logits = self.head(h)
+        if labels is not None:
+            labels = labels.to(self.device_)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+        logits = None
+        task_loss = None
+        if return_logits:
+            logits = self.head(h)
+            if labels is not None:
+                task_loss = causal_lm_loss(logits, labels)
+        else:
+            task_loss = chunked_causal_lm_loss(h, self.head, labels, loss_chunk)
         if self._soul is not None:
             ortho = self._soul.ortho_loss()
             alpha = self._soul.alpha.detach()
             gate = self._soul.gate().detach()
         else:
-            ortho = torch.zeros((), device=logits.device)
+            ortho = torch.zeros((), device=h.device)
             alpha = gate = None
-        task_loss = loss = None
-        if labels is not None:
-            labels = labels.to(self.device_)
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
-            task_loss = causal_lm_loss(logits, labels)
-            loss = (
-                task_loss + self.config.ortho_weight * ortho
-                if self._soul is not None
-                else task_loss
-            )
+        loss = None
+        if task_loss is not None:
+            loss = task_loss + self.config.ortho_weight * ortho if self._soul is not None else task_loss
         return SoulOutput(
             loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
         )
@@ -486,6 +498,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_labels.reshape(-1),
         ignore_index=-100,
     )
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``head(h)`` without materialising the whole logits tensor.
+
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
+    memory holds one chunk of (chunk × vocab) fp32 logits instead of the whole sequence's.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    y = labels[:, 1:].reshape(-1)
+    hs = h[:, :-1, :].reshape(-1, h.shape[-1])
+    n_valid = (y != -100).sum()
+    if int(n_valid) == 0:
+        raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, hs.shape[0], chunk):
+        yc = y[start : start + chunk]
+        if not (yc != -100).any():
+            continue
+        total = total + checkpoint(_chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False)
+    return total / n_valid
 
 
 def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]:

@@ -450,7 +450,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             bad = False
             for _ in range(cfg.grad_accum):
                 batch = stream.next()
-                out = wrapper(**batch)
+                out = wrapper(**batch, return_logits=False)
                 if not torch.isfinite(out.loss):
                     bad = True
                     break

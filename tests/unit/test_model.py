@@ -190,3 +190,24 @@ def test_control_run_has_no_soul(tiny_phi3):
     assert w.get_phase_status().startswith("⚪")
     with pytest.raises(AgiasiError, match="soul=False"):
         _ = w.alpha
+
+
+@pytest.mark.parametrize("soul", [True, False])
+def test_chunked_loss_equals_full_loss_and_gradients(tiny_phi3, soul):
+    """The memory lever must not change the number: same loss, same gradients (fp32)."""
+    w = make_wrapper(tiny_phi3, soul=soul, alpha_mode="learned").train()
+    if soul:
+        randomize_soul(w)
+    randomize_lora(w)
+    ids = _ids(shape=(2, 23))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    params = [p for p in w.parameters() if p.requires_grad]
+    full = w(ids, attention_mask=mask, labels=ids)
+    g_full = torch.autograd.grad(full.loss, params)
+    chunked = w(ids, attention_mask=mask, labels=ids, return_logits=False, loss_chunk=7)
+    g_chunk = torch.autograd.grad(chunked.loss, params)
+    assert chunked.logits is None
+    assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    for a, b in zip(g_full, g_chunk):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
