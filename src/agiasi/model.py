@@ -62,6 +62,7 @@ class ModelConfig:
     alpha_start: float = -5.0
     ortho_weight: float = 0.1
     gradient_checkpointing: bool = False
+    compile: bool = False
     trust_remote_code: bool = False
 
     def validate(self) -> None:
@@ -268,6 +269,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             self.causal_lm.config.use_cache = False
+        if config.compile:
+            # Each decoder layer compiled on its own: 32 identical layers share one graph, and
+            # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks.
+            for layer in getattr(self.causal_lm, self.causal_lm.base_model_prefix).layers:
+                layer.compile(dynamic=False)
 
     # ---------------------------------------------------------------- construction
 
@@ -402,21 +408,27 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             labels = labels.to(self.device_)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
+        # The soul acts once on the whole sequence (B·T·H is small) with one matrix_exp shared
+        # with the ortho monitor; the plain head then runs on the mixed state.
+        if self._soul is not None:
+            prepared = self._soul.prepare()
+            mixed = self._soul(h, prepared)
+            ortho = self._soul.ortho_loss(prepared)
+            alpha = self._soul.alpha.detach()
+            gate = self._soul.gate().detach()
+            head = self.head.head
+        else:
+            mixed, head = h, self.head
+            ortho = torch.zeros((), device=h.device)
+            alpha = gate = None
         logits = None
         task_loss = None
         if return_logits:
-            logits = self.head(h)
+            logits = head(mixed)
             if labels is not None:
                 task_loss = causal_lm_loss(logits, labels)
         else:
-            task_loss = chunked_causal_lm_loss(h, self.head, labels, loss_chunk)
-        if self._soul is not None:
-            ortho = self._soul.ortho_loss()
-            alpha = self._soul.alpha.detach()
-            gate = self._soul.gate().detach()
-        else:
-            ortho = torch.zeros((), device=h.device)
-            alpha = gate = None
+            task_loss = chunked_causal_lm_loss(mixed, head, labels, loss_chunk)
         loss = None
         if task_loss is not None:
             loss = task_loss + self.config.ortho_weight * ortho if self._soul is not None else task_loss

@@ -130,8 +130,8 @@ class SO8BlockRotation(nn.Module):
     def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.block_diag(*self.blocks(dtype).unbind(0))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = self.blocks().to(h.dtype)
+    def forward(self, h: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        r = (self.blocks() if blocks is None else blocks).to(h.dtype)
         hb = h.reshape(*h.shape[:-1], self.n_blocks, _BLOCK)
         # out[..., b, i] = Σ_j R[b, i, j] h[..., b, j]  ==  (h Rᵀ) restricted to block b
         out = torch.einsum("...bj,bij->...bi", hb, r)
@@ -170,13 +170,16 @@ def safe_frobenius(d: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, safe_s.sqrt(), torch.zeros_like(s))
 
 
-def orthogonality_error(rotation: nn.Module) -> torch.Tensor:
-    """‖RᵀR − I‖_F. For ``so8`` it is computed per block (block-diagonal R makes it exact)."""
+def orthogonality_error(rotation: nn.Module, prepared: torch.Tensor | None = None) -> torch.Tensor:
+    """‖RᵀR − I‖_F. For ``so8`` it is computed per block (block-diagonal R makes it exact).
+
+    ``prepared`` is what :meth:`Soul.prepare` returned, to reuse one ``matrix_exp`` per step.
+    """
     if isinstance(rotation, SO8BlockRotation):
-        r = rotation.blocks()
+        r = rotation.blocks() if prepared is None else prepared
         eye = torch.eye(_BLOCK, device=r.device, dtype=r.dtype)
         return safe_frobenius(r.transpose(-1, -2) @ r - eye)
-    r = rotation_matrix(rotation)
+    r = rotation_matrix(rotation) if prepared is None else prepared.float()
     eye = torch.eye(r.shape[0], device=r.device, dtype=r.dtype)
     return safe_frobenius(r.T @ r - eye)
 
@@ -238,12 +241,24 @@ class Soul(nn.Module):
         """Dense R (H, H)."""
         return rotation_matrix(self.rotation, dtype)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        thought = self.rotation(h)
+    def prepare(self) -> torch.Tensor:
+        """The rotation's current value (so8: the (H/8, 8, 8) blocks; full: R), computed once
+        and shared by :meth:`forward` and :meth:`ortho_loss` within a training step."""
+        if isinstance(self.rotation, SO8BlockRotation):
+            return self.rotation.blocks()
+        return self.rotation.weight
+
+    def forward(self, h: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
+        if prepared is None:
+            thought = self.rotation(h)
+        elif isinstance(self.rotation, SO8BlockRotation):
+            thought = self.rotation(h, prepared)
+        else:
+            thought = F.linear(h, prepared.to(h.dtype))
         return h + self.gate().to(h.dtype) * thought
 
-    def ortho_loss(self) -> torch.Tensor:
-        return orthogonality_error(self.rotation)
+    def ortho_loss(self, prepared: torch.Tensor | None = None) -> torch.Tensor:
+        return orthogonality_error(self.rotation, prepared)
 
     def phase(self) -> str:
         return phase_status(float(self.alpha.detach()))
