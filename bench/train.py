@@ -14,6 +14,7 @@ Implementations:
     full    the same with the note's dense orthogonal soul
     nosoul  agiasi's step without the soul (isolates the soul's cost)
     so8c, nosoulc   the same with --compile (each decoder layer torch.compile'd)
+    so8o    so8 with --offload-activations (checkpointed layer inputs in pinned CPU memory)
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def build(impl: str, model_dir: Path):
         "soul": not impl.startswith("nosoul"),
         "rotation": "full" if impl == "full" else "so8",
         "compile": impl.endswith("c"),
+        "offload_activations": impl.endswith("o"),
     }
     w = AGIASI_SO8T_Wrapper(
         str(model_dir), device="cuda", quantization="nf4", gradient_checkpointing=True, **kwargs

@@ -167,7 +167,9 @@ def parity_report(
     ).eval()
     with torch.no_grad():
         w_l = [wrapper(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
-    report["parity"]["wrapper_fp32 vs hf"] = _agg([compare_logits(a, b) for a, b in zip(w_l, hf_l, strict=False)])
+    report["parity"]["wrapper_fp32 vs hf"] = _agg(
+        [compare_logits(a, b) for a, b in zip(w_l, hf_l, strict=False)]
+    )
     del wrapper
 
     # both merge bases against the wrapper as trained (NF4)
@@ -194,7 +196,9 @@ def parity_report(
         g = GGUFModel(path, n_ctx=num_ctx)
         row = _agg([compare_logits(a, g.logits(p)) for a, p in zip(hf_l, prompts, strict=False)])
         row["greedy_equal"] = g.greedy(prompts[0], 32) == greedy_hf
-        row["tokens_equal"] = all(g.tokenize(s) == p for s, p in zip(_prompts(), prompts, strict=False))
+        row["tokens_equal"] = all(
+            g.tokenize(s) == p for s, p in zip(_prompts(), prompts, strict=False)
+        )
         row["ppl"] = perplexity(g.logits, ids, window)
         report["parity"][f"gguf {t} vs hf"] = row
         g.close()

@@ -62,6 +62,7 @@ class ModelConfig:
     alpha_start: float = -5.0
     ortho_weight: float = 0.1
     gradient_checkpointing: bool = False
+    offload_activations: bool = False
     compile: bool = False
     trust_remote_code: bool = False
 
@@ -269,6 +270,14 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             self.causal_lm.config.use_cache = False
+        if config.offload_activations:
+            if not config.gradient_checkpointing:
+                raise AgiasiError("--offload-activations needs --gradient-checkpointing")
+            from agiasi.offload import enable_offloaded_checkpointing
+
+            enable_offloaded_checkpointing(
+                getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+            )
         if config.compile:
             # Each decoder layer compiled on its own: 32 identical layers share one graph, and
             # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks.
@@ -431,7 +440,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             task_loss = chunked_causal_lm_loss(mixed, head, labels, loss_chunk)
         loss = None
         if task_loss is not None:
-            loss = task_loss + self.config.ortho_weight * ortho if self._soul is not None else task_loss
+            loss = (
+                task_loss + self.config.ortho_weight * ortho
+                if self._soul is not None
+                else task_loss
+            )
         return SoulOutput(
             loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
         )
@@ -536,7 +549,9 @@ def chunked_causal_lm_loss(
         yc = y[start : start + chunk]
         if not (yc != -100).any():
             continue
-        total = total + checkpoint(_chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False
+        )
     return total / n_valid
 
 

@@ -75,6 +75,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None
     gradient_checkpointing: bool = True
+    offload_activations: bool = False
     compile: bool = False
     device: str | None = None
     trust_remote_code: bool = False
@@ -120,6 +121,7 @@ class TrainConfig:
             alpha_start=self.alpha_start,
             ortho_weight=self.ortho_weight,
             gradient_checkpointing=self.gradient_checkpointing,
+            offload_activations=self.offload_activations,
             compile=self.compile,
             trust_remote_code=self.trust_remote_code,
         )
