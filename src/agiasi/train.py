@@ -470,6 +470,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 )
             grads = [p.grad for p in params if p.grad is not None]
             _all_reduce_mean(grads, d)
+            if d.enabled:  # log the global batch's loss, not rank 0's share of it
+                logged = torch.tensor([totals[k] for k in totals], device=device)
+                _all_reduce_mean([logged], d)
+                totals = dict(zip(totals, logged.tolist(), strict=True))
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if cfg.max_grad_norm > 0
