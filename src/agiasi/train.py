@@ -199,16 +199,6 @@ def _broadcast(tensors: list[torch.Tensor], d: Dist) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def _any_rank(flag: bool, d: Dist, device) -> bool:
-    if not d.enabled:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 # --------------------------------------------------------------------------- checkpoints & resume
 
 
@@ -449,31 +439,36 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                             cfg.alpha_target,
                         )
                     )
-            totals = {"loss": 0.0, "task_loss": 0.0, "ortho_loss": 0.0}
+            # Kept on the device: no host sync inside the micro-batch loop.
+            totals = {
+                k: torch.zeros((), device=device) for k in ("loss", "task_loss", "ortho_loss")
+            }
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
             tokens = 0
-            bad = False
             for _ in range(cfg.grad_accum):
                 batch = stream.next()
                 out = wrapper(**batch, return_logits=False)
-                if not torch.isfinite(out.loss):
-                    bad = True
-                    break
+                nonfinite |= ~torch.isfinite(out.loss.detach())
                 (out.loss / cfg.grad_accum).backward()
                 for k in totals:
-                    totals[k] += float(getattr(out, k).detach()) / cfg.grad_accum
+                    totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
-            if _any_rank(bad, d, device):
+            # One collective a step: the trainable gradients, the logged losses and the
+            # non-finite flag travel in the same flat all-reduce.
+            grads = []
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            extra = torch.stack([*totals.values(), nonfinite.float()])
+            _all_reduce_mean([*grads, extra], d)
+            if float(extra[-1]) > 0:
                 good = f"{last_saved}" if last_saved else "none yet"
                 raise AgiasiError(
                     f"loss became non-finite (nan/inf) at step {step + 1}; stopped without saving. "
                     f"Last good checkpoint: {good}. Try a lower --learning-rate."
                 )
-            grads = [p.grad for p in params if p.grad is not None]
-            _all_reduce_mean(grads, d)
-            if d.enabled:  # log the global batch's loss, not rank 0's share of it
-                logged = torch.tensor([totals[k] for k in totals], device=device)
-                _all_reduce_mean([logged], d)
-                totals = dict(zip(totals, logged.tolist(), strict=True))
+            totals = dict(zip(totals, extra[:-1].tolist(), strict=True))
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if cfg.max_grad_norm > 0
