@@ -156,6 +156,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from agiasi.evaluate import EvalConfig, evaluate
+
+    cfg = build_config(EvalConfig, args)
+    r = evaluate(cfg)
+    if cfg.json:
+        print(_json.dumps(r, ensure_ascii=False, indent=2))
+    else:
+        print(
+            f"{r['kind']} {r['model']}\n  perplexity {r['perplexity']:.3f} on {r['tokens']} tokens of "
+            f"{r['text']}\n  window {r['window']} tokens, stride {r['stride']} (non-overlapping), "
+            f"{r['chars_per_token']:.2f} chars/token"
+        )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agiasi.demo import DemoConfig, demo
+
+    demo(build_config(DemoConfig, args))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from agiasi.plot import plot_run
 
@@ -239,6 +264,38 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     p.set_defaults(func=_cmd_export)
+
+    from agiasi.demo import DemoConfig
+    from agiasi.evaluate import EvalConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a checkpoint, an HF folder or a GGUF (llama.cpp) on a text",
+        description="Token-level perplexity over non-overlapping windows; chars/token reported so "
+        "tokenizers compare. Default text: the shipped held-out Japanese sample.",
+    )
+    add_dataclass_args(
+        p,
+        EvalConfig,
+        positional=("model",),
+        help_text={
+            "model": "step_N folder, HF model folder or .gguf file",
+            "text": "UTF-8 text file",
+            "window": "tokens per window",
+            "max_tokens": "evaluate at most this many tokens of the text",
+            "n_ctx": "llama.cpp context for GGUF files",
+            "json": "print JSON",
+        },
+    )
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the shipped tiny Japanese model (no network, no GPU)",
+        description="inject -> train -> checkpoint -> export HF + GGUF -> llama.cpp -> report",
+    )
+    add_dataclass_args(p, DemoConfig, help_text={"out": "working folder (replaced each run)"})
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
     p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")

@@ -8,6 +8,7 @@ window is scored. Chars per token is reported so runs with other tokenizers comp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,10 @@ def parity_report(
     num_ctx: int,
     text: str | None,
     log,
+    merge_base: str = "w16",
 ) -> dict[str, Any]:
+    """Fidelity of every export stage; ``wrapper_fp32 vs hf`` uses the same base weights as the
+    merge (original, or NF4-dequantized), so it isolates the exactness of merge + fold."""
     from transformers import AutoModelForCausalLM
 
     from agiasi.model import AGIASI_SO8T_Wrapper
@@ -165,6 +169,15 @@ def parity_report(
     wrapper = AGIASI_SO8T_Wrapper.from_checkpoint(
         ckpt, device="cpu", quantization="none", dtype="float32", lora_dropout=0.0
     ).eval()
+    if merge_base == "nf4":
+        # compare like with like: the fp32 wrapper over the same NF4-dequantized base weights
+        from agiasi.export import nf4_roundtrip
+
+        decoder = getattr(wrapper.causal_lm, wrapper.causal_lm.base_model_prefix)
+        with torch.no_grad():
+            for name, module in decoder.named_modules():
+                if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+                    module.weight.copy_(nf4_roundtrip(module.weight))
     with torch.no_grad():
         w_l = [wrapper(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
     report["parity"]["wrapper_fp32 vs hf"] = _agg(
@@ -237,3 +250,96 @@ def _agg(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def ce_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:-1].float(), ids[1:]))
+
+
+# --------------------------------------------------------------------------- `agiasi eval`
+
+
+@dataclass
+class EvalConfig:
+    """Flags of ``agiasi eval``."""
+
+    model: str = ""
+    text: str | None = None
+    window: int = 512
+    max_tokens: int = 16384
+    n_ctx: int = 4096
+    base_model: str | None = None
+    json: bool = False
+
+
+def model_kind(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.is_dir() and (p / "soul.json").is_file():
+        return "checkpoint"
+    if p.is_dir() and (p / "config.json").is_file():
+        return "hf"
+    if not p.exists():
+        raise AgiasiError(f"model not found: {str(path)!r}")
+    raise AgiasiError(
+        f"{str(path)!r} is neither a .gguf file, an agiasi step folder (soul.json) nor an HF "
+        "model folder (config.json)"
+    )
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Token-level perplexity of a checkpoint, an HF folder or a GGUF on a text file."""
+    from agiasi.data import default_heldout
+
+    if cfg.window < 2:
+        raise AgiasiError(f"--window must be at least 2, got {cfg.window}")
+    kind = model_kind(cfg.model)
+    text_path = Path(cfg.text) if cfg.text else default_heldout()
+    if not text_path.is_file():
+        raise AgiasiError(f"evaluation text not found: {text_path}")
+    text = text_path.read_text(encoding="utf-8")
+    if kind == "gguf":
+        g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window))
+        try:
+            all_ids = g.tokenize(text)
+            ids = all_ids[: cfg.max_tokens]
+            ppl = perplexity(g.logits, ids, cfg.window)
+        finally:
+            g.close()
+    else:
+        from transformers import AutoTokenizer
+
+        if kind == "checkpoint":
+            from agiasi.model import AGIASI_SO8T_Wrapper
+
+            overrides = {"base_model": cfg.base_model} if cfg.base_model else {}
+            model = AGIASI_SO8T_Wrapper.from_checkpoint(cfg.model, lora_dropout=0.0, **overrides)
+            tok_src = model.config.base_model
+
+            def logits_fn(chunk):
+                with torch.no_grad():
+                    return model(torch.tensor([chunk])).logits[0].float().cpu().numpy()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+            tok_src = cfg.model
+
+            def logits_fn(chunk):
+                return hf_logits(hf, chunk)
+
+        tok = AutoTokenizer.from_pretrained(tok_src)
+        all_ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = all_ids[: cfg.max_tokens]
+        model_eval = locals().get("model")
+        if model_eval is not None:
+            model_eval.eval()
+        ppl = perplexity(logits_fn, ids, cfg.window)
+    chars = len(text) * len(ids) / max(1, len(all_ids))
+    return {
+        "model": str(cfg.model),
+        "kind": kind,
+        "text": str(text_path),
+        "perplexity": ppl,
+        "tokens": len(ids),
+        "window": cfg.window,
+        "stride": cfg.window,
+        "chars_per_token": chars / max(1, len(ids)),
+    }

@@ -297,7 +297,17 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
 
             report.update(
                 parity_report(
-                    ckpt, mcfg, merged, new_cfg, hf_dir, ggufs, tok, cfg.num_ctx, cfg.text, log
+                    ckpt,
+                    mcfg,
+                    merged,
+                    new_cfg,
+                    hf_dir,
+                    ggufs,
+                    tok,
+                    cfg.num_ctx,
+                    cfg.text,
+                    log,
+                    cfg.merge_base,
                 )
             )
         for t, p in ggufs.items():

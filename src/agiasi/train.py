@@ -56,6 +56,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 512
     learning_rate: float = 2e-4
+    soul_learning_rate: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     save_steps: int = 100
@@ -350,7 +351,12 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     _broadcast(params, d)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    soul_ids = {id(p) for p in wrapper.soul.parameters()} if wrapper.soul is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in soul_ids], "lr": cfg.learning_rate}]
+    soul_params = [p for p in params if id(p) in soul_ids]
+    if soul_params:
+        groups.append({"params": soul_params, "lr": cfg.soul_learning_rate or cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     counts = wrapper.trainable_parameters()
     say(
         f"model: {cfg.base_model} ({wrapper.hf_config.model_type}, H={wrapper.hidden_size}, "
@@ -366,8 +372,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         if state.get("world_size", 1) * state.get("batch_size", 1) != d.world_size * cfg.batch_size:
             say("warning: resuming with another global batch size; the data order shifts")
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the flags of this run win over the saved ones
-            group["lr"] = cfg.learning_rate
+        for group, want in zip(optimizer.param_groups, groups, strict=True):
+            group["lr"] = want["lr"]  # the flags of this run win over the saved ones
             group["weight_decay"] = cfg.weight_decay
         start_step = int(state["step"])
         stream.position = int(state["data_position"])
