@@ -197,7 +197,7 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
         getattr(torch, cfg.dtype)
         if cfg.dtype != "auto"
         else (
-            getattr(hf_cfg, "torch_dtype", None) or getattr(hf_cfg, "dtype", None) or torch.float32
+            getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None) or torch.float32
         )
     )
     if isinstance(dtype, str):
