@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 
 if TYPE_CHECKING:
@@ -59,6 +60,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def clean_stale_temp(final: Path, pattern: str | None = None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings left by processes that are gone.
+
+    ``pattern`` (a glob in ``final``'s parent) widens the search, e.g. ``.step_*.*-*``.
+    """
+    removed = []
+    parent = Path(final).parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(pattern or f".{Path(final).name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a temp sibling folder, fsync it, then rename it to ``final``.
 
@@ -66,12 +98,14 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         write(tmp)
+        maybe_crash("checkpoint_written")
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb+") as fh:
@@ -87,6 +121,7 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
+        maybe_crash("checkpoint_renamed")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == 28:

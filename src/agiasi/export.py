@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 
 MERGE_BASES = ("w16", "nf4")
@@ -203,6 +204,10 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
+    from agiasi.checkpoint import clean_stale_temp
+
+    for stale in clean_stale_temp(out):
+        log(f"export: removed {stale.name}, left half-written by a killed export")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -261,6 +266,7 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
         model.save_pretrained(str(hf_dir))
         tok = AutoTokenizer.from_pretrained(str(base_id))
         tok.save_pretrained(str(hf_dir))
+        maybe_crash("export_hf_written")
         for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
             if (base_path / extra).is_file() and not (hf_dir / extra).exists():
                 shutil.copy(base_path / extra, hf_dir / extra)
@@ -276,6 +282,7 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
             ["f16"] if need_f16 and "f16" not in types else []
         ):
             ggufs[t] = write_gguf(hf_dir, tmp / f"{stem}-{t}.gguf", t, cfg.output_tensor_type)
+            maybe_crash("export_gguf_written")
             log(f"export: {ggufs[t].name}")
         for t in [t for t in types if t in KQUANT_TYPES]:
             ggufs[t] = quantize_gguf(ggufs["f16"], tmp / f"{stem}-{t}.gguf", t)

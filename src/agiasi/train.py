@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from agiasi.checkpoint import load_into, read_manifest, safe_torch_load, write_step
+from agiasi._faults import maybe_crash
+from agiasi.checkpoint import (
+    clean_stale_temp,
+    load_into,
+    read_manifest,
+    safe_torch_load,
+    write_step,
+)
 from agiasi.data import BatchStream, default_dataset, load_records, tokenize_records
 from agiasi.errors import AgiasiError
 from agiasi.model import AGIASI_SO8T_Wrapper, ModelConfig
@@ -383,6 +390,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in clean_stale_temp(out_dir / "step_0", pattern=".step_*.*-*"):
+            say(f"resume: removed {stale.name}, a step folder a killed run left half-written")
         _trim_metrics(out_dir / METRICS, start_step)
         (out_dir / TRAIN_CONFIG).write_text(
             json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n"
@@ -451,11 +460,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             }
             nonfinite = torch.zeros((), dtype=torch.bool, device=device)
             tokens = 0
+            maybe_crash("step_start")
             for _ in range(cfg.grad_accum):
                 batch = stream.next()
                 out = wrapper(**batch, return_logits=False)
                 nonfinite |= ~torch.isfinite(out.loss.detach())
                 (out.loss / cfg.grad_accum).backward()
+                maybe_crash("after_backward")
                 for k in totals:
                     totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
@@ -501,6 +512,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             if metrics_fh is not None:
                 metrics_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 metrics_fh.flush()
+                maybe_crash("metrics_written")
             if bar is not None:
                 post = {"loss": f"{loss_value:.4f}"}
                 if soul is not None:
