@@ -171,6 +171,18 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     base_id = cfg.base_model or mcfg.base_model
     mcfg.base_model = base_id
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
+    have = (
+        getattr(hf_cfg, "model_type", None),
+        getattr(hf_cfg, "hidden_size", None),
+        getattr(hf_cfg, "vocab_size", None),
+    )
+    want = (manifest.get("model_type"), manifest.get("hidden_size"), manifest.get("vocab_size"))
+    if have != want:
+        raise AgiasiError(
+            f"checkpoint {str(ckpt)!r} was trained on another base model "
+            f"({manifest.get('base_model')!r}: model_type {want[0]}, hidden {want[1]}, "
+            f"vocab {want[2]}); {base_id!r} is model_type {have[0]}, hidden {have[1]}, vocab {have[2]}"
+        )
     base_path = Path(base_id)
     from agiasi.gguf import SENTENCEPIECE_ARCHS
 

@@ -148,7 +148,14 @@ def load_config(model_id: str, trust_remote_code: bool = False):
             str(path) if path.exists() else model_id, trust_remote_code=trust_remote_code
         )
     except ValueError as e:  # unknown model_type, or remote code refused
-        raise AgiasiError(f"unsupported architecture in {model_id!r}: {_first_line(e)}") from None
+        hint = (
+            " (its own code would have to run: pass --trust-remote-code only if you trust it)"
+            if "trust_remote_code" in str(e) or "auto_map" in str(e)
+            else ""
+        )
+        raise AgiasiError(
+            f"unsupported architecture in {model_id!r}: {_first_line(e)}{hint}"
+        ) from None
     except OSError as e:  # hub id without network, missing files
         raise AgiasiError(
             f"could not load the config of {model_id!r}: {_first_line(e)} "

@@ -307,15 +307,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not d.main:
         say = lambda msg: None  # noqa: E731
-    if (
-        cfg.warmup_steps + cfg.annealing_steps > cfg.max_steps
-        and cfg.soul
-        and cfg.alpha_mode == "schedule"
-    ):
-        say(
-            f"warning: warmup ({cfg.warmup_steps}) + annealing ({cfg.annealing_steps}) > max steps "
-            f"({cfg.max_steps}): α will stop at {linear_annealing(cfg.max_steps - 1, cfg.warmup_steps, cfg.annealing_steps, cfg.alpha_start, cfg.alpha_target):.3f}, short of {cfg.alpha_target:.3f}"
-        )
     out_dir = Path(cfg.output_dir)
     device = _device(cfg, d)
 
@@ -334,6 +325,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     # ---- data
     torch.manual_seed(cfg.seed)
+    from agiasi.model import load_config
+
+    load_config(cfg.base_model, cfg.trust_remote_code)  # clear errors for a bad --base-model
     tokenizer = _load_tokenizer(cfg)
     dataset = cfg.dataset or str(default_dataset())
     examples = tokenize_records(load_records(dataset), tokenizer, cfg.max_length)
@@ -429,6 +423,15 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             dist.barrier()
         return folder
 
+    if (
+        cfg.warmup_steps + cfg.annealing_steps > cfg.max_steps
+        and cfg.soul
+        and cfg.alpha_mode == "schedule"
+    ):
+        say(
+            f"warning: warmup ({cfg.warmup_steps}) + annealing ({cfg.annealing_steps}) > max steps "
+            f"({cfg.max_steps}): α will stop at {linear_annealing(cfg.max_steps - 1, cfg.warmup_steps, cfg.annealing_steps, cfg.alpha_start, cfg.alpha_target):.3f}, short of {cfg.alpha_target:.3f}"
+        )
     soul = wrapper.soul
     bar = None
     if d.main and cfg.progress:

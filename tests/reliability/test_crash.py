@@ -23,10 +23,36 @@ STEPS = 16
 
 
 def train_cmd(model, run, extra=()):
-    return [sys.executable, "-m", "agiasi", "train", "--base-model", str(model), "--output-dir",
-            str(run), "--max-steps", str(STEPS), "--save-steps", "4", "--warmup-steps", "2",
-            "--annealing-steps", "10", "--seed", "3", "--lora-dropout", "0.1", "--quantization",
-            "none", "--max-length", "48", "--batch-size", "2", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "agiasi",
+        "train",
+        "--base-model",
+        str(model),
+        "--output-dir",
+        str(run),
+        "--max-steps",
+        str(STEPS),
+        "--save-steps",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--annealing-steps",
+        "10",
+        "--seed",
+        "3",
+        "--lora-dropout",
+        "0.1",
+        "--quantization",
+        "none",
+        "--max-length",
+        "48",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -53,9 +79,16 @@ def reference(tiny_phi3_tok, tmp_path_factory):
 
 
 KILL_POINTS = [
-    ("step_start", 3), ("after_backward", 6), ("checkpoint_written", 1),
-    ("checkpoint_written", 3), ("checkpoint_renamed", 1), ("checkpoint_renamed", 2),
-    ("metrics_written", 4), ("metrics_written", 9), ("step_start", 14), ("after_backward", 16),
+    ("step_start", 3),
+    ("after_backward", 6),
+    ("checkpoint_written", 1),
+    ("checkpoint_written", 3),
+    ("checkpoint_renamed", 1),
+    ("checkpoint_renamed", 2),
+    ("metrics_written", 4),
+    ("metrics_written", 9),
+    ("step_start", 14),
+    ("after_backward", 16),
 ]
 
 
@@ -67,8 +100,9 @@ def test_kill_then_resume_is_bit_exact(tiny_phi3_tok, tmp_path, reference, point
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (run / f"step_{STEPS}").exists()
     assert_every_step_folder_complete(run)
-    resumed = subprocess.run(train_cmd(tiny_phi3_tok, run, ["--resume", "auto"]),
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_cmd(tiny_phi3_tok, run, ["--resume", "auto"]), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     if point == "checkpoint_written":
         assert "half-written" in resumed.stderr  # the killed write is named and removed
@@ -83,20 +117,33 @@ def test_kill_then_resume_is_bit_exact(tiny_phi3_tok, tmp_path, reference, point
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".gguf", ".safetensors")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".gguf", ".safetensors")
+    }
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("point", ["export_hf_written:1", "export_gguf_written:1"])
 def test_killed_export_leaves_nothing_final_and_rerun_is_correct(tiny_phi3_tok, tmp_path, point):
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
-    cmd = [sys.executable, "-m", "agiasi", "export", str(ckpt), "--gguf", "f32,q8_0", "--no-measure"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agiasi",
+        "export",
+        str(ckpt),
+        "--gguf",
+        "f32,q8_0",
+        "--no-measure",
+    ]
     clean = subprocess.run([*cmd, "--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
     out = tmp_path / "out"
-    killed = subprocess.run([*cmd, "--out", str(out)], capture_output=True,
-                            env={**os.environ, "AGIASI_FAULT": point})
+    killed = subprocess.run(
+        [*cmd, "--out", str(out)], capture_output=True, env={**os.environ, "AGIASI_FAULT": point}
+    )
     assert killed.returncode == -9
     assert not out.exists()  # no partial file under a final name
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
