@@ -114,25 +114,8 @@ class TrainConfig:
                 raise AgiasiError(msg)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            base_model=self.base_model,
-            quantization=self.quantization,
-            dtype=self.dtype,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            lora_targets=self.lora_targets,
-            soul=self.soul,
-            rotation=self.rotation,
-            rotation_init=self.rotation_init,
-            alpha_mode=self.alpha_mode,
-            alpha_start=self.alpha_start,
-            ortho_weight=self.ortho_weight,
-            gradient_checkpointing=self.gradient_checkpointing,
-            offload_activations=self.offload_activations,
-            compile=self.compile,
-            trust_remote_code=self.trust_remote_code,
-        )
+        """The wrapper's config: every ModelConfig field has a TrainConfig field of that name."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
