@@ -285,6 +285,10 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             enable_offloaded_checkpointing(
                 getattr(self.causal_lm, self.causal_lm.base_model_prefix)
             )
+        if self.device_.type == "cuda":
+            # Loading and quantizing leave freed blocks in the allocator's cache; hand them back
+            # to the device (other processes on a shared 12 GB card can use them).
+            torch.cuda.empty_cache()
         if config.compile:
             # Each decoder layer compiled on its own: 32 identical layers share one graph, and
             # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks.

@@ -503,7 +503,10 @@ def test_note_command_line_runs(tiny_phi3_tok, tmp_path):
     assert (run / "step_3" / "soul.pt").exists()
 
 
-def test_ddp_two_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks):
+    """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter ≤ 1e-6),
+    and the logged loss is the global batch's, so the curves match too."""
     common = [
         "--base-model",
         str(tiny_phi3_tok),
@@ -524,8 +527,8 @@ def test_ddp_two_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path):
         *FAST,
     ]
     one = tmp_path / "one"
-    assert main(["train", *common, "--output-dir", str(one), "--grad-accum", "2"]) == 0
-    two = tmp_path / "two"
+    assert main(["train", *common, "--output-dir", str(one), "--grad-accum", str(ranks)]) == 0
+    many = tmp_path / "many"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [
@@ -533,15 +536,15 @@ def test_ddp_two_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc-per-node",
-            "2",
+            str(ranks),
             "--master-port",
-            "29533",
+            str(29533 + ranks),
             "-m",
             "agiasi",
             "train",
             *common,
             "--output-dir",
-            str(two),
+            str(many),
         ],
         capture_output=True,
         text=True,
@@ -549,42 +552,12 @@ def test_ddp_two_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = tensors(one / "step_6"), tensors(two / "step_6")
+    a, b = tensors(one / "step_6"), tensors(many / "step_6")
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
     la = [r["loss"] for r in metrics(one)]
-    lb = [r["loss"] for r in metrics(two)]
+    lb = [r["loss"] for r in metrics(many)]
     assert len(lb) == 6
-    # rank 0 logs its own micro-batch; the reduced gradients are what must match
-    assert all(torch.isfinite(torch.tensor(x)) for x in la + lb)
-
-
-def test_hf_dataset_folder_and_plot_command(tiny_phi3_tok, tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
-    folder = tmp_path / "hfds"
-    datasets.Dataset.from_dict(
-        {"text": ["日本語の文章です。", "もう一つの文書です。"] * 4}
-    ).save_to_disk(str(folder))
-    run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--dataset",
-                str(folder),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "2",
-                "--save-steps",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
-    (run / "phase_transition.png").unlink()
-    assert main(["plot", str(run)]) == 0
-    assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["plot", str(tmp_path)]) == 2
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
+    # only rank 0 wrote: one set of step folders, no stray files
+    assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
