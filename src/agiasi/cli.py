@@ -181,6 +181,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from agiasi.generate import GenerateConfig, generate
+
+    generate(build_config(GenerateConfig, args))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from agiasi.generate import GenerateConfig, chat
+
+    chat(build_config(GenerateConfig, args))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from agiasi.plot import plot_run
 
@@ -296,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_args(p, DemoConfig, help_text={"out": "working folder (replaced each run)"})
     p.set_defaults(func=_cmd_demo)
+
+    from agiasi.generate import GenerateConfig
+
+    gen_help = {
+        "model": "step_N folder (soul applied) or exported HF folder",
+        "temperature": "0 = greedy",
+        "chat_template": "wrap --prompt as a user turn in the tokenizer's chat template",
+    }
+    p = sub.add_parser("generate", help="one streamed completion from a checkpoint or HF folder")
+    add_dataclass_args(p, GenerateConfig, positional=("model",), help_text=gen_help)
+    p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("chat", help="interactive streamed chat with the model's chat template")
+    add_dataclass_args(
+        p, GenerateConfig, positional=("model",), skip=("prompt",), help_text=gen_help
+    )
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
     p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")

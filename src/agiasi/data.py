@@ -168,7 +168,7 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int) 
             if any(t != IGNORE for t in ex.labels[1:]):
                 examples.append(ex)  # else the answer was cut off by --max-length: skip it
         else:
-            ids = tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(rec["text"], add_special_tokens=False, verbose=False)["input_ids"]
             if ids:
                 stream.extend(ids + [eos])
     for start in range(0, len(stream), max_length):

@@ -133,7 +133,7 @@ def _text_ids(
     if not path.is_file():
         raise AgiasiError(f"evaluation text not found: {path}")
     text = path.read_text(encoding="utf-8")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     chars_per_token = len(text) / max(1, len(ids))
     return ids[:limit], chars_per_token
 
@@ -326,7 +326,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 return hf_logits(hf, chunk)
 
         tok = AutoTokenizer.from_pretrained(tok_src)
-        all_ids = tok(text, add_special_tokens=False)["input_ids"]
+        all_ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         ids = all_ids[: cfg.max_tokens]
         model_eval = locals().get("model")
         if model_eval is not None:

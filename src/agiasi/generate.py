@@ -1,0 +1,139 @@
+"""``agiasi generate`` / ``agiasi chat``: text from a training checkpoint (soul applied) or from
+an exported HF folder, streamed token by token, with the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from agiasi.errors import AgiasiError
+
+
+@dataclass
+class GenerateConfig:
+    """Flags of ``agiasi generate`` and ``agiasi chat``."""
+
+    model: str = ""
+    prompt: str = ""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    chat_template: bool = False
+    system: str | None = None
+    device: str | None = None
+
+
+def _load(cfg: GenerateConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agiasi.evaluate import model_kind
+
+    kind = model_kind(cfg.model)
+    if kind == "gguf":
+        raise AgiasiError(
+            "generate/chat take a step folder or an HF folder; run GGUFs in llama.cpp"
+        )
+    if kind == "checkpoint":
+        from agiasi.model import AGIASI_SO8T_Wrapper
+
+        model = AGIASI_SO8T_Wrapper.from_checkpoint(cfg.model, device=cfg.device, lora_dropout=0.0)
+        tok = AutoTokenizer.from_pretrained(model.config.base_model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
+        if cfg.device:
+            model.to(cfg.device)
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+    model.eval()
+    return model, tok
+
+
+def _stop_ids(tok) -> list[int]:
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    vocab = tok.get_vocab()
+    for s in ("<|end|>", "<|endoftext|>"):
+        if s in vocab and vocab[s] not in ids:
+            ids.append(vocab[s])
+    return ids
+
+
+def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+        eos_token_id=_stop_ids(tok),
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True),
+    )
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=device), **kwargs)
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def _prompt_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+    if not getattr(tok, "chat_template", None):
+        raise AgiasiError("this tokenizer has no chat template; use `agiasi generate --prompt`")
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
+    """One completion of ``cfg.prompt`` (raw text, or as a user turn with ``--chat-template``)."""
+    stream = stream or sys.stdout
+    if not cfg.prompt:
+        raise AgiasiError("--prompt is required")
+    if cfg.max_new_tokens < 1:
+        raise AgiasiError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    model, tok = _load(cfg)
+    if cfg.chat_template:
+        msgs = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        ids = _prompt_ids(tok, [*msgs, {"role": "user", "content": cfg.prompt}])
+    else:
+        ids = tok(cfg.prompt, add_special_tokens=False)["input_ids"]
+        stream.write(cfg.prompt)
+    return _generate(model, tok, ids, cfg, stream)
+
+
+def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None = None) -> int:
+    """Interactive chat with the model's own template; /reset clears, /exit (or EOF) quits."""
+    stdin, stream = stdin or sys.stdin, stream or sys.stdout
+    model, tok = _load(cfg)
+    base = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(base)
+    phase = model.get_phase_status() if hasattr(model, "get_phase_status") else "plain model"
+    stream.write(f"agiasi chat — {Path(cfg.model).name} ({phase}). /reset, /exit\n")
+    turns = 0
+    while True:
+        stream.write("> ")
+        stream.flush()
+        line = stdin.readline()
+        if not line:
+            stream.write("\n")
+            return turns
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return turns
+        if text == "/reset":
+            messages = list(base)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _generate(model, tok, _prompt_ids(tok, messages), cfg, stream)
+        messages.append({"role": "assistant", "content": reply.strip()})
+        turns += 1
