@@ -82,12 +82,12 @@ def build_tiny_llama(
     return Path(out)
 
 
-def make_wrapper(path, **overrides):
+def make_wrapper(path, device="cpu", **overrides):
     from agiasi import AGIASI_SO8T_Wrapper
 
     opts = {"quantization": "none", "dtype": "float32", "lora_dropout": 0.0}
     opts.update(overrides)
-    return AGIASI_SO8T_Wrapper(str(path), device="cpu", **opts)
+    return AGIASI_SO8T_Wrapper(str(path), device=device, **opts)
 
 
 def randomize_soul(wrapper, alpha: float = 0.7, seed: int = 1) -> None:
