@@ -156,16 +156,18 @@ def parity_report(
 ) -> dict[str, Any]:
     """Fidelity of every export stage; ``wrapper_fp32 vs hf`` uses the same base weights as the
     merge (original, or NF4-dequantized), so it isolates the exactness of merge + fold."""
+    import gc
+
     from transformers import AutoModelForCausalLM
 
     from agiasi.model import AGIASI_SO8T_Wrapper
 
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in _prompts()]
     report: dict[str, Any] = {"parity": {}}
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf_l = [hf_logits(hf, p) for p in prompts]
+    # One big model in memory at a time (a 3.8B model is 15 GB in fp32): logits are kept,
+    # models are dropped before the next one is built.
 
-    # wrapper (fp32, LoRA unmerged, soul applied) vs the folded HF model
+    # wrapper (fp32, LoRA unmerged, soul applied) — the reference for the folded HF model
     wrapper = AGIASI_SO8T_Wrapper.from_checkpoint(
         ckpt, device="cpu", quantization="none", dtype="float32", lora_dropout=0.0
     ).eval()
@@ -180,25 +182,31 @@ def parity_report(
                     module.weight.copy_(nf4_roundtrip(module.weight))
     with torch.no_grad():
         w_l = [wrapper(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
-    report["parity"]["wrapper_fp32 vs hf"] = _agg(
-        [compare_logits(a, b) for a, b in zip(w_l, hf_l, strict=False)]
-    )
     del wrapper
+    gc.collect()
 
-    # both merge bases against the wrapper as trained (NF4)
+    # both merge bases against the wrapper as trained (NF4), when both were merged
     if len(merged) > 1:
         trained = AGIASI_SO8T_Wrapper.from_checkpoint(ckpt, device="cpu", lora_dropout=0.0).eval()
         with torch.no_grad():
             t_l = [trained(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
+        del trained
         report["merge_bases"] = {}
         for kind, sd in merged.items():
             m = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
             m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
             m.eval()
             report["merge_bases"][kind] = _agg(
-                [compare_logits(a, hf_logits(m, p)) for a, p in zip(t_l, prompts, strict=False)]
+                [compare_logits(a, hf_logits(m, p)) for a, p in zip(t_l, prompts, strict=True)]
             )
-        del trained
+            del m
+            gc.collect()
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf_l = [hf_logits(hf, p) for p in prompts]
+    report["parity"]["wrapper_fp32 vs hf"] = _agg(
+        [compare_logits(a, b) for a, b in zip(w_l, hf_l, strict=True)]
+    )
 
     ids, cpt = _text_ids(tok, text)
     window = min(num_ctx, 512)

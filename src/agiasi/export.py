@@ -30,6 +30,9 @@ from agiasi.errors import AgiasiError
 
 MERGE_BASES = ("w16", "nf4")
 MERGE_BASE_CHOICES = ("auto", *MERGE_BASES)
+# Comparing both merge bases needs two fp32 models on the CPU at once; above this size it is
+# skipped (and the choice rests on the small-model measurements).
+COMPARE_MERGE_BASES_MAX_PARAMS = 1_500_000_000
 PARITY_PROMPTS = [
     "日本語の文章を生成します。",
     "Debian パッケージを作成する手順を説明してください。",
@@ -227,61 +230,85 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
         log(f"export: loading {base_id} in {str(dtype).removeprefix('torch.')}")
         base_model = AutoModelForCausalLM.from_pretrained(str(base_id), dtype=dtype)
         tied = bool(getattr(base_model.config, "tie_word_embeddings", False))
-        sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        n_params = sum(p.numel() for p in base_model.parameters())
+        # No copies: the dict holds the model's own tensors, the module goes, and every step
+        # below replaces entries instead of duplicating the whole model.
+        sd = dict(base_model.state_dict())
+        del base_model
         if tied:
             sd.pop("lm_head.weight", None)
         lora_cfg = json.loads((ckpt / "adapter_config.json").read_text())
-        targets = set(
-            lora_cfg["target_modules"]
-            if isinstance(lora_cfg["target_modules"], list)
-            else [lora_cfg["target_modules"]]
-        )
-        merged = {}
-        for base_kind in (
-            MERGE_BASES if cfg.measure and mcfg.quantization == "nf4" else [cfg.merge_base]
-        ):
-            src = sd
+        adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
+        kinds = [cfg.merge_base]
+        if cfg.measure and mcfg.quantization == "nf4":
+            if n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
+                kinds = list(MERGE_BASES)
+            else:
+                log(
+                    "export: merge bases not compared (two fp32 copies of this model would not "
+                    "fit in memory); see the tiny-model numbers in the docs"
+                )
+        merged: dict[str, dict[str, torch.Tensor]] = {}
+        for base_kind in kinds:
             if base_kind == "nf4":
                 src = {
                     k: (nf4_roundtrip(v) if _is_quantized_linear(k, v) else v)
                     for k, v in sd.items()
                 }
-            merged[base_kind] = merge_lora(
-                src, load_file(str(ckpt / ADAPTER_WEIGHTS)), lora_cfg["lora_alpha"], lora_cfg["r"]
-            )
-        del targets
-        final = merged[cfg.merge_base]
+            else:
+                src = sd
+            merged[base_kind] = merge_lora(src, adapter, lora_cfg["lora_alpha"], lora_cfg["r"])
+            del src
+        del sd
         soul_info = manifest.get("soul")
         if soul_info is not None:
             soul_state = safe_torch_load(ckpt / SOUL_PT)
             rotation = _rotation_from_state(soul_info, soul_state)
             alpha = float(soul_state["alpha"])
             merged = {k: fold_soul(v, rotation, alpha, tied) for k, v in merged.items()}
-            final = merged[cfg.merge_base]
         elif tied:
-            final["lm_head.weight"] = final["model.embed_tokens.weight"].clone()
+            for v in merged.values():
+                v["lm_head.weight"] = v["model.embed_tokens.weight"].clone()
+        final = merged[cfg.merge_base]
         check_plain(final)
 
-        # ---- HF folder
+        # ---- HF folder: the state dict straight to sharded safetensors (no second model)
         hf_dir = tmp / "hf"
         new_cfg = AutoConfig.from_pretrained(str(base_id))
         new_cfg.tie_word_embeddings = False
         if hasattr(new_cfg, "get_text_config"):
             new_cfg.get_text_config().tie_word_embeddings = False
-        model = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
-        missing, unexpected = model.load_state_dict(final, strict=False)
-        missing = [m for m in missing if not m.endswith("inv_freq")]
+        with torch.device("meta"):
+            expected = set(AutoModelForCausalLM.from_config(new_cfg).state_dict())
+        missing = sorted(k for k in expected - set(final) if not k.endswith("inv_freq"))
+        unexpected = sorted(set(final) - expected)
         if missing or unexpected:
             raise AgiasiError(
                 f"merged weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        model.save_pretrained(str(hf_dir))
+        from huggingface_hub import save_torch_state_dict
+
+        hf_dir.mkdir()
+        new_cfg.save_pretrained(str(hf_dir))
+        save_torch_state_dict(
+            {k: v.to(dtype).contiguous() for k, v in final.items()},
+            str(hf_dir),
+            max_shard_size="4GB",
+            metadata={"format": "pt"},
+        )
+        if cfg.measure and len(merged) == 1:
+            merged = {cfg.merge_base: {}}  # nothing else needs the tensors
+        del final
         tok = AutoTokenizer.from_pretrained(str(base_id))
         tok.save_pretrained(str(hf_dir))
         maybe_crash("export_hf_written")
         for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
             if (base_path / extra).is_file() and not (hf_dir / extra).exists():
                 shutil.copy(base_path / extra, hf_dir / extra)
+        if not (hf_dir / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
         log(
             f"export: HF folder written ({sum(f.stat().st_size for f in hf_dir.iterdir()) / 2**20:.1f} MiB)"
         )
