@@ -128,16 +128,29 @@ def _sentencepiece_vocab(hf_dir: Path, vocab_size: int):
     return tokens, scores, types
 
 
-def _load_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class _LazyWeights:
+    """Tensor names and shapes of an HF folder's safetensors, read one tensor at a time."""
 
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise AgiasiError(f"{hf_dir} has no .safetensors weights")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return sd
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise AgiasiError(f"{hf_dir} has no .safetensors weights")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
 
 
 def write_gguf(
@@ -163,16 +176,17 @@ def write_gguf(
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
     head_dim = int(cfg.get("head_dim") or n_embd // n_head)
     vocab = int(cfg["vocab_size"])
-    sd = _load_state_dict(hf_dir)
-    leftovers = [k for k in sd if "lora_" in k or "soul" in k or "so8_rotation" in k]
+    sd = _LazyWeights(hf_dir)
+    leftovers = [k for k in sd.keys() if "lora_" in k or "soul" in k or "so8_rotation" in k]
     if leftovers:
         raise AgiasiError(
             f"refusing to write GGUF: agiasi/LoRA keys remain ({leftovers[0]}); merge first"
         )
+    head_source = "lm_head.weight"
     if "lm_head.weight" not in sd:
         if not cfg.get("tie_word_embeddings", False):
             raise AgiasiError(f"{hf_dir} has no lm_head.weight and does not tie embeddings")
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        head_source = "model.embed_tokens.weight"
 
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
@@ -254,15 +268,42 @@ def write_gguf(
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }
-    for hf_name, t in list(sd.items()) + list(extra.items()):
+    # Two passes so memory holds one tensor at a time (a 3.8B model in F32 is 15 GB): first the
+    # tensor infos (names, shapes, types, byte sizes) for the header, then the data, streamed.
+    plan: list[tuple[str, str, gguf.GGMLQuantizationType]] = []
+    sources = [
+        k for k in sd.keys() if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"
+    ]
+    for hf_name in [*sources, "lm_head.weight", *extra]:
         if hf_name in extra:
-            gname = hf_name
+            gname, shape = hf_name, tuple(extra[hf_name].shape)
         else:
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
             gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise AgiasiError(f"no GGUF name for tensor {hf_name!r} ({model_type})")
+            shape = sd.shape(head_source if hf_name == "lm_head.weight" else hf_name)
+        want = output_tensor_type if gname == "output.weight" and output_tensor_type else gguf_type
+        if len(shape) <= 1 or gname.startswith("rope_factors"):
+            ttype = gguf.GGMLQuantizationType.F32
+        elif want == "q8_0" and shape[-1] % 32 != 0:
+            ttype = gguf.GGMLQuantizationType.F16
+        else:
+            ttype = qtype[want]
+        if ttype == gguf.GGMLQuantizationType.F32:
+            dtype, nbytes = np.float32, 4 * math.prod(shape)
+        elif ttype == gguf.GGMLQuantizationType.F16:
+            dtype, nbytes = np.float16, 2 * math.prod(shape)
+        else:  # quantized: the writer takes the byte shape and derives the element shape
+            shape = gguf.quants.quant_shape_to_byte_shape(shape, ttype)
+            dtype, nbytes = np.uint8, math.prod(shape)
+        w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes, raw_dtype=ttype)
+        plan.append((hf_name, gname, ttype))
+
+    def tensor_data(hf_name: str, ttype) -> np.ndarray:
+        if hf_name in extra:
+            t = extra[hf_name]
+        else:
+            t = sd.get(head_source if hf_name == "lm_head.weight" else hf_name)
         t = t.detach().to(torch.float32)
         if model_type in ("llama", "mistral"):
             if hf_name.endswith("q_proj.weight"):
@@ -270,26 +311,18 @@ def write_gguf(
             elif hf_name.endswith("k_proj.weight"):
                 t = _permute_qk(t, n_head_kv)
         data = t.numpy()
-        want = gguf_type
-        if gname == "output.weight" and output_tensor_type:
-            want = output_tensor_type
-        if data.ndim <= 1 or gname.startswith("rope_factors"):
-            ttype = gguf.GGMLQuantizationType.F32
-        elif want == "q8_0" and data.shape[-1] % 32 != 0:
-            ttype = gguf.GGMLQuantizationType.F16
-        else:
-            ttype = qtype[want]
         if ttype == gguf.GGMLQuantizationType.F32:
-            arr = data.astype(np.float32)
-        elif ttype == gguf.GGMLQuantizationType.F16:
-            arr = data.astype(np.float16)
-        else:
-            arr = gguf.quants.quantize(data, ttype)
-        w.add_tensor(gname, arr, raw_dtype=ttype)
+            return data.astype(np.float32)
+        if ttype == gguf.GGMLQuantizationType.F16:
+            return data.astype(np.float16)
+        return gguf.quants.quantize(data, ttype)
+
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, _gname, ttype in plan:
+            w.write_tensor_data(tensor_data(hf_name, ttype))
         w.close()
         os.replace(tmp, out_path)
     except BaseException:
