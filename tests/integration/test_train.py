@@ -561,3 +561,34 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
     assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
     # only rank 0 wrote: one set of step folders, no stray files
     assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_hf_dataset_folder_and_plot_command(tiny_phi3_tok, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "hfds"
+    datasets.Dataset.from_dict(
+        {"text": ["日本語の文章です。", "もう一つの文書です。"] * 4}
+    ).save_to_disk(str(folder))
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "--base-model",
+                str(tiny_phi3_tok),
+                "--dataset",
+                str(folder),
+                "--output-dir",
+                str(run),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    (run / "phase_transition.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path)]) == 2
