@@ -243,7 +243,7 @@ def check_compatible(wrapper: AGIASI_SO8T_Wrapper, manifest: dict[str, Any], ckp
 
 def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """Load LoRA weights and soul from a step folder into an existing wrapper."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -254,7 +254,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
         adapter = load_file(str(path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise AgiasiError(f"{path / ADAPTER_WEIGHTS} is not readable: {_first_line(e)}") from None
-    expected = {k for k in _peft_keys(wrapper)}
+    expected = set(get_peft_model_state_dict(wrapper.base_model))
     missing = sorted(expected - set(adapter))
     if missing:
         raise AgiasiError(
@@ -275,9 +275,3 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
             raise AgiasiError(f"{path / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
         wrapper.load_soul_state(state)
     return manifest
-
-
-def _peft_keys(wrapper: AGIASI_SO8T_Wrapper) -> set[str]:
-    from peft import get_peft_model_state_dict
-
-    return set(get_peft_model_state_dict(wrapper.base_model).keys())

@@ -8,13 +8,13 @@ window is scored. Chars per token is reported so runs with other tokenizers comp
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from agiasi.errors import AgiasiError
 
@@ -69,7 +69,7 @@ class GGUFModel:
             n_ctx=n_ctx,
             logits_all=True,
             verbose=False,
-            n_threads=max(1, (__import__("os").cpu_count() or 2)),
+            n_threads=os.cpu_count() or 1,
             n_batch=512,
         )
         self.n_ctx = n_ctx
@@ -256,10 +256,6 @@ def _agg(rows: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def ce_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits[:-1].float(), ids[1:]))
-
-
 # --------------------------------------------------------------------------- `agiasi eval`
 
 
@@ -318,7 +314,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             from agiasi.model import AGIASI_SO8T_Wrapper
 
             overrides = {"base_model": cfg.base_model} if cfg.base_model else {}
-            model = AGIASI_SO8T_Wrapper.from_checkpoint(cfg.model, lora_dropout=0.0, **overrides)
+            model = AGIASI_SO8T_Wrapper.from_checkpoint(
+                cfg.model, lora_dropout=0.0, **overrides
+            ).eval()
             tok_src = model.config.base_model
 
             def logits_fn(chunk):
@@ -336,9 +334,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         tok = AutoTokenizer.from_pretrained(tok_src)
         all_ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         ids = all_ids[: cfg.max_tokens]
-        model_eval = locals().get("model")
-        if model_eval is not None:
-            model_eval.eval()
         ppl = perplexity(logits_fn, ids, cfg.window)
     chars = len(text) * len(ids) / max(1, len(all_ids))
     return {

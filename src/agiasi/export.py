@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -488,7 +488,3 @@ def _f(x) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def config_dict(cfg: ExportConfig) -> dict[str, Any]:
-    return asdict(cfg)

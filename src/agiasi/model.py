@@ -190,13 +190,6 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 def lora_targets_for(config, override: list[str] | None = None) -> list[str]:
     if override:
         return list(override)
@@ -304,7 +297,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         dtype = _resolve_dtype(cfg.dtype, cfg.quantization, self.device_)
         kwargs: dict[str, Any] = {
             "trust_remote_code": cfg.trust_remote_code,
-            **_dtype_kwarg(dtype),
+            "dtype": dtype,
         }
         if cfg.quantization == "nf4":
             try:

@@ -297,8 +297,3 @@ class SoulHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.soul(h))
-
-
-def soul_logits(h: torch.Tensor, head_weight: torch.Tensor, soul: Soul, bias=None) -> torch.Tensor:
-    """Reference computation used by tests: ``F.linear(soul(h), W, b)``."""
-    return F.linear(soul(h), head_weight, bias)

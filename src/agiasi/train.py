@@ -314,7 +314,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     tokenizer = _load_tokenizer(cfg)
     dataset = cfg.dataset or str(default_dataset())
     examples = tokenize_records(load_records(dataset), tokenizer, cfg.max_length)
-    model_max = getattr(tokenizer, "model_max_length", None)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -331,7 +330,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         raise AgiasiError(
             f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
         )
-    del model_max
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     _broadcast(params, d)
