@@ -8,15 +8,14 @@ Merge and fold are pure functions on state dicts. PEFT's ``merge_and_unload`` wo
 modules; we need the merge on an arbitrary base state dict (16-bit or dequantized NF4), so the
 one line ``W += (α/r)·B A`` is written here.
 
-Everything goes to ``OUT.tmp-<pid>`` first and is renamed to ``OUT`` at the end: a killed export
-leaves no folder that looks complete.
+Everything goes to ``.OUT.tmp-<pid>`` first and is renamed to ``OUT`` at the end
+(:func:`agiasi.checkpoint.atomic_folder`): a killed export leaves no folder that looks complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -219,14 +218,13 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
-    from agiasi.checkpoint import clean_stale_temp
+    from agiasi.checkpoint import atomic_folder, clean_stale_temp
 
     for stale in clean_stale_temp(out):
         log(f"export: removed {stale.name}, left half-written by a killed export")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         log(f"export: loading {base_id} in {str(dtype).removeprefix('torch.')}")
         base_model = AutoModelForCausalLM.from_pretrained(str(base_id), dtype=dtype)
         tied = bool(getattr(base_model.config, "tie_word_embeddings", False))
@@ -363,16 +361,12 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
         )
         (tmp / "Modelfile").write_text(modelfile(tok, ggufs, cfg.num_ctx), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(report, cfg, hf_cfg), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == 28:
-            raise AgiasiError(
-                f"disk full while exporting to {out}; nothing was left there"
-            ) from None
-        raise
+        result["report"] = report
+
+    # Everything goes to a temp sibling and is renamed in one step (checkpoint.atomic_folder,
+    # the same mechanism as step folders): a killed export leaves nothing under `out`.
+    atomic_folder(out, write)
+    report = result["report"]
     if cfg.measure:
         log(format_report(report))
     log(f"export: done → {out}")
