@@ -181,3 +181,14 @@ def make_checkpoint(model_dir: Path, out: Path, seed: int = 1, **overrides) -> P
     randomize_soul(w, alpha=1.3, seed=seed)
     randomize_lora(w, seed=seed + 1)
     return write_step(w, out, step=10)
+
+
+def step_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """LoRA tensors, α and the rotation of a step folder, for bit-for-bit comparisons."""
+    from safetensors.torch import load_file
+
+    out = dict(load_file(step_dir / "adapter_model.safetensors"))
+    soul = torch.load(step_dir / "soul.pt", weights_only=True)
+    out["alpha"] = soul["alpha"]
+    out.update({f"soul.{k}": v for k, v in soul["so8_rotation"].items()})
+    return out

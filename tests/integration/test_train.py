@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from agiasi.cli import main
 from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
+from tests.helpers import step_tensors
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -28,15 +28,6 @@ def run_cli(args, capsys=None):
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    out = dict(load_file(step_dir / "adapter_model.safetensors"))
-    soul = torch.load(step_dir / "soul.pt", weights_only=True)
-    out["alpha"] = soul["alpha"]
-    for k, v in soul["so8_rotation"].items():
-        out["soul." + k] = v
-    return out
 
 
 def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
@@ -262,7 +253,7 @@ def test_sigkill_then_resume_auto_is_bit_exact(tiny_phi3_tok, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "resume: from" in out.stderr
-    a, b = tensors(ref / f"step_{steps}"), tensors(run / f"step_{steps}")
+    a, b = step_tensors(ref / f"step_{steps}"), step_tensors(run / f"step_{steps}")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -422,7 +413,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path
         )
         == 0
     )
-    before = tensors(run / "step_2")
+    before = step_tensors(run / "step_2")
     capsys.readouterr()
     rc = run_cli(
         [
@@ -445,7 +436,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path
     )
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite" in err and "step_2" in err
-    after = tensors(run / "step_2")
+    after = step_tensors(run / "step_2")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
 
@@ -552,7 +543,7 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = tensors(one / "step_6"), tensors(many / "step_6")
+    a, b = step_tensors(one / "step_6"), step_tensors(many / "step_6")
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
     la = [r["loss"] for r in metrics(one)]

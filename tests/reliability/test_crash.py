@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from agiasi.checkpoint import required_files
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, step_tensors
 
 pytestmark = pytest.mark.slow
 STEPS = 16
@@ -56,12 +55,7 @@ def train_cmd(model, run, extra=()):
 
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    folder = run / f"step_{STEPS}"
-    out = dict(load_file(folder / "adapter_model.safetensors"))
-    soul = torch.load(folder / "soul.pt", weights_only=True)
-    out["alpha"] = soul["alpha"]
-    out.update({f"soul.{k}": v for k, v in soul["so8_rotation"].items()})
-    return out
+    return step_tensors(run / f"step_{STEPS}")
 
 
 def assert_every_step_folder_complete(run: Path) -> None:
