@@ -411,16 +411,16 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         ``loss_chunk`` positions under activation checkpointing, so the (T × vocab) fp32 logits
         of the whole sequence never exist at once; the loss is the same number.
         """
+        if not return_logits and labels is None:
+            raise AgiasiError("return_logits=False needs labels (there is nothing else to return)")
+        if labels is not None and attention_mask is not None:
+            # Masked where the labels live (the CPU, for batches from the data stream), so the
+            # loss can count and skip positions without waiting on the GPU.
+            labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
         input_ids = input_ids.to(self.device_)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device_)
-        if not return_logits and labels is None:
-            raise AgiasiError("return_logits=False needs labels (there is nothing else to return)")
         h = self.hidden_states(input_ids, attention_mask)
-        if labels is not None:
-            labels = labels.to(self.device_)
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
         # The soul acts once on the whole sequence (B·T·H is small) with one matrix_exp shared
         # with the ortho monitor; the plain head then runs on the mixed state.
         if self._soul is not None:
@@ -519,7 +519,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100 (in fp32)."""
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].to(logits.device)
     if not (shift_labels != -100).any():
         raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
     return F.cross_entropy(
@@ -540,19 +540,21 @@ def chunked_causal_lm_loss(
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
     memory holds one chunk of (chunk × vocab) fp32 logits instead of the whole sequence's.
+    Counting and skipping use ``labels`` where they are (the CPU in training): no host sync.
     """
     from torch.utils.checkpoint import checkpoint
 
     y = labels[:, 1:].reshape(-1)
     hs = h[:, :-1, :].reshape(-1, h.shape[-1])
-    n_valid = (y != -100).sum()
-    if int(n_valid) == 0:
+    valid = y != -100
+    n_valid = int(valid.sum())
+    if n_valid == 0:
         raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, hs.shape[0], chunk):
-        yc = y[start : start + chunk]
-        if not (yc != -100).any():
+        if not valid[start : start + chunk].any():
             continue
+        yc = y[start : start + chunk].to(h.device, non_blocking=True)
         total = total + checkpoint(
             _chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False
         )

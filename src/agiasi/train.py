@@ -117,11 +117,6 @@ class TrainConfig:
         """The wrapper's config: every ModelConfig field has a TrainConfig field of that name."""
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
 class TrainResult:
