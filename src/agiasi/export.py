@@ -14,6 +14,7 @@ Everything goes to ``.OUT.tmp-<pid>`` first and is renamed to ``OUT`` at the end
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -149,7 +150,7 @@ def _say(msg: str) -> None:
 def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     """Merge, fold, write HF + GGUF + Modelfile + card + report into ``cfg.out``."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, read_manifest, safe_torch_load
     from agiasi.gguf import KQUANT_TYPES, parse_types, quantize_gguf, write_gguf
@@ -272,7 +273,7 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
 
         # ---- HF folder: the state dict straight to sharded safetensors (no second model)
         hf_dir = tmp / "hf"
-        new_cfg = AutoConfig.from_pretrained(str(base_id))
+        new_cfg = copy.deepcopy(hf_cfg)  # already read and checked above
         new_cfg.tie_word_embeddings = False
         if hasattr(new_cfg, "get_text_config"):
             new_cfg.get_text_config().tie_word_embeddings = False

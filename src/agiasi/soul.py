@@ -125,7 +125,7 @@ class SO8BlockRotation(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense (H, H) matrix R — for folding and inspection, never for the forward pass."""
-        return torch.block_diag(*self.blocks().unbind(0))
+        return self.dense(torch.float32)
 
     def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.block_diag(*self.blocks(dtype).unbind(0))
