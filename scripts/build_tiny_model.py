@@ -11,7 +11,8 @@ cannot see ../shared:
 
 Architecture: Phi3ForCausalLM, hidden 256, intermediate 768 (multiples of 256, so Q4_K really
 applies in llama.cpp), 6 layers, 4 heads (head_dim 64), vocab 8000 (sentencepiece unigram, byte
-fallback, Phi-3's special tokens and chat template), context 1024, untied head, stored in bf16.
+fallback, Phi-3's special tokens and chat template), context 256 (the length it is trained on: a
+longer window measures extrapolation, not the model), untied head, stored in bf16.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def train(work: Path, out: Path, steps: int, batch: int, lr: float) -> None:
         num_hidden_layers=6,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=1024,
-        original_max_position_embeddings=1024,
+        max_position_embeddings=SEQ,
+        original_max_position_embeddings=SEQ,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

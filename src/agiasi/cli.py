@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text={
             "model": "step_N folder, HF model folder or .gguf file",
             "text": "UTF-8 text file",
-            "window": "tokens per window",
+            "window": "tokens per window (default: 512, or the model's trained context if shorter)",
             "max_tokens": "evaluate at most this many tokens of the text",
             "n_ctx": "llama.cpp context for GGUF files",
             "json": "print JSON",

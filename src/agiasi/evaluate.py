@@ -79,6 +79,12 @@ class GGUFModel:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
+    def context_length(self) -> int | None:
+        """The GGUF's ``{arch}.context_length`` (the HF config's max_position_embeddings)."""
+        md = self.llm.metadata
+        n = md.get(f"{md.get('general.architecture', '')}.context_length")
+        return int(n) if n else None
+
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
@@ -265,11 +271,31 @@ class EvalConfig:
 
     model: str = ""
     text: str | None = None
-    window: int = 512
+    window: int | None = None  # None: 512, or the model's trained context if that is shorter
     max_tokens: int = 16384
     n_ctx: int = 4096
     base_model: str | None = None
     json: bool = False
+
+
+DEFAULT_WINDOW = 512
+
+
+def trained_context(hf_config: dict[str, Any]) -> int | None:
+    """The positions a model was trained on: LongRoPE's original window, else its maximum."""
+    n = hf_config.get("original_max_position_embeddings") or hf_config.get(
+        "max_position_embeddings"
+    )
+    return int(n) if n else None
+
+
+def eval_window(window: int | None, context: int | None) -> int:
+    """The default window never runs past the trained context: positions a model never saw
+    make perplexity measure extrapolation instead of the model (the tiny model, trained on 256
+    tokens, scores 35 with 256-token windows and 56 with 512). An explicit window is kept."""
+    if window is not None:
+        return window
+    return min(DEFAULT_WINDOW, context) if context else DEFAULT_WINDOW
 
 
 def model_kind(path: str | Path) -> str:
@@ -292,7 +318,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Token-level perplexity of a checkpoint, an HF folder or a GGUF on a text file."""
     from agiasi.data import default_heldout
 
-    if cfg.window < 2:
+    if cfg.window is not None and cfg.window < 2:
         raise AgiasiError(f"--window must be at least 2, got {cfg.window}")
     kind = model_kind(cfg.model)
     text_path = Path(cfg.text) if cfg.text else default_heldout()
@@ -300,11 +326,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise AgiasiError(f"evaluation text not found: {text_path}")
     text = text_path.read_text(encoding="utf-8")
     if kind == "gguf":
-        g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window))
+        g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window or 0))
         try:
+            context = g.context_length()
+            window = eval_window(cfg.window, context)
             all_ids = g.tokenize(text)
             ids = all_ids[: cfg.max_tokens]
-            ppl = perplexity(g.logits, ids, cfg.window)
+            ppl = perplexity(g.logits, ids, window)
         finally:
             g.close()
     else:
@@ -318,6 +346,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 cfg.model, lora_dropout=0.0, **overrides
             ).eval()
             tok_src = model.config.base_model
+            context = trained_context(model.hf_config.to_dict())
 
             def logits_fn(chunk):
                 with torch.no_grad():
@@ -327,14 +356,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
             hf = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
             tok_src = cfg.model
+            context = trained_context(hf.config.to_dict())
 
             def logits_fn(chunk):
                 return hf_logits(hf, chunk)
 
         tok = AutoTokenizer.from_pretrained(tok_src)
         all_ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        window = eval_window(cfg.window, context)
         ids = all_ids[: cfg.max_tokens]
-        ppl = perplexity(logits_fn, ids, cfg.window)
+        ppl = perplexity(logits_fn, ids, window)
     chars = len(text) * len(ids) / max(1, len(all_ids))
     return {
         "model": str(cfg.model),
@@ -342,7 +373,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "text": str(text_path),
         "perplexity": ppl,
         "tokens": len(ids),
-        "window": cfg.window,
-        "stride": cfg.window,
+        "window": window,
+        "stride": window,
+        "trained_context": context,
         "chars_per_token": chars / max(1, len(ids)),
     }

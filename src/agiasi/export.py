@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,12 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
             f"({manifest.get('base_model')!r}: model_type {want[0]}, hidden {want[1]}, "
             f"vocab {want[2]}); {base_id!r} is model_type {have[0]}, hidden {have[1]}, vocab {have[2]}"
         )
+    from agiasi.evaluate import trained_context
+
+    context = trained_context(hf_cfg.to_dict())
+    if context and cfg.num_ctx > context:
+        log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")
+        cfg = replace(cfg, num_ctx=context)
     base_path = Path(base_id)
     from agiasi.gguf import SENTENCEPIECE_ARCHS
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from agiasi.cli import main
-from agiasi.demo import tiny_model_path
+from agiasi.demo import PROMPT, tiny_model_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -35,14 +35,17 @@ def test_shipped_model_writes_japanese():
     assert japanese >= 8, text
 
 
-def test_demo_short_run(tmp_path, capsys):
+def test_demo_default_run(tmp_path, capsys):
+    """The demo as shipped (60 steps, α through every phase): it writes what it says, its export
+    is within tolerance, and injection training lowers held-out perplexity — the gate opens to
+    σ(φ) ≈ 0.83 and the LoRA absorbs it while learning the (unseen) manual."""
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--max-steps", "8", "--eval-tokens", "512"])
+    rc = main(["demo", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "== agiasi demo ==" in printed and "held-out perplexity" in printed
     report = json.loads((out / "demo_report.json").read_text())
-    ckpt = out / "run_soul" / "step_8"
+    ckpt = out / "run_soul" / "step_60"
     assert sorted(os.listdir(ckpt)) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -51,12 +54,15 @@ def test_demo_short_run(tmp_path, capsys):
         "train_config.json",
         "trainer_state.pt",
     ]
-    assert (out / "run_control" / "step_8" / "soul.json").exists()
+    soul = json.loads((ckpt / "soul.json").read_text())["soul"]
+    assert abs(soul["alpha"] - (1 + 5**0.5) / 2) < 1e-6 and soul["gate"] > 0.83
+    assert (out / "run_control" / "step_60" / "soul.json").exists()
     assert (out / "run_soul" / "phase_transition.png").exists()
     exp = out / "export"
     names = sorted(os.listdir(exp))
     assert {"Modelfile", "README.md", "export_report.json", "hf"} <= set(names)
     assert sum(n.endswith(".gguf") for n in names) == 2  # q8_0 and q4_k_m, f16 intermediate gone
+    assert "PARAMETER num_ctx 256" in (exp / "Modelfile").read_text()
     er = report["export_report"]
     assert er["merge_base"] == "nf4"
     assert er["parity"]["wrapper_fp32 vs hf"]["max_abs_dlogit"] <= 1e-4
@@ -64,12 +70,19 @@ def test_demo_short_run(tmp_path, capsys):
     assert er["parity"]["gguf q8_0 vs hf"]["tokens_equal"]
     assert er["merge_bases"]["nf4"]["mean_kl"] < er["merge_bases"]["w16"]["mean_kl"]
     p = report["perplexity"]
-    assert 1 < p["base"] < 200 and p["control_no_soul"] is not None
+    print(
+        f"held-out ppl: base {p['base']:.2f}, soul {p['soul']:.2f}, control {p['control_no_soul']:.2f}"
+    )
+    assert p["soul"] < p["base"] and p["control_no_soul"] < p["base"]
+    # the exported (merged + folded) model scores what the trained checkpoint scored
+    assert er["eval_text"]["window"] == 256 and er["eval_text"]["tokens"] == p["tokens"]
+    assert abs(er["parity"]["hf"]["ppl"] / p["soul"] - 1) < 0.01
+    assert abs(er["parity"]["gguf q8_0 vs hf"]["ppl"] / p["soul"] - 1) < 0.02
     gens = report["generation"]
-    assert gens["hf"].startswith("Debian パッケージを") and len(gens) == 3
+    assert gens["hf"].startswith(PROMPT) and len(gens) == 3
     metrics = [json.loads(x) for x in (out / "run_soul" / "metrics.jsonl").read_text().splitlines()]
     phases = {m["phase"] for m in metrics}
-    assert "🔵 Stable" in phases and "🟢 Golden Ratio Reached" in phases
+    assert {"🔵 Stable", "🟡 Transitioning", "🟢 Golden Ratio Reached"} <= phases
 
 
 def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
@@ -82,6 +95,8 @@ def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
     gg = json.loads(capsys.readouterr().out)
     assert rc1 == rc2 == 0
     assert hf["kind"] == "hf" and gg["kind"] == "gguf"
+    # the default window stops at the 256 positions the tiny model was trained on, in both
+    assert hf["window"] == gg["window"] == hf["trained_context"] == gg["trained_context"] == 256
     assert hf["tokens"] == gg["tokens"] == 1024
     assert abs(gg["perplexity"] / hf["perplexity"] - 1) < 0.01, (hf, gg)
     assert 1.0 < hf["chars_per_token"] < 4.0
@@ -89,10 +104,10 @@ def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-def test_injection_does_not_raise_heldout_perplexity_learned_alpha(tmp_path):
-    """Learned α: the soul is trained with the LoRA and held-out perplexity stays with the
-    control's. (With the note's schedule, α forced to φ multiplies the logits by ≈ 1 + g at
-    R ≈ I; see the demo's numbers and the issue notes.)"""
+def test_learned_alpha_lowers_heldout_perplexity_and_closes_the_gate(tmp_path):
+    """``--alpha-mode learned``: α is an optimizer parameter from −5. On this data the task loss
+    pushes it *down* — left to choose, the soul keeps its gate shut — and held-out perplexity
+    falls like the control's."""
     from agiasi.data import default_heldout
     from agiasi.evaluate import EvalConfig, evaluate
     from agiasi.train import TrainConfig, train
@@ -100,31 +115,26 @@ def test_injection_does_not_raise_heldout_perplexity_learned_alpha(tmp_path):
     base = tiny_model_path()
     ev = dict(text=str(default_heldout()), window=256, max_tokens=2048)
     before = evaluate(EvalConfig(model=str(base), **ev))["perplexity"]
-    ppl = {}
-    for name, soul in (("soul", True), ("control", False)):
-        r = train(
-            TrainConfig(
-                base_model=str(base),
-                output_dir=str(tmp_path / name),
-                max_steps=24,
-                warmup_steps=3,
-                annealing_steps=15,
-                batch_size=4,
-                max_length=256,
-                learning_rate=1e-3,
-                soul_learning_rate=5e-2,
-                save_steps=24,
-                alpha_mode="learned",
-                soul=soul,
-                seed=0,
-                progress=False,
-            ),
-            log=lambda m: None,
-        )
-        ppl[name] = evaluate(EvalConfig(model=str(r.final_checkpoint), **ev))["perplexity"]
-    print(
-        f"held-out ppl: base {before:.2f}, soul (learned α) {ppl['soul']:.2f}, "
-        f"control {ppl['control']:.2f}"
+    r = train(
+        TrainConfig(
+            base_model=str(base),
+            output_dir=str(tmp_path / "learned"),
+            max_steps=24,
+            warmup_steps=3,
+            annealing_steps=15,
+            batch_size=4,
+            max_length=256,
+            learning_rate=1e-3,
+            soul_learning_rate=5e-2,
+            save_steps=24,
+            alpha_mode="learned",
+            seed=0,
+            progress=False,
+        ),
+        log=lambda m: None,
     )
-    assert ppl["soul"] <= before * 1.10
-    assert ppl["soul"] <= ppl["control"] * 1.05
+    after = evaluate(EvalConfig(model=str(r.final_checkpoint), **ev))["perplexity"]
+    alpha = json.loads((r.final_checkpoint / "soul.json").read_text())["soul"]["alpha"]
+    print(f"held-out ppl: base {before:.2f}, soul (learned α, ends at {alpha:.2f}) {after:.2f}")
+    assert after < before * 0.8
+    assert alpha < -5.0
