@@ -48,6 +48,11 @@ METRICS = "metrics.jsonl"
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
+# Steps at α = target below which the run is warned about: measured on the shipped tiny model
+# (bench/soul_cost.py), 6 steps at φ end above the base's held-out perplexity, 10 below.
+MIN_STEPS_AT_TARGET = 10
+
+
 @dataclass
 class TrainConfig:
     """Every field is a flag of ``agiasi train`` (``max_steps`` ↔ ``--max-steps``) and a key of
@@ -399,14 +404,20 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             dist.barrier()
         return folder
 
-    if (
-        cfg.warmup_steps + cfg.annealing_steps > cfg.max_steps
-        and cfg.soul
-        and cfg.alpha_mode == "schedule"
-    ):
+    at_target = cfg.max_steps - cfg.warmup_steps - cfg.annealing_steps
+    if cfg.soul and cfg.alpha_mode == "schedule" and at_target < 0:
         say(
             f"warning: warmup ({cfg.warmup_steps}) + annealing ({cfg.annealing_steps}) > max steps "
             f"({cfg.max_steps}): α will stop at {linear_annealing(cfg.max_steps - 1, cfg.warmup_steps, cfg.annealing_steps, cfg.alpha_start, cfg.alpha_target):.3f}, short of {cfg.alpha_target:.3f}"
+        )
+    elif cfg.soul and cfg.alpha_mode == "schedule" and at_target < MIN_STEPS_AT_TARGET:
+        gate = 1 / (1 + math.exp(-cfg.alpha_target))
+        say(
+            f"warning: only {at_target} step(s) at α = {cfg.alpha_target:.3f} after the anneal. "
+            f"The open gate scales the logits by ≈ {1 + gate:.2f} while R is near the identity "
+            "and the LoRA needs steps there to absorb it: on the shipped tiny model, fewer than "
+            f"{MIN_STEPS_AT_TARGET} leave held-out perplexity above the base's (bench/RESULTS.md). "
+            "Raise --max-steps or shorten --annealing-steps."
         )
     soul = wrapper.soul
     bar = None

@@ -360,6 +360,19 @@ def test_warmup_plus_anneal_beyond_max_steps_is_allowed_but_warned(env, tmp_path
     assert "warning: warmup (5) + annealing (10) > max steps (2)" in err
 
 
+def test_few_steps_at_the_open_gate_are_warned(env, tmp_path, capsys):
+    rc = main(_train(env, tmp_path, "--warmup-steps", "0", "--annealing-steps", "1"))
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "warning: only 1 step(s) at α = 1.618 after the anneal" in err
+    assert "scales the logits by ≈ 1.83" in err
+    ctrl = _train(
+        env, tmp_path / "ctrl", "--warmup-steps", "0", "--annealing-steps", "1", "--no-soul"
+    )
+    assert main(ctrl) == 0
+    assert "step(s) at α" not in capsys.readouterr().err
+
+
 def test_real_process_prints_one_line_and_debug_shows_traceback(tmp_path):
     cmd = [sys.executable, "-m", "agiasi", "train", "--base-model", str(tmp_path / "nope")]
     out = subprocess.run(cmd, capture_output=True, text=True)
