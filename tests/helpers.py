@@ -1,10 +1,30 @@
-"""Builders for tiny random models saved as HF folders (what users pass as --base-model)."""
+"""Builders for tiny random models saved as HF folders (what users pass as --base-model), and
+command lines for the CLI."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
+
+
+def cli_args(command: str, *extra: str, **flags) -> list[str]:
+    """``COMMAND --field-name value …`` from config field names; True → ``--flag``, False →
+    ``--no-flag`` (the CLI maps every dataclass field to a flag this way)."""
+    args = [command]
+    for name, value in flags.items():
+        flag = name.replace("_", "-")
+        if value is True or value is False:
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return args + list(extra)
+
+
+def cli_cmd(command: str, *extra: str, **flags) -> list[str]:
+    """The same as a separate process: ``python -m agiasi COMMAND …``."""
+    return [sys.executable, "-m", "agiasi", *cli_args(command, *extra, **flags)]
 
 
 def build_tiny_phi3(

@@ -14,16 +14,18 @@ import torch
 from agiasi.cli import main
 from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
-from tests.helpers import step_tensors
+from tests.helpers import cli_args, cli_cmd, step_tensors
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--quantization", "none", "--max-length", "64", "--lora-dropout", "0", "--no-progress"]
 
 
-def run_cli(args, capsys=None):
-    rc = main(["train", *args])
-    return rc
+def train_cli(model, run, steps: int, *extra: str, save: int | None = None) -> int:
+    """``agiasi train`` on ``model`` into ``run`` for ``steps`` steps (saved every ``save``,
+    default: at the end), with the FAST settings and any ``extra`` flags; returns the exit code."""
+    args = cli_args("train", base_model=model, output_dir=run, max_steps=steps)
+    return main([*args, "--save-steps", str(save or steps), *FAST, *extra])
 
 
 def metrics(run: Path) -> list[dict]:
@@ -32,23 +34,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
     run = tmp_path / "run"
-    rc = run_cli(
-        [
-            "--base-model",
-            str(tiny_phi3_tok),
-            "--output-dir",
-            str(run),
-            "--max-steps",
-            "12",
-            "--save-steps",
-            "4",
-            "--warmup-steps",
-            "2",
-            "--annealing-steps",
-            "6",
-            *FAST,
-        ]
-    )
+    rc = train_cli(tiny_phi3_tok, run, 12, "--warmup-steps", "2", "--annealing-steps", "6", save=4)
     assert rc == 0
     assert sorted(os.listdir(run)) == [
         "metrics.jsonl",
@@ -101,28 +87,20 @@ def test_loss_goes_down_over_60_steps(tiny_phi3_tok, tmp_path):
     )
     run = tmp_path / "run"
     assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--dataset",
-                str(text),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "60",
-                "--save-steps",
-                "60",
-                "--warmup-steps",
-                "10",
-                "--annealing-steps",
-                "40",
-                "--learning-rate",
-                "5e-3",
-                "--batch-size",
-                "2",
-                *FAST,
-            ]
+        train_cli(
+            tiny_phi3_tok,
+            run,
+            60,
+            "--dataset",
+            str(text),
+            "--warmup-steps",
+            "10",
+            "--annealing-steps",
+            "40",
+            "--learning-rate",
+            "5e-3",
+            "--batch-size",
+            "2",
         )
         == 0
     )
@@ -134,24 +112,16 @@ def test_loss_goes_down_over_60_steps(tiny_phi3_tok, tmp_path):
 def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
     run = tmp_path / "run"
     assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "5",
-                "--save-steps",
-                "5",
-                "--alpha-mode",
-                "learned",
-                "--alpha-start",
-                "0.5",
-                "--learning-rate",
-                "1e-2",
-                *FAST,
-            ]
+        train_cli(
+            tiny_phi3_tok,
+            run,
+            5,
+            "--alpha-mode",
+            "learned",
+            "--alpha-start",
+            "0.5",
+            "--learning-rate",
+            "1e-2",
         )
         == 0
     )
@@ -164,23 +134,7 @@ def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
 
 def test_control_run_without_soul(tiny_phi3_tok, tmp_path):
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "3",
-                "--save-steps",
-                "3",
-                "--no-soul",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 3, "--no-soul") == 0
     folder = run / "step_3"
     assert not (folder / "soul.pt").exists()
     assert json.loads((folder / "soul.json").read_text())["soul"] is None
@@ -204,34 +158,21 @@ def test_config_file_maps_to_flags_and_flags_win(tiny_phi3_tok, tmp_path):
 
 
 def _train_cmd(model, run, steps, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "agiasi",
+    return cli_cmd(
         "train",
-        "--base-model",
-        str(model),
-        "--output-dir",
-        str(run),
-        "--max-steps",
-        str(steps),
-        "--save-steps",
-        "5",
-        "--warmup-steps",
-        "5",
-        "--annealing-steps",
-        "20",
-        "--seed",
-        "7",
-        "--lora-dropout",
-        "0.1",
-        "--quantization",
-        "none",
-        "--max-length",
-        "48",
-        "--no-progress",
         *extra,
-    ]
+        base_model=model,
+        output_dir=run,
+        max_steps=steps,
+        save_steps=5,
+        warmup_steps=5,
+        annealing_steps=20,
+        seed=7,
+        lora_dropout=0.1,
+        quantization="none",
+        max_length=48,
+        progress=False,
+    )
 
 
 def test_sigkill_then_resume_auto_is_bit_exact(tiny_phi3_tok, tmp_path):
@@ -263,42 +204,10 @@ def test_sigkill_then_resume_auto_is_bit_exact(tiny_phi3_tok, tmp_path):
 
 def test_resume_auto_skips_incomplete_folder(tiny_phi3_tok, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "4",
-                "--save-steps",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 4, save=2) == 0
     (run / "step_4" / "trainer_state.pt").unlink()  # as if damaged
     capsys.readouterr()
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "4",
-                "--save-steps",
-                "2",
-                "--resume",
-                "auto",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 4, "--resume", "auto", save=2) == 0
     err = capsys.readouterr().err
     assert "skipping step_4: incomplete (missing trainer_state.pt)" in err
     assert "resume: from" in err and "step_2" in err
@@ -360,79 +269,30 @@ def test_checkpoint_from_another_base_is_refused(tiny_phi3_tok, tmp_path, capsys
     from tests.helpers import build_tiny_phi3_with_tokenizer
 
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "2",
-                "--save-steps",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 2) == 0
     other = build_tiny_phi3_with_tokenizer(tmp_path / "other", hidden=32)
     capsys.readouterr()
-    rc = run_cli(
-        [
-            "--base-model",
-            str(other),
-            "--output-dir",
-            str(tmp_path / "run2"),
-            "--max-steps",
-            "4",
-            "--resume",
-            str(run / "step_2"),
-            *FAST,
-        ]
-    )
+    rc = train_cli(other, tmp_path / "run2", 4, "--resume", str(run / "step_2"))
     assert rc == 2
     assert "trained on another base model" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "2",
-                "--save-steps",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 2) == 0
     before = step_tensors(run / "step_2")
     capsys.readouterr()
-    rc = run_cli(
-        [
-            "--base-model",
-            str(tiny_phi3_tok),
-            "--output-dir",
-            str(run),
-            "--max-steps",
-            "30",
-            "--save-steps",
-            "1000",
-            "--resume",
-            "auto",
-            "--learning-rate",
-            "1e30",
-            "--max-grad-norm",
-            "0",
-            *FAST,
-        ]
+    rc = train_cli(
+        tiny_phi3_tok,
+        run,
+        30,
+        "--resume",
+        "auto",
+        "--learning-rate",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        save=1000,
     )
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite" in err and "step_2" in err
@@ -561,24 +421,7 @@ def test_hf_dataset_folder_and_plot_command(tiny_phi3_tok, tmp_path, capsys):
         {"text": ["日本語の文章です。", "もう一つの文書です。"] * 4}
     ).save_to_disk(str(folder))
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            [
-                "--base-model",
-                str(tiny_phi3_tok),
-                "--dataset",
-                str(folder),
-                "--output-dir",
-                str(run),
-                "--max-steps",
-                "2",
-                "--save-steps",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert train_cli(tiny_phi3_tok, run, 2, "--dataset", str(folder)) == 0
     (run / "phase_transition.png").unlink()
     assert main(["plot", str(run)]) == 0
     assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"

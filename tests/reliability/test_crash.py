@@ -15,43 +15,29 @@ import pytest
 import torch
 
 from agiasi.checkpoint import required_files
-from tests.helpers import make_checkpoint, step_tensors
+from tests.helpers import cli_cmd, make_checkpoint, step_tensors
 
 pytestmark = pytest.mark.slow
 STEPS = 16
 
 
 def train_cmd(model, run, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "agiasi",
+    return cli_cmd(
         "train",
-        "--base-model",
-        str(model),
-        "--output-dir",
-        str(run),
-        "--max-steps",
-        str(STEPS),
-        "--save-steps",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--annealing-steps",
-        "10",
-        "--seed",
-        "3",
-        "--lora-dropout",
-        "0.1",
-        "--quantization",
-        "none",
-        "--max-length",
-        "48",
-        "--batch-size",
-        "2",
-        "--no-progress",
         *extra,
-    ]
+        base_model=model,
+        output_dir=run,
+        max_steps=STEPS,
+        save_steps=4,
+        warmup_steps=2,
+        annealing_steps=10,
+        seed=3,
+        lora_dropout=0.1,
+        quantization="none",
+        max_length=48,
+        batch_size=2,
+        progress=False,
+    )
 
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
