@@ -130,15 +130,20 @@ def perplexity(logits_fn, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def _text_ids(
-    tok, text_path: str | Path | None, limit: int = MAX_EVAL_TOKENS
-) -> tuple[list[int], float]:
+def _eval_text(text_path: str | Path | None) -> tuple[Path, str]:
+    """The evaluation text (default: the shipped held-out sample), checked before any model loads."""
     from agiasi.data import default_heldout
 
     path = Path(text_path) if text_path else default_heldout()
     if not path.is_file():
         raise AgiasiError(f"evaluation text not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    return path, path.read_text(encoding="utf-8")
+
+
+def _text_ids(
+    tok, text_path: str | Path | None, limit: int = MAX_EVAL_TOKENS
+) -> tuple[list[int], float]:
+    _, text = _eval_text(text_path)
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     chars_per_token = len(text) / max(1, len(ids))
     return ids[:limit], chars_per_token
@@ -281,14 +286,6 @@ class EvalConfig:
 DEFAULT_WINDOW = 512
 
 
-def trained_context(hf_config: dict[str, Any]) -> int | None:
-    """The positions a model was trained on: LongRoPE's original window, else its maximum."""
-    n = hf_config.get("original_max_position_embeddings") or hf_config.get(
-        "max_position_embeddings"
-    )
-    return int(n) if n else None
-
-
 def eval_window(window: int | None, context: int | None) -> int:
     """The default window never runs past the trained context: positions a model never saw
     make perplexity measure extrapolation instead of the model (the tiny model, trained on 256
@@ -316,25 +313,15 @@ def model_kind(path: str | Path) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Token-level perplexity of a checkpoint, an HF folder or a GGUF on a text file."""
-    from agiasi.data import default_heldout
+    from agiasi.gguf import trained_context
 
     if cfg.window is not None and cfg.window < 2:
         raise AgiasiError(f"--window must be at least 2, got {cfg.window}")
     kind = model_kind(cfg.model)
-    text_path = Path(cfg.text) if cfg.text else default_heldout()
-    if not text_path.is_file():
-        raise AgiasiError(f"evaluation text not found: {text_path}")
-    text = text_path.read_text(encoding="utf-8")
+    text_path, text = _eval_text(cfg.text)
     if kind == "gguf":
         g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window or 0))
-        try:
-            context = g.context_length()
-            window = eval_window(cfg.window, context)
-            all_ids = g.tokenize(text)
-            ids = all_ids[: cfg.max_tokens]
-            ppl = perplexity(g.logits, ids, window)
-        finally:
-            g.close()
+        logits_fn, tokenize, context, close = g.logits, g.tokenize, g.context_length(), g.close
     else:
         from transformers import AutoTokenizer
 
@@ -345,8 +332,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             model = AGIASI_SO8T_Wrapper.from_checkpoint(
                 cfg.model, lora_dropout=0.0, **overrides
             ).eval()
-            tok_src = model.config.base_model
-            context = trained_context(model.hf_config.to_dict())
+            tok_src, hf_config = model.config.base_model, model.hf_config
 
             def logits_fn(chunk):
                 with torch.no_grad():
@@ -355,18 +341,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
-            tok_src = cfg.model
-            context = trained_context(hf.config.to_dict())
+            tok_src, hf_config = cfg.model, hf.config
 
             def logits_fn(chunk):
                 return hf_logits(hf, chunk)
 
         tok = AutoTokenizer.from_pretrained(tok_src)
-        all_ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        context = trained_context(hf_config.to_dict())
+
+        def tokenize(t):
+            return tok(t, add_special_tokens=False, verbose=False)["input_ids"]
+
+        def close():
+            return None
+
+    try:
+        all_ids = tokenize(text)
         window = eval_window(cfg.window, context)
         ids = all_ids[: cfg.max_tokens]
         ppl = perplexity(logits_fn, ids, window)
-    chars = len(text) * len(ids) / max(1, len(all_ids))
+    finally:
+        close()
     return {
         "model": str(cfg.model),
         "kind": kind,
@@ -376,5 +371,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "window": window,
         "stride": window,
         "trained_context": context,
-        "chars_per_token": chars / max(1, len(ids)),
+        "chars_per_token": len(text) / max(1, len(all_ids)),
     }

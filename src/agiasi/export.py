@@ -153,7 +153,15 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, read_manifest, safe_torch_load
-    from agiasi.gguf import KQUANT_TYPES, parse_types, quantize_gguf, write_gguf
+    from agiasi.gguf import (
+        KQUANT_TYPES,
+        SENTENCEPIECE_ARCHS,
+        _arch,
+        parse_types,
+        quantize_gguf,
+        trained_context,
+        write_gguf,
+    )
     from agiasi.model import ModelConfig, load_config
 
     if not cfg.checkpoint or not cfg.out:
@@ -186,14 +194,11 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
             f"({manifest.get('base_model')!r}: model_type {want[0]}, hidden {want[1]}, "
             f"vocab {want[2]}); {base_id!r} is model_type {have[0]}, hidden {have[1]}, vocab {have[2]}"
         )
-    from agiasi.evaluate import trained_context
-
     context = trained_context(hf_cfg.to_dict())
     if context and cfg.num_ctx > context:
         log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")
         cfg = replace(cfg, num_ctx=context)
     base_path = Path(base_id)
-    from agiasi.gguf import SENTENCEPIECE_ARCHS
 
     if (
         hf_cfg.model_type in SENTENCEPIECE_ARCHS
@@ -204,15 +209,13 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
             f"{base_id} has no tokenizer.model, which the GGUF vocabulary of a "
             f"{hf_cfg.model_type} model needs; put the base model's tokenizer.model there"
         )
-    from agiasi.gguf import _arch
-
     if types:
         _arch(hf_cfg.model_type)  # unknown architecture: fail before writing anything
     if cfg.merge_base == "auto":
         # Measured (export_report.json "merge_bases"): the LoRA learned its delta against the
         # NF4-dequantized weights, and merging into those reproduces the trained model far more
         # closely than merging into the original 16-bit weights. See the closing note of issue 4.
-        cfg.merge_base = "nf4" if mcfg.quantization == "nf4" else "w16"
+        cfg = replace(cfg, merge_base="nf4" if mcfg.quantization == "nf4" else "w16")
     if cfg.merge_base == "nf4" and mcfg.quantization != "nf4":
         raise AgiasiError("--merge-base nf4 only makes sense for a checkpoint trained with NF4")
     dtype = (

@@ -67,6 +67,12 @@ def rope_scaling_of(config: dict) -> dict | None:
     return None
 
 
+def trained_context(config: dict) -> int | None:
+    """The positions a model was trained on: LongRoPE's original window, else its maximum."""
+    n = config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    return int(n) if n else None
+
+
 def rope_theta_of(config: dict) -> float:
     if "rope_theta" in config:
         return float(config["rope_theta"])
@@ -212,9 +218,7 @@ def write_gguf(
         rot_pct = float(cfg.get("partial_rotary_factor", 1.0))
         rope_dims = int(rot_pct * n_embd) // n_head
         w.add_rope_dimension_count(rope_dims)
-        orig = int(
-            cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 4096)
-        )
+        orig = trained_context(cfg) or 4096
         w.add_rope_scaling_orig_ctx_len(orig)
         w.add_sliding_window(int(cfg.get("sliding_window") or 0))
         rs = rope_scaling_of(cfg)
