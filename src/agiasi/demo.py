@@ -7,6 +7,7 @@ before / after / after the same run with ``--no-soul`` (the control).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -48,6 +49,8 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     from agiasi.data import default_dataset, default_heldout
     from agiasi.evaluate import EvalConfig, GGUFModel, evaluate
     from agiasi.export import ExportConfig, export, format_report
+    from agiasi.generate import GenerateConfig, generate
+    from agiasi.gguf import trained_context
     from agiasi.train import TrainConfig, train
 
     if cfg.max_steps < 4:
@@ -71,9 +74,18 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
         timings[name] = time.time() - t0
         return result
 
+    # every window, context and n_ctx is the tiny model's trained context (256 tokens)
+    context = trained_context(json.loads((base / "config.json").read_text()))
+
+    def heldout_ppl(model: Path) -> dict[str, Any]:
+        return evaluate(
+            EvalConfig(
+                model=str(model), text=str(heldout), window=context, max_tokens=cfg.eval_tokens
+            )
+        )
+
     log(f"demo: base model {base} (tiny Japanese Phi-3), data {default_dataset().name}")
-    ev = EvalConfig(model=str(base), text=str(heldout), window=256, max_tokens=cfg.eval_tokens)
-    before = timed("eval_base", lambda: evaluate(ev))
+    before = timed("eval_base", lambda: heldout_ppl(base))
     log(f"demo: held-out perplexity before injection {before['perplexity']:.2f}")
 
     def run(soul: bool) -> Path:
@@ -95,23 +107,11 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
         return train(tc, log=log).final_checkpoint
 
     ckpt = timed("train_soul", lambda: run(True))
-    after = timed(
-        "eval_soul",
-        lambda: evaluate(
-            EvalConfig(model=str(ckpt), text=str(heldout), window=256, max_tokens=cfg.eval_tokens)
-        ),
-    )
+    after = timed("eval_soul", lambda: heldout_ppl(ckpt))
     control = None
     if cfg.control:
         cckpt = timed("train_control", lambda: run(False))
-        control = timed(
-            "eval_control",
-            lambda: evaluate(
-                EvalConfig(
-                    model=str(cckpt), text=str(heldout), window=256, max_tokens=cfg.eval_tokens
-                )
-            ),
-        )
+        control = timed("eval_control", lambda: heldout_ppl(cckpt))
     report = timed(
         "export",
         lambda: export(
@@ -120,32 +120,22 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
                 out=str(out / "export"),
                 dtype="float32",  # the tiny model is stored in bf16; fp32 shows the fold's exactness
                 gguf=cfg.gguf,
-                num_ctx=256,  # the tiny model was trained on 256-token sequences
+                num_ctx=context,
                 text=str(heldout),
             ),
             log=log,
         ),
     )
 
-    # Japanese generations: the exported HF model and the GGUF in llama.cpp, greedy
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf_dir = out / "export" / "hf"
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        gen = hf.generate(
-            ids,
-            max_new_tokens=40,
-            do_sample=False,
-            repetition_penalty=1.1,
-            pad_token_id=tok.pad_token_id,
-        )
-    hf_text = tok.decode(gen[0], skip_special_tokens=True)
+    # Japanese generations: the exported HF model (as `agiasi generate` runs it) and the GGUF in
+    # llama.cpp, greedy
+    buf = io.StringIO()
+    generate(
+        GenerateConfig(model=str(out / "export" / "hf"), prompt=PROMPT, max_new_tokens=40), buf
+    )
+    hf_text = buf.getvalue().strip()
     gguf_name = report["files"].get("q4_k_m") or next(iter(report["files"].values()))
-    g = GGUFModel(out / "export" / gguf_name, n_ctx=256)
+    g = GGUFModel(out / "export" / gguf_name, n_ctx=context)
     gg = g.llm.create_completion(PROMPT, max_tokens=40, temperature=0.0, repeat_penalty=1.1)
     gguf_text = PROMPT + gg["choices"][0]["text"]
     g.close()
@@ -157,7 +147,7 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
             "soul": after["perplexity"],
             "control_no_soul": control["perplexity"] if control else None,
             "tokens": before["tokens"],
-            "window": 256,
+            "window": before["window"],
             "text": heldout.name,
         },
         "generation": {"prompt": PROMPT, "hf": hf_text, f"gguf {gguf_name}": gguf_text},
