@@ -310,7 +310,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     from agiasi.model import load_config
 
-    load_config(cfg.base_model, cfg.trust_remote_code)  # clear errors for a bad --base-model
+    # clear errors for a bad --base-model or --max-length, before the data and the weights load
+    hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if max_pos and cfg.max_length > max_pos:
+        raise AgiasiError(
+            f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
+        )
     tokenizer = _load_tokenizer(cfg)
     dataset = cfg.dataset or str(default_dataset())
     examples = tokenize_records(load_records(dataset), tokenizer, cfg.max_length)
@@ -325,11 +331,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     # ---- model
     torch.manual_seed(cfg.seed)
     wrapper = AGIASI_SO8T_Wrapper(config=cfg.model_config(), device=device)
-    max_pos = getattr(wrapper.hf_config, "max_position_embeddings", None)
-    if max_pos and cfg.max_length > max_pos:
-        raise AgiasiError(
-            f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
-        )
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     _broadcast(params, d)
