@@ -8,6 +8,17 @@ from pathlib import Path
 
 import torch
 
+# What `agiasi train` writes in every step folder: the note's three files, soul.json, and what
+# resume needs. Spelled out here, not taken from the code, so the tests check the layout.
+TRAINED_STEP_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "soul.json",
+    "soul.pt",
+    "train_config.json",
+    "trainer_state.pt",
+]
+
 
 def cli_args(command: str, *extra: str, **flags) -> list[str]:
     """``COMMAND --field-name value …`` from config field names; True → ``--flag``, False →

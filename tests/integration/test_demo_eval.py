@@ -7,6 +7,7 @@ import pytest
 
 from agiasi.cli import main
 from agiasi.demo import PROMPT, tiny_model_path
+from tests.helpers import TRAINED_STEP_FILES
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -46,14 +47,7 @@ def test_demo_default_run(tmp_path, capsys):
     assert "== agiasi demo ==" in printed and "held-out perplexity" in printed
     report = json.loads((out / "demo_report.json").read_text())
     ckpt = out / "run_soul" / "step_60"
-    assert sorted(os.listdir(ckpt)) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "soul.json",
-        "soul.pt",
-        "train_config.json",
-        "trainer_state.pt",
-    ]
+    assert sorted(os.listdir(ckpt)) == TRAINED_STEP_FILES
     soul = json.loads((ckpt / "soul.json").read_text())["soul"]
     assert abs(soul["alpha"] - (1 + 5**0.5) / 2) < 1e-6 and soul["gate"] > 0.83
     assert (out / "run_control" / "step_60" / "soul.json").exists()

@@ -14,7 +14,7 @@ import torch
 from agiasi.cli import main
 from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
-from tests.helpers import cli_args, cli_cmd, step_tensors
+from tests.helpers import TRAINED_STEP_FILES, cli_args, cli_cmd, step_tensors
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -46,14 +46,7 @@ def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
     ]
     for step in (4, 8, 12):
         folder = run / f"step_{step}"
-        assert sorted(os.listdir(folder)) == [
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "soul.json",
-            "soul.pt",
-            "train_config.json",
-            "trainer_state.pt",
-        ]
+        assert sorted(os.listdir(folder)) == TRAINED_STEP_FILES
         soul = torch.load(folder / "soul.pt", weights_only=True)
         assert soul["step"] == step
         # α in the checkpoint is the one used at the last step taken (0-based index step-1)
