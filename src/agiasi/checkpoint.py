@@ -8,10 +8,12 @@ Layout of ``OUTPUT/step_N/`` (the note's, kept, plus what makes it self-describi
                                 tensors and ints only: loads with torch.load(weights_only=True)
     soul.json                   human-readable: kind, H, α, gate, phase, base model, step, and
                                 the full model config needed to rebuild the wrapper
-    (training adds trainer_state.pt and train_config.json, see agiasi.train)
+    trainer_state.pt            (training) optimizer, RNG states, data position, step
+    train_config.json           (training) the run's TrainConfig
 
 A folder is written as ``.step_N.tmp-<pid>`` and renamed into place only once every file is
-flushed, so a killed run never leaves a ``step_N`` that looks complete but is not.
+flushed, so a killed run never leaves a ``step_N`` that looks complete but is not. This module
+owns the format: writing, reading, and finding the step folders of a run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +41,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOUL_PT = "soul.pt"
 SOUL_JSON = "soul.json"
+TRAINER_STATE = "trainer_state.pt"
+TRAIN_CONFIG = "train_config.json"
 REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL_JSON)
+STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def required_files(manifest: dict[str, Any] | None = None) -> tuple[str, ...]:
@@ -91,10 +98,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temp sibling folder, fsync it, then rename it to ``final``.
+@contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """``with atomic_folder(final) as tmp:`` write into ``tmp``; on success it is fsynced and
+    renamed to ``final`` in one step, on any error removed, ``final`` left as it was.
 
-    On any error the temp folder is removed and ``final`` is left as it was.
+    A full disk becomes one :class:`AgiasiError` saying nothing was written.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -104,23 +113,9 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write(tmp)
+        yield tmp
         maybe_crash("checkpoint_written")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            # Replacing a complete folder (e.g. re-saving the last step after a resume): move the
-            # old one aside first so there is never a moment without a complete copy on disk.
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _commit(tmp, final)
         maybe_crash("checkpoint_renamed")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +124,24 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
                 f"disk full while writing {final}; nothing was written there"
             ) from None
         raise
-    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        # Replacing a complete folder (e.g. re-saving the last step after a resume): move the
+        # old one aside first so there is never a moment without a complete copy on disk.
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
@@ -151,6 +163,7 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
             "init": soul.config.init,
             "hidden_size": soul.config.hidden_size,
             "alpha_mode": soul.config.alpha_mode,
+            "mix": soul.config.mix,
             "alpha": alpha,
             "gate": float(soul.gate().detach()),
             "phase": soul.phase(),
@@ -159,32 +172,41 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
     return manifest
 
 
+def write_step_files(wrapper: AGIASI_SO8T_Wrapper, folder: Path, step: int) -> None:
+    """The note's three files + ``soul.json`` into an existing folder."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter = get_peft_model_state_dict(wrapper.base_model)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, folder / ADAPTER_WEIGHTS
+    )
+    wrapper.base_model.peft_config["default"].save_pretrained(str(folder))
+    if wrapper.soul is not None:
+        torch.save({**wrapper.soul_state(), "step": int(step)}, folder / SOUL_PT)
+    (folder / SOUL_JSON).write_text(
+        json.dumps(soul_manifest(wrapper, step), ensure_ascii=False, indent=2) + "\n",
+        encoding="utf-8",
+    )
+
+
 def write_step(
     wrapper: AGIASI_SO8T_Wrapper,
     folder: Path,
     step: int,
-    extra: Callable[[Path], None] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one complete step folder atomically; ``extra(tmp)`` adds trainer files."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    def write(tmp: Path) -> None:
-        adapter = get_peft_model_state_dict(wrapper.base_model)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, tmp / ADAPTER_WEIGHTS
-        )
-        wrapper.base_model.peft_config["default"].save_pretrained(str(tmp))
-        if wrapper.soul is not None:
-            torch.save({**wrapper.soul_state(), "step": int(step)}, tmp / SOUL_PT)
-        (tmp / SOUL_JSON).write_text(
-            json.dumps(soul_manifest(wrapper, step), ensure_ascii=False, indent=2) + "\n",
-            encoding="utf-8",
-        )
-        if extra is not None:
-            extra(tmp)
-
-    return atomic_folder(Path(folder), write)
+    """One complete step folder, atomically; training adds what resume needs."""
+    with atomic_folder(Path(folder)) as tmp:
+        write_step_files(wrapper, tmp, step)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        if train_config is not None:
+            (tmp / TRAIN_CONFIG).write_text(
+                json.dumps(train_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+    return Path(folder)
 
 
 def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
@@ -229,15 +251,22 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_compatible(wrapper: AGIASI_SO8T_Wrapper, manifest: dict[str, Any], ckpt_dir) -> None:
-    got = (manifest.get("hidden_size"), manifest.get("vocab_size"), manifest.get("model_type"))
-    want = (wrapper.hidden_size, int(wrapper.head.weight.shape[0]), wrapper.hf_config.model_type)
+def check_same_base(
+    manifest: dict[str, Any],
+    ckpt_dir: str | os.PathLike,
+    base_id: str,
+    model_type: str,
+    hidden_size: int | None,
+    vocab_size: int | None,
+) -> None:
+    """Refuse a checkpoint trained on another base model (shape and architecture differ)."""
+    got = (manifest.get("model_type"), manifest.get("hidden_size"), manifest.get("vocab_size"))
+    want = (model_type, hidden_size, vocab_size)
     if got != want:
         raise AgiasiError(
             f"checkpoint {str(ckpt_dir)!r} was trained on another base model "
-            f"({manifest.get('base_model')!r}: model_type {got[2]}, hidden {got[0]}, vocab {got[1]}); "
-            f"this model is {wrapper.config.base_model!r}: model_type {want[2]}, hidden {want[0]}, "
-            f"vocab {want[1]}"
+            f"({manifest.get('base_model')!r}: model_type {got[0]}, hidden {got[1]}, vocab {got[2]}); "
+            f"{base_id!r} is model_type {want[0]}, hidden {want[1]}, vocab {want[2]}"
         )
 
 
@@ -249,7 +278,14 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
 
     path = Path(ckpt_dir)
     manifest = read_manifest(path)
-    check_compatible(wrapper, manifest, ckpt_dir)
+    check_same_base(
+        manifest,
+        ckpt_dir,
+        wrapper.config.base_model,
+        wrapper.hf_config.model_type,
+        wrapper.hidden_size,
+        int(wrapper.head.weight.shape[0]),
+    )
     try:
         adapter = load_file(str(path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -275,3 +311,44 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
             raise AgiasiError(f"{path / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
         wrapper.load_soul_state(state)
     return manifest
+
+
+# --------------------------------------------------------------------------- a run's step folders
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step_N`` folder in a run, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).iterdir():
+            m = STEP_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a step folder cannot be resumed from, or None if it is complete."""
+    try:
+        read_manifest(folder)
+    except AgiasiError as e:
+        return str(e)
+    for f in (TRAINER_STATE, TRAIN_CONFIG):
+        if not (Path(folder) / f).is_file():
+            return f"missing {f}"
+    return None
+
+
+def find_resume_checkpoint(output_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """Newest complete ``step_N`` in ``output_dir``; incomplete ones are skipped, with a note."""
+    for _, folder in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"resume: skipping {folder.name}: incomplete ({problem})")
+    return None
+
+
+def is_step_folder(path: Path) -> bool:
+    """A folder written by :func:`write_step` (what ``eval``/``generate`` accept as a checkpoint)."""
+    return Path(path).is_dir() and (Path(path) / SOUL_JSON).is_file()

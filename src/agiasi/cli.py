@@ -11,28 +11,21 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from agiasi import options
 from agiasi.errors import AgiasiError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
 
 
-def _parse_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line like every other error (``agiasi: error: …``, exit 2)."""
 
-
-_TYPES = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "str | None": str,
-    "int | None": int,
-    "float | None": float,
-    "list[str] | None": _parse_list,
-    "list[str]": _parse_list,
-}
+    def error(self, message: str):
+        raise AgiasiError(f"{self.prog.removeprefix('agiasi ')}: {message} (see --help)")
 
 
 def add_dataclass_args(
@@ -40,57 +33,74 @@ def add_dataclass_args(
     cls: type,
     skip: Sequence[str] = (),
     positional: Sequence[str] = (),
-    help_text: dict[str, str] | None = None,
 ) -> None:
-    """One ``--flag`` per dataclass field (``snake_case`` → ``--kebab-case``).
+    """One ``--flag`` per dataclass field (``snake_case`` → ``--kebab-case``), with the field's
+    own help, range and choices (:mod:`agiasi.options`).
 
     Defaults are left as ``None`` on the parser so that a YAML config file can sit between the
     dataclass defaults and the flags (flags > file > defaults); :func:`build_config` merges them.
     """
-    help_text = help_text or {}
+    hints = options.field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        convert, choices, _ = options.converter(hints[f.name])  # unknown types fail here
         default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = help_text.get(f.name, "")
+        helptext = options.help_for(f).replace("%", "%%")  # argparse formats help with %
+        if not helptext:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text")
         if f.name in positional:
             parser.add_argument(f.name, help=helptext)
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        flag = options.flag_name(f.name)
+        if convert is options.parse_bool:
             parser.add_argument(
                 flag,
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{helptext} (default: {default})".strip(),
+                help=f"{helptext} (default: {'on' if default else 'off'})",
             )
             continue
-        conv = _TYPES.get(str(f.type), str)
         shown = ",".join(default) if isinstance(default, list) else default
+        if isinstance(shown, float):
+            shown = f"{shown:g}"
+        if shown is not None and shown != "" and "default:" not in helptext:
+            helptext = f"{helptext} (default: {shown})"
         parser.add_argument(
             flag,
             dest=f.name,
-            type=conv,
+            type=_argparse_type(convert),
+            choices=choices,
             default=None,
-            help=f"{helptext} (default: {shown})".strip(),
+            metavar=None if choices else f.name.upper().split("_")[-1],
+            help=helptext,
         )
 
 
+def _argparse_type(convert):
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid ({e})") from None
+
+    parse.__name__ = getattr(convert, "__name__", "value").removeprefix("parse_")
+    return parse
+
+
 def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any] | None = None):
-    """dataclass defaults < config file < explicit flags."""
+    """dataclass defaults < config file < explicit flags; file values typed like the flags."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in (file_values or {}).items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in names:
             raise AgiasiError(
                 f"unknown key {key!r} in the config file; valid keys are the flag names: "
                 + ", ".join(sorted(n.replace("_", "-") for n in names))
             )
-        if isinstance(value, str) and _TYPES.get(str(_field(cls, name).type)) is _parse_list:
-            value = _parse_list(value)
-        values[name] = value
+        values[name] = options.coerce(cls, name, value, "config file")
     for name in names:
         v = getattr(args, name, None)
         if v is not None:
@@ -104,13 +114,9 @@ def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any
     ]
     if missing:
         raise AgiasiError(
-            "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+            "missing required option(s): " + ", ".join(options.flag_name(m) for m in missing)
         )
     return cls(**values)
-
-
-def _field(cls: type, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -128,16 +134,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
+    p = Path(path)
+    if not p.exists():
+        raise AgiasiError(f"config file not found: {path!r}")
+    if not p.is_file():
+        raise AgiasiError(f"config file {path!r} is not a file")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise AgiasiError(f"config file not found: {path!r}") from None
-    except yaml.YAMLError as e:
-        raise AgiasiError(f"config file {path!r} is not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise AgiasiError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise AgiasiError(f"config file {path!r} is not valid YAML: {_first_line(e)}") from None
     if not isinstance(data, dict):
         raise AgiasiError(f"config file {path!r} must be a mapping of flag names to values")
     return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -202,32 +217,26 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_HELP = {
-    "base_model": "hub id or local folder of the causal LM to inject",
-    "dataset": ".txt (one paragraph a line), .jsonl (text or chat messages) or HF dataset folder; "
-    "default: the shipped Japanese sample",
-    "resume": "'auto' (newest complete step_N in --output-dir) or a step folder",
-    "soul": "--no-soul runs the control: plain QLoRA through the same loop and data",
-    "grad_accum": "micro-batches per optimizer step",
-}
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from agiasi.train import TrainConfig
 
     p.add_argument("--config", help="YAML file whose keys are flag names; flags override it")
-    add_dataclass_args(p, TrainConfig, help_text=TRAIN_HELP)
+    add_dataclass_args(p, TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agiasi.demo import DemoConfig
+    from agiasi.evaluate import EvalConfig
+    from agiasi.export import ExportConfig
+    from agiasi.generate import GenerateConfig
     from agiasi.model import ModelConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="agiasi",
         description="Inject a trainable SO(8) soul into a causal LM, train it with QLoRA, export it.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser(
@@ -235,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture, hidden size, LoRA targets, trainable counts, soul kind and phase",
         description="Describe what agiasi would build on MODEL (reads only its config).",
     )
-    add_dataclass_args(
-        p,
-        ModelConfig,
-        positional=("base_model",),
-        skip=("gradient_checkpointing",),
-        help_text={"base_model": "hub id or local folder of a causal LM"},
-    )
+    add_dataclass_args(p, ModelConfig, positional=("base_model",), skip=_RUNTIME_ONLY)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
@@ -253,34 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
-    from agiasi.export import ExportConfig
-
     p = sub.add_parser(
         "export",
         help="merge LoRA, fold the soul, write HF + GGUF + Modelfile + card + report",
         description="One plain model from a step folder, with the fidelity of every stage measured.",
     )
-    add_dataclass_args(
-        p,
-        ExportConfig,
-        positional=("checkpoint",),
-        help_text={
-            "checkpoint": "a step_N folder written by `agiasi train`",
-            "out": "output folder (refused if it exists, unless --force)",
-            "gguf": "comma list of f32,f16,bf16,q8_0,q4_k_m,q5_k_m,q6_k ('' for none)",
-            "merge_base": "auto: nf4 for NF4-trained checkpoints, else w16; w16: merge into the "
-            "original weights; nf4: into the NF4-dequantized weights the LoRA was trained against",
-            "base_model": "override the base model recorded in the checkpoint (e.g. a local copy)",
-            "output_tensor_type": "GGUF type of the head (it carries the soul), e.g. q8_0",
-            "num_ctx": "context for llama.cpp parity and the Modelfile (≤ the original window)",
-            "measure": "--no-measure skips the parity report",
-            "text": "text for perplexity (default: the shipped held-out Japanese sample)",
-        },
-    )
+    add_dataclass_args(p, ExportConfig, positional=("checkpoint",))
     p.set_defaults(func=_cmd_export)
-
-    from agiasi.demo import DemoConfig
-    from agiasi.evaluate import EvalConfig
 
     p = sub.add_parser(
         "eval",
@@ -288,19 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level perplexity over non-overlapping windows; chars/token reported so "
         "tokenizers compare. Default text: the shipped held-out Japanese sample.",
     )
-    add_dataclass_args(
-        p,
-        EvalConfig,
-        positional=("model",),
-        help_text={
-            "model": "step_N folder, HF model folder or .gguf file",
-            "text": "UTF-8 text file",
-            "window": "tokens per window (default: 512, or the model's trained context if shorter)",
-            "max_tokens": "evaluate at most this many tokens of the text",
-            "n_ctx": "llama.cpp context for GGUF files",
-            "json": "print JSON",
-        },
-    )
+    add_dataclass_args(p, EvalConfig, positional=("model",))
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -308,30 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the shipped tiny Japanese model (no network, no GPU)",
         description="inject -> train -> checkpoint -> export HF + GGUF -> llama.cpp -> report",
     )
-    add_dataclass_args(p, DemoConfig, help_text={"out": "working folder (replaced each run)"})
+    add_dataclass_args(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)
 
-    from agiasi.generate import GenerateConfig
-
-    gen_help = {
-        "model": "step_N folder (soul applied) or exported HF folder",
-        "temperature": "0 = greedy",
-        "chat_template": "wrap --prompt as a user turn in the tokenizer's chat template",
-    }
     p = sub.add_parser("generate", help="one streamed completion from a checkpoint or HF folder")
-    add_dataclass_args(p, GenerateConfig, positional=("model",), help_text=gen_help)
+    add_dataclass_args(p, GenerateConfig, positional=("model",))
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("chat", help="interactive streamed chat with the model's chat template")
-    add_dataclass_args(
-        p, GenerateConfig, positional=("model",), skip=("prompt",), help_text=gen_help
-    )
+    add_dataclass_args(p, GenerateConfig, positional=("model",), skip=("prompt",))
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
     p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
-    p.add_argument("--out", help="PNG path (default: RUN/phase_transition.png)")
+    p.add_argument("--out", help="PNG path or folder (default: RUN/phase_transition.png)")
     p.set_defaults(func=_cmd_plot)
     return parser
+
+
+# `agiasi info` reads a config only: how a model would be run does not apply.
+_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype")
 
 
 def _quiet_libraries() -> None:

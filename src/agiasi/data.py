@@ -28,6 +28,7 @@ import torch
 from agiasi.errors import AgiasiError
 
 IGNORE = -100
+WHERE = "_where"  # "FILE: line N" of a record, for errors found while tokenizing
 
 
 def default_dataset() -> Path:
@@ -75,6 +76,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise AgiasiError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise AgiasiError(
+                f"{path}: line {lineno} is nested too deeply to be a record"
+            ) from None
         if not isinstance(rec, dict) or not ("text" in rec or "messages" in rec):
             raise AgiasiError(f'{path}: line {lineno} needs a "text" string or a "messages" list')
         records.append(_check_record(rec, f"{path}: line {lineno}"))
@@ -93,9 +98,10 @@ def _check_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
             raise AgiasiError(f'{where}: "messages" must be a list of {{role, content}} strings')
         if not any(m["role"] == "assistant" for m in msgs):
             raise AgiasiError(f'{where}: "messages" has no assistant turn (nothing to learn)')
-    elif not isinstance(rec["text"], str):
+        return {"messages": msgs, WHERE: where}
+    if not isinstance(rec["text"], str):
         raise AgiasiError(f'{where}: "text" must be a string')
-    return rec
+    return {"text": rec["text"], WHERE: where}
 
 
 def load_records(dataset: str | Path) -> list[dict[str, Any]]:
@@ -149,8 +155,15 @@ def _load_hf_dataset(path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int) -> list[Example]:
-    """Records → examples of at most ``max_length`` tokens."""
+def tokenize_records(
+    records: list[dict[str, Any]], tokenizer, max_length: int, log=None
+) -> list[Example]:
+    """Records → examples of at most ``max_length`` tokens.
+
+    Chat records are checked against the tokenizer's own template first: a turn whose role the
+    template does not render (``"User"``, ``"hacker"``) would silently vanish and leave the
+    answer to train without its question, so it is an error naming the line.
+    """
     if max_length < 2:
         raise AgiasiError(
             f"--max-length must be at least 2 (one token to predict), got {max_length}"
@@ -162,8 +175,15 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int) 
         raise AgiasiError("the tokenizer has no EOS token; cannot separate documents")
     stream: list[int] = []
     examples: list[Example] = []
-    for rec in records:
+    roles = _RoleCheck(tokenizer)
+    empty_answers: list[str] = []
+    for i, rec in enumerate(records):
         if "messages" in rec:
+            where = rec.get(WHERE, f"record {i + 1}")
+            for m in rec["messages"]:
+                roles.check(m["role"], where)
+                if m["role"] == "assistant" and not m["content"].strip():
+                    empty_answers.append(where)
             ex = _chat_example(rec["messages"], tokenizer, max_length)
             if any(t != IGNORE for t in ex.labels[1:]):
                 examples.append(ex)  # else the answer was cut off by --max-length: skip it
@@ -175,9 +195,46 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int) 
         block = stream[start : start + max_length]
         if len(block) >= 2:
             examples.append(Example(block, list(block)))
+    if empty_answers and log is not None:
+        more = f" and {len(empty_answers) - 1} more" if len(empty_answers) > 1 else ""
+        log(
+            f"warning: empty assistant turn at {empty_answers[0]}{more}: the model learns to "
+            "answer with nothing there"
+        )
     if not examples:
         raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
     return examples
+
+
+class _RoleCheck:
+    """Which roles the tokenizer's chat template renders (asked once per role)."""
+
+    _PROBE = "agiasi-role-probe-7f3a"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.known: dict[str, bool] = {}
+
+    def check(self, role: str, where: str) -> None:
+        if role not in self.known:
+            self.known[role] = self._renders(role)
+        if not self.known[role]:
+            seen = sorted(r for r, ok in self.known.items() if ok) or ["user", "assistant"]
+            raise AgiasiError(
+                f"{where}: role {role!r} is not one this tokenizer's chat template knows (it "
+                f"would be dropped silently); use one of {', '.join(seen)}"
+            )
+
+    def _renders(self, role: str) -> bool:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return True  # _chat_example says what is missing
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": self._PROBE}], tokenize=False
+            )
+        except Exception:  # templates that raise_exception() on a role they do not know
+            return False
+        return self._PROBE in text
 
 
 def _chat_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> Example:

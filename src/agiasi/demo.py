@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError
+from agiasi.model import Quantization
+from agiasi.options import check, option
 
 PROMPT = "Mew では、"  # the manual the demo trains on (sample_ja.txt); the base never saw it
 
@@ -30,15 +32,18 @@ def tiny_model_path() -> Path:
 class DemoConfig:
     """Flags of ``agiasi demo`` (all optional)."""
 
-    out: str = "agiasi_demo"
-    max_steps: int = 60
-    batch_size: int = 4
-    max_length: int = 256
-    learning_rate: float = 1e-3
-    quantization: str = "nf4"
-    gguf: str = "q8_0,q4_k_m"
-    eval_tokens: int = 4096
-    control: bool = True
+    out: str = option("agiasi_demo", "working folder (replaced each run)")
+    max_steps: int = option(60, "training steps of each run", ge=4)
+    batch_size: int = option(4, "sequences per step", ge=1)
+    max_length: int = option(256, "tokens per sequence", ge=2)
+    learning_rate: float = option(1e-3, "LoRA learning rate", gt=0.0)
+    quantization: Quantization = option("nf4", "nf4 (QLoRA) or none")
+    gguf: str = option("q8_0,q4_k_m", "GGUF types to export and run in llama.cpp")
+    eval_tokens: int = option(4096, "held-out tokens to score", ge=2)
+    control: bool = option(True, "also train the --no-soul control (plain QLoRA)")
+    residual: bool = option(
+        True, "also train with the design note's residual mix (h + g·R h), to see what it costs"
+    )
 
 
 def _say(msg: str) -> None:
@@ -53,8 +58,7 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     from agiasi.gguf import trained_context
     from agiasi.train import TrainConfig, train
 
-    if cfg.max_steps < 4:
-        raise AgiasiError(f"--max-steps must be at least 4 for the demo, got {cfg.max_steps}")
+    check(cfg)
     t_start = time.time()
     out = Path(cfg.out)
     if out.exists():
@@ -88,10 +92,10 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     before = timed("eval_base", lambda: heldout_ppl(base))
     log(f"demo: held-out perplexity before injection {before['perplexity']:.2f}")
 
-    def run(soul: bool) -> Path:
+    def run(name: str, **options: Any) -> Path:
         tc = TrainConfig(
             base_model=str(base),
-            output_dir=str(out / ("run_soul" if soul else "run_control")),
+            output_dir=str(out / f"run_{name}"),
             max_steps=cfg.max_steps,
             warmup_steps=warmup,
             annealing_steps=anneal,
@@ -99,19 +103,24 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
             max_length=cfg.max_length,
             learning_rate=cfg.learning_rate,
             save_steps=cfg.max_steps,
-            soul=soul,
             quantization=cfg.quantization,
+            # a tiny model on the CPU: memory is no concern, recomputation costs 20% a step
+            gradient_checkpointing=False,
             seed=0,
             progress=True,
+            **options,
         )
         return train(tc, log=log).final_checkpoint
 
-    ckpt = timed("train_soul", lambda: run(True))
+    ckpt = timed("train_soul", lambda: run("soul"))
     after = timed("eval_soul", lambda: heldout_ppl(ckpt))
-    control = None
+    control = residual = None
     if cfg.control:
-        cckpt = timed("train_control", lambda: run(False))
+        cckpt = timed("train_control", lambda: run("control", soul=False))
         control = timed("eval_control", lambda: heldout_ppl(cckpt))
+    if cfg.residual:
+        rckpt = timed("train_residual", lambda: run("residual", soul_mix="residual"))
+        residual = timed("eval_residual", lambda: heldout_ppl(rckpt))
     report = timed(
         "export",
         lambda: export(
@@ -145,7 +154,9 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
         "perplexity": {
             "base": before["perplexity"],
             "soul": after["perplexity"],
+            "soul_mix": "convex",
             "control_no_soul": control["perplexity"] if control else None,
+            "residual_mix": residual["perplexity"] if residual else None,
             "tokens": before["tokens"],
             "window": before["window"],
             "text": heldout.name,
@@ -171,11 +182,13 @@ def format_summary(s: dict[str, Any], fidelity: str) -> str:
         "",
         "== agiasi demo ==",
         f"held-out perplexity ({p['text']}, {p['tokens']} tokens, window {p['window']}):",
-        f"  base model            {p['base']:.2f}",
-        f"  after soul injection  {p['soul']:.2f}",
+        f"  base model                                 {p['base']:.2f}",
+        f"  after soul injection (convex mix, default) {p['soul']:.2f}",
     ]
     if p["control_no_soul"] is not None:
-        lines.append(f"  control (--no-soul)   {p['control_no_soul']:.2f}")
+        lines.append(f"  control (--no-soul, plain QLoRA)           {p['control_no_soul']:.2f}")
+    if p.get("residual_mix") is not None:
+        lines.append(f"  the note's residual mix h + g·R h          {p['residual_mix']:.2f}")
     lines += ["", "generation (greedy):"]
     for k, v in s["generation"].items():
         if k != "prompt":

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.model import DType
+from agiasi.options import option
 
 MAX_EVAL_TOKENS = 4096
 
@@ -27,26 +29,17 @@ def _log_softmax_np(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """max |Δ|, Δ relative to ref's logit range, top-1 agreement, mean KL(ref ‖ got)."""
-    lp, lq = _log_softmax_np(ref), _log_softmax_np(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    rng = float(ref.max() - ref.min()) or 1.0
-    return {
-        "max_abs_dlogit": float(diff.max()),
-        "rel_dlogit": float(diff.max() / rng),
-        "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()),
-        "mean_kl": float(kl.mean()),
-    }
-
-
 # --------------------------------------------------------------------------- logits sources
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        x = torch.tensor([ids], device=_device_of(model))
+        return model(x).logits[0].float().cpu().numpy()
 
 
 class GGUFModel:
@@ -61,17 +54,26 @@ class GGUFModel:
             ) from None
         if not Path(path).is_file():
             raise AgiasiError(f"GGUF file not found: {path}")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise AgiasiError(f"{path} is not a GGUF file (no GGUF magic at its start)")
         from agiasi.gguf import quiet_llama_cpp
 
         quiet_llama_cpp()
-        self.llm = Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            logits_all=True,
-            verbose=False,
-            n_threads=os.cpu_count() or 1,
-            n_batch=512,
-        )
+        try:
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                logits_all=True,
+                verbose=False,
+                n_threads=os.cpu_count() or 1,
+                n_batch=512,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise AgiasiError(
+                f"llama.cpp could not load {path} ({_first_line(e)}): a truncated or damaged "
+                "GGUF, or an architecture this llama.cpp does not know"
+            ) from None
         self.n_ctx = n_ctx
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -102,10 +104,15 @@ class GGUFModel:
         self.llm.close() if hasattr(self.llm, "close") else None
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]),
+            torch.tensor([ids], device=_device_of(model)),
             max_new_tokens=n,
             do_sample=False,
             eos_token_id=None,
@@ -130,141 +137,27 @@ def perplexity(logits_fn, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def _eval_text(text_path: str | Path | None) -> tuple[Path, str]:
+def eval_text(text_path: str | Path | None) -> tuple[Path, str]:
     """The evaluation text (default: the shipped held-out sample), checked before any model loads."""
     from agiasi.data import default_heldout
 
     path = Path(text_path) if text_path else default_heldout()
     if not path.is_file():
         raise AgiasiError(f"evaluation text not found: {path}")
-    return path, path.read_text(encoding="utf-8")
+    try:
+        return path, path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AgiasiError(f"evaluation text {path} is not UTF-8 (byte {e.start})") from None
 
 
-def _text_ids(
+def text_ids(
     tok, text_path: str | Path | None, limit: int = MAX_EVAL_TOKENS
 ) -> tuple[list[int], float]:
-    _, text = _eval_text(text_path)
+    """Token ids of the evaluation text (at most ``limit``) and its characters per token."""
+    _, text = eval_text(text_path)
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     chars_per_token = len(text) / max(1, len(ids))
     return ids[:limit], chars_per_token
-
-
-# --------------------------------------------------------------------------- export parity
-
-
-def parity_report(
-    ckpt,
-    mcfg,
-    merged: dict[str, dict],
-    hf_config,
-    hf_dir: Path,
-    ggufs: dict[str, Path],
-    tok,
-    num_ctx: int,
-    text: str | None,
-    log,
-    merge_base: str = "w16",
-) -> dict[str, Any]:
-    """Fidelity of every export stage; ``wrapper_fp32 vs hf`` uses the same base weights as the
-    merge (original, or NF4-dequantized), so it isolates the exactness of merge + fold."""
-    import gc
-
-    from transformers import AutoModelForCausalLM
-
-    from agiasi.model import AGIASI_SO8T_Wrapper
-
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in _prompts()]
-    report: dict[str, Any] = {"parity": {}}
-    # One big model in memory at a time (a 3.8B model is 15 GB in fp32): logits are kept,
-    # models are dropped before the next one is built.
-
-    # wrapper (fp32, LoRA unmerged, soul applied) — the reference for the folded HF model
-    wrapper = AGIASI_SO8T_Wrapper.from_checkpoint(
-        ckpt, device="cpu", quantization="none", dtype="float32", lora_dropout=0.0
-    ).eval()
-    if merge_base == "nf4":
-        # compare like with like: the fp32 wrapper over the same NF4-dequantized base weights
-        from agiasi.export import nf4_roundtrip
-
-        decoder = getattr(wrapper.causal_lm, wrapper.causal_lm.base_model_prefix)
-        with torch.no_grad():
-            for name, module in decoder.named_modules():
-                if isinstance(module, torch.nn.Linear) and "lora_" not in name:
-                    module.weight.copy_(nf4_roundtrip(module.weight))
-    with torch.no_grad():
-        w_l = [wrapper(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
-    del wrapper
-    gc.collect()
-
-    # both merge bases against the wrapper as trained (NF4), when both were merged
-    if len(merged) > 1:
-        trained = AGIASI_SO8T_Wrapper.from_checkpoint(ckpt, device="cpu", lora_dropout=0.0).eval()
-        with torch.no_grad():
-            t_l = [trained(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
-        del trained
-        report["merge_bases"] = {}
-        for kind, sd in merged.items():
-            m = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-            m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-            m.eval()
-            report["merge_bases"][kind] = _agg(
-                [compare_logits(a, hf_logits(m, p)) for a, p in zip(t_l, prompts, strict=True)]
-            )
-            del m
-            gc.collect()
-
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf_l = [hf_logits(hf, p) for p in prompts]
-    report["parity"]["wrapper_fp32 vs hf"] = _agg(
-        [compare_logits(a, b) for a, b in zip(w_l, hf_l, strict=True)]
-    )
-
-    ids, cpt = _text_ids(tok, text)
-    window = min(num_ctx, 512)
-    report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": window}
-    report["parity"]["hf"] = {"ppl": perplexity(lambda c: hf_logits(hf, c), ids, window)}
-    greedy_hf = hf_greedy(hf, prompts[0], 32)
-    for t, path in ggufs.items():
-        g = GGUFModel(path, n_ctx=num_ctx)
-        row = _agg([compare_logits(a, g.logits(p)) for a, p in zip(hf_l, prompts, strict=False)])
-        row["greedy_equal"] = g.greedy(prompts[0], 32) == greedy_hf
-        row["tokens_equal"] = all(
-            g.tokenize(s) == p for s, p in zip(_prompts(), prompts, strict=False)
-        )
-        row["ppl"] = perplexity(g.logits, ids, window)
-        report["parity"][f"gguf {t} vs hf"] = row
-        g.close()
-        log(f"export: measured {path.name}")
-    # LongRoPE: llama.cpp switches factors by context size; measure a long context too
-    from agiasi.gguf import rope_scaling_of
-
-    cfg_dict = hf_config.to_dict()
-    ref_t = "f32" if "f32" in ggufs else ("f16" if "f16" in ggufs else None)
-    if rope_scaling_of(cfg_dict) is not None and ref_t:
-        long_ctx = int(cfg_dict.get("max_position_embeddings", num_ctx))
-        g = GGUFModel(ggufs[ref_t], n_ctx=long_ctx)
-        report["long_context"] = {
-            "n_ctx": long_ctx,
-            "gguf": ref_t,
-            **_agg([compare_logits(a, g.logits(p)) for a, p in zip(hf_l, prompts, strict=False)]),
-        }
-        g.close()
-    return report
-
-
-def _prompts() -> list[str]:
-    from agiasi.export import PARITY_PROMPTS
-
-    return PARITY_PROMPTS
-
-
-def _agg(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {
-        "max_abs_dlogit": max(r["max_abs_dlogit"] for r in rows),
-        "rel_dlogit": max(r["rel_dlogit"] for r in rows),
-        "top1": float(np.mean([r["top1"] for r in rows])),
-        "mean_kl": float(np.mean([r["mean_kl"] for r in rows])),
-    }
 
 
 # --------------------------------------------------------------------------- `agiasi eval`
@@ -274,13 +167,25 @@ def _agg(rows: list[dict[str, float]]) -> dict[str, float]:
 class EvalConfig:
     """Flags of ``agiasi eval``."""
 
-    model: str = ""
-    text: str | None = None
-    window: int | None = None  # None: 512, or the model's trained context if that is shorter
-    max_tokens: int = 16384
-    n_ctx: int = 4096
-    base_model: str | None = None
-    json: bool = False
+    model: str = option(help="step_N folder, HF model folder or .gguf file")
+    text: str | None = option(
+        None, "UTF-8 text file (default: the shipped held-out Japanese sample)"
+    )
+    window: int | None = option(
+        None, "tokens per window (default: 512, or the model's trained context if shorter)", ge=2
+    )
+    max_tokens: int = option(16384, "evaluate at most this many tokens of the text", ge=2)
+    n_ctx: int = option(4096, "llama.cpp context for GGUF files", ge=16)
+    base_model: str | None = option(
+        None, "for a step folder: the base model, if not where the checkpoint says"
+    )
+    dtype: DType = option(
+        "auto", "compute dtype for a step folder or HF folder (auto: float32 on CPU)"
+    )
+    trust_remote_code: bool = option(
+        False, "allow a base model that runs its own code (never taken from the checkpoint)"
+    )
+    json: bool = option(False, "print JSON")
 
 
 DEFAULT_WINDOW = 512
@@ -311,14 +216,32 @@ def model_kind(path: str | Path) -> str:
     )
 
 
+def load_hf_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """An HF folder's causal LM, or one clear error (no weights, damaged weights, no code)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, device_map={"": torch.device(device)}
+        ).eval()
+    except (OSError, ValueError) as e:
+        raise AgiasiError(f"could not load the model in {folder}: {_first_line(e)}") from None
+    except Exception as e:
+        if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
+            raise AgiasiError(
+                f"could not read the weights in {folder} ({_first_line(e)}): damaged or truncated"
+            ) from None
+        raise
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Token-level perplexity of a checkpoint, an HF folder or a GGUF on a text file."""
     from agiasi.gguf import trained_context
+    from agiasi.options import check
 
-    if cfg.window is not None and cfg.window < 2:
-        raise AgiasiError(f"--window must be at least 2, got {cfg.window}")
+    check(cfg)
     kind = model_kind(cfg.model)
-    text_path, text = _eval_text(cfg.text)
+    text_path, text = eval_text(cfg.text)
     if kind == "gguf":
         g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window or 0))
         logits_fn, tokenize, context, close = g.logits, g.tokenize, g.context_length(), g.close
@@ -330,7 +253,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
             overrides = {"base_model": cfg.base_model} if cfg.base_model else {}
             model = AGIASI_SO8T_Wrapper.from_checkpoint(
-                cfg.model, lora_dropout=0.0, **overrides
+                cfg.model,
+                lora_dropout=0.0,
+                dtype=cfg.dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                **overrides,
             ).eval()
             tok_src, hf_config = model.config.base_model, model.hf_config
 
@@ -338,9 +265,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 with torch.no_grad():
                     return model(torch.tensor([chunk])).logits[0].float().cpu().numpy()
         else:
-            from transformers import AutoModelForCausalLM
+            from agiasi.model import resolve_dtype
 
-            hf = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+            hf = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, "cpu"))
             tok_src, hf_config = cfg.model, hf.config
 
             def logits_fn(chunk):

@@ -1,15 +1,22 @@
 """``export(config)``: one plain model — LoRA merged, soul folded — as HF and GGUF, with proof.
 
-Steps: base state dict (original 16-bit weights, or the NF4-dequantized weights the LoRA was
-trained against) → :func:`merge_lora` → :func:`fold_soul` (untie a tied head first) →
-:func:`check_plain` → HF folder → GGUF files → Modelfile, model card, ``export_report.json``.
+Stages, each a function below:
 
-Merge and fold are pure functions on state dicts. PEFT's ``merge_and_unload`` works on live
-modules; we need the merge on an arbitrary base state dict (16-bit or dequantized NF4), so the
-one line ``W += (α/r)·B A`` is written here.
+1. :func:`plan_export` — every check that can fail, before anything is read in bulk or written:
+   the checkpoint, the output path (never inside the checkpoint, its run or the base model),
+   the base model's files, the optional dependencies the requested outputs need, free disk.
+2. :func:`write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
+   base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.shards`): memory holds
+   about one tensor, never the model.
+3. :func:`write_ggufs` — GGUF files from the written HF folder (:mod:`agiasi.gguf`), K-quants
+   through llama.cpp's quantizer.
+4. :func:`finish_report` — the fidelity measure (:mod:`agiasi.parity`, one model at a time) and
+   the model card.
 
-Everything goes to ``.OUT.tmp-<pid>`` first and is renamed to ``OUT`` at the end
+Stages 2–3 write into ``.OUT.tmp-<pid>``, renamed to ``OUT`` when complete
 (:func:`agiasi.checkpoint.atomic_folder`): a killed export leaves no folder that looks complete.
+The measure runs after that: if it fails, the export stays (complete and loadable), its report
+says which stage failed, and the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,130 +24,103 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
+from agiasi.merge import (
+    LazyWeights,
+    MergePlan,
+    SoulFold,
+    check_plain,
+    lora_pairs,
+    merged_tensors,
+    rotation_from_state,
+)
+from agiasi.model import DType
+from agiasi.options import check, option
 
+MergeBase = Literal["auto", "w16", "nf4"]
 MERGE_BASES = ("w16", "nf4")
-MERGE_BASE_CHOICES = ("auto", *MERGE_BASES)
-# Comparing both merge bases needs two fp32 models on the CPU at once; above this size it is
-# skipped (and the choice rests on the small-model measurements).
-COMPARE_MERGE_BASES_MAX_PARAMS = 1_500_000_000
-PARITY_PROMPTS = [
-    "日本語の文章を生成します。",
-    "Debian パッケージを作成する手順を説明してください。",
-    "このコマンドはファイルの一覧を表示します。",
-    "今日はとても良い天気ですね。",
-]
+MERGE_BASE_CHOICES: tuple[str, ...] = get_args(MergeBase)
+REPORT = "export_report.json"
+CARD = "README.md"
+# GGUF bytes per parameter, for the free-disk check (K-quants: llama.cpp's bits per weight).
+GGUF_BYTES_PER_PARAM = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_k_m": 4.9 / 8,
+    "q5_k_m": 5.7 / 8,
+    "q6_k": 6.6 / 8,
+}
 
 
 @dataclass
 class ExportConfig:
     """Flags of ``agiasi export`` (``--merge-base`` ↔ ``merge_base``)."""
 
-    checkpoint: str = ""
-    out: str = ""
-    gguf: str = "f16,q8_0,q4_k_m"
-    merge_base: str = "auto"
-    base_model: str | None = None
-    dtype: str = "auto"
-    output_tensor_type: str | None = None
-    num_ctx: int = 4096
-    force: bool = False
-    measure: bool = True
-    text: str | None = None
-
-
-# --------------------------------------------------------------------------- pure functions
-
-
-def merge_lora(
-    base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], lora_alpha: float, r: int
-) -> dict[str, torch.Tensor]:
-    """New state dict with ``W + (lora_alpha / r) · B A`` for every LoRA pair (float64 math)."""
-    scaling = lora_alpha / r
-    out = dict(base)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in adapter.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            stem, rest = key.split(".lora_", 1)
-            pairs.setdefault(stem, {})[rest[0]] = t
-        else:
-            raise AgiasiError(f"unexpected adapter tensor {key!r} (only LoRA A/B are merged)")
-    for stem, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise AgiasiError(f"LoRA pair for {stem!r} is incomplete (have {sorted(ab)})")
-        target = _base_key(stem) + ".weight"
-        if target not in base:
-            raise AgiasiError(f"LoRA targets {target!r}, which the base model does not have")
-        w = base[target]
-        delta = ab["B"].double() @ ab["A"].double()
-        out[target] = (w.double() + scaling * delta).to(w.dtype)
-    return out
-
-
-def _base_key(peft_stem: str) -> str:
-    stem = peft_stem
-    for prefix in ("base_model.model.", "base_model."):
-        if stem.startswith(prefix):
-            stem = stem[len(prefix) :]
-            break
-    return stem
-
-
-def fold_soul(
-    sd: dict[str, torch.Tensor],
-    rotation: torch.Tensor,
-    alpha: float,
-    tied: bool,
-    head_key: str = "lm_head.weight",
-    embed_key: str = "model.embed_tokens.weight",
-) -> dict[str, torch.Tensor]:
-    """New state dict whose head is ``W + g·W R``; a tied head is untied into its own tensor."""
-    from agiasi.soul import fold_into
-
-    out = dict(sd)
-    if head_key in out and not tied:
-        head = out[head_key]
-    elif embed_key in out:
-        head = out[embed_key].clone()  # untie: the embedding stays as it was
-    else:
-        raise AgiasiError(f"cannot fold: neither {head_key} nor {embed_key} is in the state dict")
-    gate = 1.0 / (1.0 + math.exp(-float(alpha)))
-    out[head_key] = fold_into(head, rotation.double(), gate)
-    return out
-
-
-def check_plain(sd: dict[str, torch.Tensor]) -> None:
-    """Refuse a state dict that still carries LoRA or soul tensors."""
-    bad = [
-        k for k in sd if "lora_" in k or "soul" in k or "so8_rotation" in k or ".base_layer." in k
-    ]
-    if bad:
-        raise AgiasiError(
-            f"the merged model still has {len(bad)} LoRA/soul tensor(s), e.g. {bad[0]}; "
-            "merge the adapter and fold the soul before saving"
-        )
-
-
-def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
-    """What the NF4 model computed with: quantize to NF4 (blocksize 64, double quant) and back."""
-    import bitsandbytes.functional as bnbf
-
-    q, state = bnbf.quantize_4bit(
-        w.float().contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True
+    checkpoint: str = option(help="a step_N folder written by `agiasi train`")
+    out: str = option(help="output folder (refused if it exists, unless --force)")
+    gguf: str = option(
+        "f16,q8_0,q4_k_m", "comma list of f32,f16,bf16,q8_0,q4_k_m,q5_k_m,q6_k ('' for none)"
     )
-    return bnbf.dequantize_4bit(q, state).to(w.dtype)
+    merge_base: MergeBase = option(
+        "auto",
+        "auto: nf4 for NF4-trained checkpoints, else w16; w16: merge into the original weights; "
+        "nf4: into the NF4-dequantized weights the LoRA was trained against",
+    )
+    base_model: str | None = option(
+        None, "override the base model recorded in the checkpoint (e.g. a local copy)"
+    )
+    dtype: DType = option("auto", "dtype of the HF weights; auto: the base model's own")
+    output_tensor_type: str | None = option(
+        None, "GGUF type of the head (it carries the soul), e.g. q8_0"
+    )
+    num_ctx: int = option(
+        4096, "context for llama.cpp parity and the Modelfile (≤ the trained window)", ge=16
+    )
+    force: bool = option(False, "replace --out if it exists")
+    measure: bool = option(True, "--no-measure skips the fidelity report")
+    text: str | None = option(
+        None, "text for perplexity (default: the shipped held-out Japanese sample)"
+    )
+    trust_remote_code: bool = option(
+        False, "allow a base model that runs its own code (never taken from the checkpoint)"
+    )
 
 
-# --------------------------------------------------------------------------- the stage
+@dataclass
+class ExportPlan:
+    """What :func:`plan_export` decided; the later stages only carry it out."""
+
+    cfg: ExportConfig  # merge_base and num_ctx resolved
+    checkpoint: Path
+    manifest: dict[str, Any]
+    model_config: Any  # agiasi.model.ModelConfig, base model resolved
+    base_id: str
+    base_dir: Path
+    hf_config: Any
+    dtype: torch.dtype
+    types: list[str]
+    out: Path
+    merge: MergePlan
+    shapes: dict[str, tuple[int, ...]]
+    n_params: int
+    run_ggufs: bool  # llama-cpp-python is there to run the GGUFs in the measure
+
+    @property
+    def stem(self) -> str:
+        base = Path(self.base_id)
+        return (base.name if base.exists() else self.base_id.split("/")[-1]) + "-agiasi"
 
 
 def _say(msg: str) -> None:
@@ -149,257 +129,407 @@ def _say(msg: str) -> None:
 
 def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     """Merge, fold, write HF + GGUF + Modelfile + card + report into ``cfg.out``."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from agiasi.checkpoint import atomic_folder, clean_stale_temp
 
-    from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, read_manifest, safe_torch_load
-    from agiasi.gguf import (
-        KQUANT_TYPES,
-        SENTENCEPIECE_ARCHS,
-        _arch,
-        parse_types,
-        quantize_gguf,
-        trained_context,
-        write_gguf,
+    plan = plan_export(cfg, log)
+    for stale in clean_stale_temp(plan.out):
+        log(f"export: removed {stale.name}, left half-written by a killed export")
+    with atomic_folder(plan.out) as tmp:
+        tok = write_hf_folder(plan, tmp / "hf", log)
+        ggufs = write_ggufs(plan, tmp / "hf", tmp, log)
+        report = base_report(plan, ggufs)
+        (tmp / "Modelfile").write_text(modelfile(tok, ggufs, plan.cfg.num_ctx), encoding="utf-8")
+        _write_report_and_card(tmp, report, plan)
+    ggufs = {t: plan.out / p.name for t, p in ggufs.items()}
+    return finish_report(plan, report, ggufs, tok, log)
+
+
+# --------------------------------------------------------------------------- 1. plan
+
+
+def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
+    """Check everything that can be checked before the work; nothing is written here."""
+    from agiasi.checkpoint import (
+        ADAPTER_WEIGHTS,
+        SOUL_PT,
+        check_same_base,
+        read_manifest,
+        safe_torch_load,
     )
-    from agiasi.model import ModelConfig, load_config
+    from agiasi.gguf import KQUANT_TYPES, SENTENCEPIECE_ARCHS, _arch, parse_types, trained_context
+    from agiasi.model import ModelConfig, checkpoint_model_config, load_config
 
-    if not cfg.checkpoint or not cfg.out:
-        raise AgiasiError("export needs a checkpoint folder and --out")
-    if cfg.merge_base not in MERGE_BASE_CHOICES:
-        raise AgiasiError(
-            f"--merge-base must be one of {', '.join(MERGE_BASE_CHOICES)}, got {cfg.merge_base!r}"
-        )
+    check(cfg)
     types = parse_types(cfg.gguf) if cfg.gguf else []
     if cfg.output_tensor_type:
         parse_types(cfg.output_tensor_type)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise AgiasiError(f"{out} already exists; pass --force to replace it")
     ckpt = Path(cfg.checkpoint)
     manifest = read_manifest(ckpt)
-    mcfg = ModelConfig.from_dict(manifest["model"])
-    base_id = cfg.base_model or mcfg.base_model
-    mcfg.base_model = base_id
+    overrides: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.base_model:
+        overrides["base_model"] = cfg.base_model
+    mcfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt, overrides))
+    base_id = mcfg.base_model
+    out = Path(cfg.out)
+    check_output_path(out, ckpt, base_id, cfg.force)
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
-    have = (
-        getattr(hf_cfg, "model_type", None),
+    check_same_base(
+        manifest,
+        ckpt,
+        base_id,
+        hf_cfg.model_type,
         getattr(hf_cfg, "hidden_size", None),
         getattr(hf_cfg, "vocab_size", None),
     )
-    want = (manifest.get("model_type"), manifest.get("hidden_size"), manifest.get("vocab_size"))
-    if have != want:
-        raise AgiasiError(
-            f"checkpoint {str(ckpt)!r} was trained on another base model "
-            f"({manifest.get('base_model')!r}: model_type {want[0]}, hidden {want[1]}, "
-            f"vocab {want[2]}); {base_id!r} is model_type {have[0]}, hidden {have[1]}, vocab {have[2]}"
-        )
     context = trained_context(hf_cfg.to_dict())
     if context and cfg.num_ctx > context:
         log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")
         cfg = replace(cfg, num_ctx=context)
-    base_path = Path(base_id)
-
+    if types:
+        _arch(hf_cfg.model_type)  # unknown architecture: fail before writing anything
+    base_dir = local_model_dir(base_id)
     if (
         hf_cfg.model_type in SENTENCEPIECE_ARCHS
         and types
-        and not (base_path / "tokenizer.model").is_file()
+        and not (base_dir / "tokenizer.model").is_file()
     ):
         raise AgiasiError(
             f"{base_id} has no tokenizer.model, which the GGUF vocabulary of a "
             f"{hf_cfg.model_type} model needs; put the base model's tokenizer.model there"
         )
-    if types:
-        _arch(hf_cfg.model_type)  # unknown architecture: fail before writing anything
     if cfg.merge_base == "auto":
-        # Measured (export_report.json "merge_bases"): the LoRA learned its delta against the
-        # NF4-dequantized weights, and merging into those reproduces the trained model far more
-        # closely than merging into the original 16-bit weights. See the closing note of issue 4.
+        # Measured (report "merge_bases", docs/DESIGN.md): the LoRA learned its delta against
+        # the NF4-dequantized weights; merging into those reproduces the trained model closer.
         cfg = replace(cfg, merge_base="nf4" if mcfg.quantization == "nf4" else "w16")
     if cfg.merge_base == "nf4" and mcfg.quantization != "nf4":
         raise AgiasiError("--merge-base nf4 only makes sense for a checkpoint trained with NF4")
-    dtype = (
-        getattr(torch, cfg.dtype)
-        if cfg.dtype != "auto"
-        else (
-            getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None) or torch.float32
-        )
-    )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    run_ggufs = preflight_dependencies(cfg, types, mcfg, KQUANT_TYPES)
 
-    from agiasi.checkpoint import atomic_folder, clean_stale_temp
+    base = LazyWeights(base_dir)
+    dtype = export_dtype(cfg.dtype, hf_cfg)
+    lora_cfg = _read_json(ckpt / "adapter_config.json")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    for stale in clean_stale_temp(out):
-        log(f"export: removed {stale.name}, left half-written by a killed export")
-    result: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        log(f"export: loading {base_id} in {str(dtype).removeprefix('torch.')}")
-        base_model = AutoModelForCausalLM.from_pretrained(str(base_id), dtype=dtype)
-        tied = bool(getattr(base_model.config, "tie_word_embeddings", False))
-        n_params = sum(p.numel() for p in base_model.parameters())
-        # No copies: the dict holds the model's own tensors, the module goes, and every step
-        # below replaces entries instead of duplicating the whole model.
-        sd = dict(base_model.state_dict())
-        del base_model
-        if tied:
-            sd.pop("lm_head.weight", None)
-        lora_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    try:
         adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
-        kinds = [cfg.merge_base]
-        if cfg.measure and mcfg.quantization == "nf4":
-            if n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
-                kinds = list(MERGE_BASES)
-            else:
-                log(
-                    "export: merge bases not compared (two fp32 copies of this model would not "
-                    "fit in memory); see the tiny-model numbers in the docs"
-                )
-        merged: dict[str, dict[str, torch.Tensor]] = {}
-        for base_kind in kinds:
-            if base_kind == "nf4":
-                src = {
-                    k: (nf4_roundtrip(v) if _is_quantized_linear(k, v) else v)
-                    for k, v in sd.items()
-                }
-            else:
-                src = sd
-            merged[base_kind] = merge_lora(src, adapter, lora_cfg["lora_alpha"], lora_cfg["r"])
-            del src
-        del sd
-        soul_info = manifest.get("soul")
-        if soul_info is not None:
-            soul_state = safe_torch_load(ckpt / SOUL_PT)
-            rotation = _rotation_from_state(soul_info, soul_state)
-            alpha = float(soul_state["alpha"])
-            merged = {k: fold_soul(v, rotation, alpha, tied) for k, v in merged.items()}
-        elif tied:
-            for v in merged.values():
-                v["lm_head.weight"] = v["model.embed_tokens.weight"].clone()
-        final = merged[cfg.merge_base]
-        check_plain(final)
+    except (SafetensorError, OSError) as e:
+        raise AgiasiError(f"{ckpt / ADAPTER_WEIGHTS} is not readable: {e}") from None
+    soul = None
+    if manifest.get("soul") is not None:
+        info = manifest["soul"]
+        state = safe_torch_load(ckpt / SOUL_PT)
+        if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
+            raise AgiasiError(f"{ckpt / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
+        soul = SoulFold(
+            rotation_from_state(info, state), float(state["alpha"]), info.get("mix", "residual")
+        )
+    tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
+    if hasattr(hf_cfg, "get_text_config"):
+        tied = tied or bool(getattr(hf_cfg.get_text_config(), "tie_word_embeddings", False))
+    merge = MergePlan(
+        base=base,
+        lora=lora_pairs(adapter),
+        scaling=float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"]),
+        merge_base=cfg.merge_base,
+        dtype=dtype,
+        tied=tied,
+        soul=soul,
+    )
+    shapes = merge.output_shapes()
+    check_plain(shapes)
+    _check_keys_fit(shapes, exported_config(hf_cfg, dtype))
+    n_params = sum(math.prod(s) for s in shapes.values())
+    check_free_disk(out, n_params, dtype, types)
+    return ExportPlan(
+        cfg=cfg,
+        checkpoint=ckpt,
+        manifest=manifest,
+        model_config=mcfg,
+        base_id=base_id,
+        base_dir=base_dir,
+        hf_config=hf_cfg,
+        dtype=dtype,
+        types=types,
+        out=out,
+        merge=merge,
+        shapes=shapes,
+        n_params=n_params,
+        run_ggufs=run_ggufs,
+    )
 
-        # ---- HF folder: the state dict straight to sharded safetensors (no second model)
-        hf_dir = tmp / "hf"
-        new_cfg = copy.deepcopy(hf_cfg)  # already read and checked above
-        new_cfg.tie_word_embeddings = False
-        if hasattr(new_cfg, "get_text_config"):
-            new_cfg.get_text_config().tie_word_embeddings = False
-        with torch.device("meta"):
-            expected = set(AutoModelForCausalLM.from_config(new_cfg).state_dict())
-        missing = sorted(k for k in expected - set(final) if not k.endswith("inv_freq"))
-        unexpected = sorted(set(final) - expected)
-        if missing or unexpected:
+
+def check_output_path(out: Path, ckpt: Path, base_id: str, force: bool) -> None:
+    """Refuse an --out that would destroy what the export reads, or that cannot be written."""
+    target = out.resolve()
+    protected = {"the checkpoint": ckpt.resolve()}
+    run = ckpt.resolve().parent
+    if any((run / n).exists() for n in ("train_config.json", "metrics.jsonl")):
+        protected["the checkpoint's run folder"] = run
+    if Path(base_id).expanduser().exists():
+        protected["the base model"] = Path(base_id).expanduser().resolve()
+    for what, path in protected.items():
+        if target == path or path in target.parents or target in path.parents:
             raise AgiasiError(
-                f"merged weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"--out {out} is or overlaps {what} ({path}); --force would delete it. "
+                "Pick an output folder outside it"
             )
-        from huggingface_hub import save_torch_state_dict
+    if out.exists() and not out.is_dir():
+        raise AgiasiError(f"--out {out} is a file; pass a folder path")
+    if out.exists() and not force:
+        raise AgiasiError(f"{out} already exists; pass --force to replace it")
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    if not existing.is_dir():
+        raise AgiasiError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise AgiasiError(f"--out {out}: {existing} is not writable")
 
-        hf_dir.mkdir()
-        new_cfg.save_pretrained(str(hf_dir))
-        save_torch_state_dict(
-            {k: v.to(dtype).contiguous() for k, v in final.items()},
-            str(hf_dir),
-            max_shard_size="4GB",
-            metadata={"format": "pt"},
+
+def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -> bool:
+    """Optional libraries the requested outputs need; returns whether GGUFs can be run."""
+    import importlib.util
+
+    def have(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
+    if types and not have("gguf"):
+        raise AgiasiError("writing GGUF needs the gguf package: pip install gguf")
+    wanted_k = [t for t in types if t in kquants]
+    if wanted_k and not have("llama_cpp"):
+        raise AgiasiError(
+            f"{', '.join(t.upper() for t in wanted_k)} needs llama.cpp's quantizer: "
+            "pip install llama-cpp-python (F32/F16/BF16/Q8_0 need only the gguf package)"
         )
-        if cfg.measure and len(merged) == 1:
-            merged = {cfg.merge_base: {}}  # nothing else needs the tensors
-        del final
-        tok = AutoTokenizer.from_pretrained(str(base_id))
-        tok.save_pretrained(str(hf_dir))
-        maybe_crash("export_hf_written")
-        for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
-            if (base_path / extra).is_file() and not (hf_dir / extra).exists():
-                shutil.copy(base_path / extra, hf_dir / extra)
-        if not (hf_dir / "generation_config.json").exists():
-            from transformers import GenerationConfig
-
-            GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
-        log(
-            f"export: HF folder written ({sum(f.stat().st_size for f in hf_dir.iterdir()) / 2**20:.1f} MiB)"
+    needs_bnb = cfg.merge_base == "nf4" or (cfg.measure and mcfg.quantization == "nf4")
+    if needs_bnb and not have("bitsandbytes"):
+        raise AgiasiError(
+            "this NF4 checkpoint's export needs bitsandbytes (the NF4 merge base and the trained "
+            "model in the measure): pip install bitsandbytes, or --merge-base w16 --no-measure"
         )
+    return have("llama_cpp")
 
-        # ---- GGUF
-        ggufs: dict[str, Path] = {}
-        stem = (base_path.name if base_path.exists() else base_id.split("/")[-1]) + "-agiasi"
-        need_f16 = any(t in KQUANT_TYPES for t in types)
-        for t in [t for t in types if t not in KQUANT_TYPES] + (
-            ["f16"] if need_f16 and "f16" not in types else []
-        ):
-            ggufs[t] = write_gguf(hf_dir, tmp / f"{stem}-{t}.gguf", t, cfg.output_tensor_type)
-            maybe_crash("export_gguf_written")
-            log(f"export: {ggufs[t].name}")
-        for t in [t for t in types if t in KQUANT_TYPES]:
-            ggufs[t] = quantize_gguf(ggufs["f16"], tmp / f"{stem}-{t}.gguf", t)
-            log(f"export: {ggufs[t].name}")
-        if need_f16 and "f16" not in types:
-            ggufs.pop("f16").unlink()
 
-        # ---- report
-        report: dict[str, Any] = {
-            "checkpoint": str(ckpt),
-            "base_model": base_id,
-            "merge_base": cfg.merge_base,
-            "soul": soul_info,
-            "num_ctx": cfg.num_ctx,
-            "files": {},
+def local_model_dir(base_id: str) -> Path:
+    """The base model's files on disk: a local folder, or the hub cache (downloaded if allowed)."""
+    path = Path(base_id).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                base_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"],
+            )
+        )
+    except Exception as e:
+        raise AgiasiError(
+            f"could not get the files of {base_id!r}: {str(e).splitlines()[0] if str(e) else e} "
+            "(no network? pass a local folder with --base-model)"
+        ) from None
+
+
+def export_dtype(name: str, hf_cfg) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    dtype = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def exported_config(hf_cfg, dtype: torch.dtype):
+    """The base config, untied (the head carries the soul), in the exported dtype."""
+    new_cfg = copy.deepcopy(hf_cfg)
+    new_cfg.tie_word_embeddings = False
+    if hasattr(new_cfg, "get_text_config"):
+        new_cfg.get_text_config().tie_word_embeddings = False
+    new_cfg.dtype = dtype
+    return new_cfg
+
+
+def _check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape)
+            for k, v in AutoModelForCausalLM.from_config(new_cfg).state_dict().items()
         }
-        if cfg.measure:
-            from agiasi.evaluate import parity_report
-
-            report.update(
-                parity_report(
-                    ckpt,
-                    mcfg,
-                    merged,
-                    new_cfg,
-                    hf_dir,
-                    ggufs,
-                    tok,
-                    cfg.num_ctx,
-                    cfg.text,
-                    log,
-                    cfg.merge_base,
-                )
-            )
-        for t, p in ggufs.items():
-            report["files"][t] = p.name
-        (tmp / "export_report.json").write_text(
-            json.dumps(report, ensure_ascii=False, indent=2) + "\n"
+    missing = sorted(k for k in set(expected) - set(shapes) if not k.endswith("inv_freq"))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        raise AgiasiError(
+            f"the merged weights do not fit the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
         )
-        (tmp / "Modelfile").write_text(modelfile(tok, ggufs, cfg.num_ctx), encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(report, cfg, hf_cfg), encoding="utf-8")
-        result["report"] = report
 
-    # Everything goes to a temp sibling and is renamed in one step (checkpoint.atomic_folder,
-    # the same mechanism as step folders): a killed export leaves nothing under `out`.
-    atomic_folder(out, write)
-    report = result["report"]
-    if cfg.measure:
-        log(format_report(report))
-    log(f"export: done → {out}")
+
+def check_free_disk(out: Path, n_params: int, dtype: torch.dtype, types: list[str]) -> None:
+    """Refuse an export that cannot fit on the output's disk (estimated from the shapes)."""
+    from agiasi.gguf import KQUANT_TYPES
+
+    per = torch.tensor([], dtype=dtype).element_size()
+    need = n_params * per
+    need += sum(n_params * GGUF_BYTES_PER_PARAM[t] for t in types)
+    if any(t in KQUANT_TYPES for t in types) and "f16" not in types:
+        need += n_params * 2  # the F16 the quantizer reads, removed afterwards
+    need = int(need * 1.05) + 64 * 2**20
+    existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise AgiasiError(
+            f"not enough disk space for this export in {existing}: it needs about "
+            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AgiasiError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AgiasiError(f"{path} is not a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- 2. HF folder
+
+
+def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
+    """Config, streamed weights, tokenizer (+ ``tokenizer.model``) and generation config.
+
+    Returns the tokenizer (the Modelfile and the measure use it).
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from agiasi.shards import write_sharded
+
+    hf_dir.mkdir()
+    new_cfg = exported_config(plan.hf_config, plan.dtype)
+    new_cfg.save_pretrained(str(hf_dir))
+    log(
+        f"export: merging ({plan.cfg.merge_base} base) and folding into {hf_dir.parent.name}, "
+        f"{str(plan.dtype).removeprefix('torch.')}, {len(plan.shapes)} tensors"
+    )
+    write_sharded(hf_dir, plan.shapes, merged_tensors(plan.merge), plan.dtype)
+    tok = AutoTokenizer.from_pretrained(str(plan.base_dir))
+    tok.save_pretrained(str(hf_dir))
+    maybe_crash("export_hf_written")
+    for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
+        if (plan.base_dir / extra).is_file() and not (hf_dir / extra).exists():
+            shutil.copy(plan.base_dir / extra, hf_dir / extra)
+    if not (hf_dir / "generation_config.json").exists():
+        GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
+    size = sum(f.stat().st_size for f in hf_dir.iterdir())
+    log(f"export: HF folder written ({size / 2**20:.1f} MiB)")
+    return tok
+
+
+# --------------------------------------------------------------------------- 3. GGUF
+
+
+def write_ggufs(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say) -> dict[str, Path]:
+    """Direct types from the HF folder (one tensor at a time); K-quants from an F16."""
+    from agiasi.gguf import KQUANT_TYPES, quantize_gguf, write_gguf
+
+    ggufs: dict[str, Path] = {}
+    types = plan.types
+    need_f16 = any(t in KQUANT_TYPES for t in types)
+    direct = [t for t in types if t not in KQUANT_TYPES]
+    for t in direct + (["f16"] if need_f16 and "f16" not in types else []):
+        ggufs[t] = write_gguf(
+            hf_dir, folder / f"{plan.stem}-{t}.gguf", t, plan.cfg.output_tensor_type
+        )
+        maybe_crash("export_gguf_written")
+        log(f"export: {ggufs[t].name}")
+    for t in [t for t in types if t in KQUANT_TYPES]:
+        ggufs[t] = quantize_gguf(ggufs["f16"], folder / f"{plan.stem}-{t}.gguf", t)
+        log(f"export: {ggufs[t].name}")
+    if need_f16 and "f16" not in types:
+        ggufs.pop("f16").unlink()
+    return ggufs
+
+
+# --------------------------------------------------------------------------- 4. report
+
+
+def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "checkpoint": str(plan.checkpoint),
+        "base_model": plan.base_id,
+        "merge_base": plan.cfg.merge_base,
+        "soul": plan.manifest.get("soul"),
+        "num_ctx": plan.cfg.num_ctx,
+        "files": {t: p.name for t, p in ggufs.items()},
+        "measure": {"status": "pending" if plan.cfg.measure else "skipped (--no-measure)"},
+    }
+
+
+def finish_report(
+    plan: ExportPlan, report: dict[str, Any], ggufs: dict[str, Path], tok, log=_say
+) -> dict[str, Any]:
+    """Run the fidelity measure on the finished export; a failure keeps the export."""
+    from agiasi.parity import (
+        COMPARE_MERGE_BASES_MAX_PARAMS,
+        MeasureError,
+        ParityInputs,
+        parity_report,
+    )
+
+    if not plan.cfg.measure:
+        log(f"export: done → {plan.out}")
+        return report
+    merge_plans = {}
+    if plan.model_config.quantization == "nf4":
+        if plan.n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
+            merge_plans = {k: replace(plan.merge, merge_base=k) for k in MERGE_BASES}
+        else:
+            log(
+                "export: merge bases not compared (two fp32 copies of this model); see docs/DESIGN.md"
+            )
+    inputs = ParityInputs(
+        checkpoint=plan.checkpoint,
+        model_config=plan.model_config,
+        hf_config=exported_config(plan.hf_config, plan.dtype),
+        hf_dir=plan.out / "hf",
+        ggufs=ggufs,
+        tokenizer=tok,
+        num_ctx=plan.cfg.num_ctx,
+        text=plan.cfg.text,
+        merge_base=plan.cfg.merge_base,
+        merge_plans=merge_plans,
+        run_ggufs=plan.run_ggufs,
+    )
+    try:
+        measured = parity_report(inputs, log)
+    except MeasureError as e:
+        report["measure"] = {"status": "failed", "stage": e.stage, "error": e.message}
+        _write_report_and_card(plan.out, report, plan)
+        raise AgiasiError(
+            f"the export in {plan.out} is complete and loadable, but its fidelity measure failed "
+            f"at '{e.stage}': {e.message} (see {REPORT})"
+        ) from None
+    status = measured.pop("measure")
+    report.update(measured)
+    report["measure"] = {"status": "done", **status}
+    _write_report_and_card(plan.out, report, plan)
+    log(format_report(report))
+    for note in status["skipped"]:
+        log(f"export: not measured: {note}")
+    log(f"export: done → {plan.out}")
     return report
 
 
-def _is_quantized_linear(key: str, t: torch.Tensor) -> bool:
-    """bitsandbytes quantizes every nn.Linear but the head (embeddings and norms stay)."""
-    return (
-        t.ndim == 2
-        and key.endswith(".weight")
-        and "embed" not in key
-        and not key.startswith("lm_head")
-    )
-
-
-def _rotation_from_state(info: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
-    from agiasi.soul import Soul, SoulConfig
-
-    soul = Soul(SoulConfig(hidden_size=info["hidden_size"], rotation=info["kind"]))
-    soul.rotation.load_state_dict(state["so8_rotation"])
-    with torch.no_grad():
-        return soul.rotation_matrix(torch.float64)
+def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPlan) -> None:
+    for name, text in (
+        (REPORT, json.dumps(report, ensure_ascii=False, indent=2) + "\n"),
+        (CARD, model_card(report, plan.cfg)),
+    ):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
 
 
 # --------------------------------------------------------------------------- Modelfile & card
@@ -429,7 +559,7 @@ def modelfile(tok, ggufs: dict[str, Path], num_ctx: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(report: dict[str, Any], cfg: ExportConfig, hf_cfg) -> str:
+def model_card(report: dict[str, Any], cfg: ExportConfig) -> str:
     soul = report.get("soul")
     parts = [
         f"# {Path(report['base_model']).name} + agiasi soul",
@@ -437,8 +567,14 @@ def model_card(report: dict[str, Any], cfg: ExportConfig, hf_cfg) -> str:
         f"Base model: `{report['base_model']}`. LoRA merged into the "
         f"{'original 16-bit' if cfg.merge_base == 'w16' else 'NF4-dequantized'} weights; "
         + (
-            f"soul ({soul['kind']}, α = {soul['alpha']:.4f}, gate = {soul['gate']:.4f}) folded into "
-            "the LM head (W' = W + g·W R), so this is a plain model: no agiasi code is needed."
+            f"soul ({soul['kind']}, {soul.get('mix', 'residual')} mix, α = {soul['alpha']:.4f}, "
+            f"gate = {soul['gate']:.4f}) folded into the LM head ("
+            + (
+                "W' = W + g·W (R − I)"
+                if soul.get("mix", "residual") == "convex"
+                else "W' = W + g·W R"
+            )
+            + "), so this is a plain model: no agiasi code is needed."
             if soul
             else "no soul (control run)."
         ),
@@ -463,10 +599,17 @@ def model_card(report: dict[str, Any], cfg: ExportConfig, hf_cfg) -> str:
         "## Measured fidelity",
         "",
         "```",
-        format_report(report) if "parity" in report else "(not measured)",
+        format_report(report) if report.get("parity") else _measure_status(report),
         "```",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _measure_status(report: dict[str, Any]) -> str:
+    m = report.get("measure", {})
+    if m.get("status") == "failed":
+        return f"(the measure failed at '{m.get('stage')}': {m.get('error')})"
+    return f"(not measured: {m.get('status', 'skipped')})"
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -9,25 +9,33 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agiasi.errors import AgiasiError
+from agiasi.model import DType
+from agiasi.options import check, option
 
 
 @dataclass
 class GenerateConfig:
     """Flags of ``agiasi generate`` and ``agiasi chat``."""
 
-    model: str = ""
-    prompt: str = ""
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    chat_template: bool = False
-    system: str | None = None
-    device: str | None = None
+    model: str = option(help="step_N folder (soul applied) or exported HF folder")
+    prompt: str = option("", "the text to continue (generate)")
+    max_new_tokens: int = option(128, "tokens to generate at most", ge=1)
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy", ge=0.0)
+    top_p: float = option(0.9, "nucleus sampling mass (with --temperature > 0)", gt=0.0, le=1.0)
+    repetition_penalty: float = option(1.1, "> 1 discourages repeats; 1 = off", gt=0.0)
+    chat_template: bool = option(
+        False, "wrap --prompt as a user turn in the tokenizer's chat template"
+    )
+    system: str | None = option(None, "system message for the chat template")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cpu)")
+    dtype: DType = option("auto", "compute dtype (auto: float32 on the CPU)")
+    trust_remote_code: bool = option(
+        False, "allow a base model that runs its own code (never taken from the checkpoint)"
+    )
 
 
 def _load(cfg: GenerateConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from agiasi.evaluate import model_kind
 
@@ -39,12 +47,20 @@ def _load(cfg: GenerateConfig):
     if kind == "checkpoint":
         from agiasi.model import AGIASI_SO8T_Wrapper
 
-        model = AGIASI_SO8T_Wrapper.from_checkpoint(cfg.model, device=cfg.device, lora_dropout=0.0)
+        model = AGIASI_SO8T_Wrapper.from_checkpoint(
+            cfg.model,
+            device=cfg.device,
+            lora_dropout=0.0,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         tok = AutoTokenizer.from_pretrained(model.config.base_model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
-        if cfg.device:
-            model.to(cfg.device)
+        from agiasi.evaluate import load_hf_model
+        from agiasi.model import parse_device, resolve_dtype
+
+        device = parse_device(cfg.device or "cpu")
+        model = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, device), device)
         tok = AutoTokenizer.from_pretrained(cfg.model)
     model.eval()
     return model, tok
@@ -95,10 +111,9 @@ def _prompt_ids(tok, messages: list[dict[str, str]]) -> list[int]:
 def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
     """One completion of ``cfg.prompt`` (raw text, or as a user turn with ``--chat-template``)."""
     stream = stream or sys.stdout
+    check(cfg)
     if not cfg.prompt:
         raise AgiasiError("--prompt is required")
-    if cfg.max_new_tokens < 1:
-        raise AgiasiError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     model, tok = _load(cfg)
     if cfg.chat_template:
         msgs = [{"role": "system", "content": cfg.system}] if cfg.system else []
@@ -112,6 +127,7 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
 def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None = None) -> int:
     """Interactive chat with the model's own template; /reset clears, /exit (or EOF) quits."""
     stdin, stream = stdin or sys.stdin, stream or sys.stdout
+    check(cfg)
     model, tok = _load(cfg)
     base = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(base)

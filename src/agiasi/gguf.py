@@ -134,31 +134,6 @@ def _sentencepiece_vocab(hf_dir: Path, vocab_size: int):
     return tokens, scores, types
 
 
-class _LazyWeights:
-    """Tensor names and shapes of an HF folder's safetensors, read one tensor at a time."""
-
-    def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
-        files = sorted(hf_dir.glob("*.safetensors"))
-        if not files:
-            raise AgiasiError(f"{hf_dir} has no .safetensors weights")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
-
 def write_gguf(
     hf_dir: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -182,7 +157,9 @@ def write_gguf(
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
     head_dim = int(cfg.get("head_dim") or n_embd // n_head)
     vocab = int(cfg["vocab_size"])
-    sd = _LazyWeights(hf_dir)
+    from agiasi.merge import LazyWeights
+
+    sd = LazyWeights(hf_dir)
     leftovers = [k for k in sd.keys() if "lora_" in k or "soul" in k or "so8_rotation" in k]
     if leftovers:
         raise AgiasiError(

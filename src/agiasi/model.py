@@ -3,7 +3,7 @@
 Layout (the design note's three layers)::
 
     input ids → Cortex: base LM (+ LoRA)  → h, after the final norm
-              → Core:   soul (R, α)        → h + sigmoid(α)·R h
+              → Core:   soul (R, α)        → h + sigmoid(α)·(R h − h)  (or the note's h + sigmoid(α)·R h)
               → Output: LM head            → logits
 
 The soul is installed by replacing the causal LM's output-embedding module with
@@ -16,17 +16,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agiasi.errors import AgiasiError
-from agiasi.soul import Soul, SoulConfig, SoulHead
+from agiasi.options import check, option
+from agiasi.soul import (
+    LEGACY_MIX,
+    AlphaMode,
+    RotationInit,
+    RotationKind,
+    Soul,
+    SoulConfig,
+    SoulHead,
+    SoulMix,
+)
 
 # LoRA targets per architecture. Phi-3 fuses q/k/v into `qkv_proj` (and gate/up into
 # `gate_up_proj`): the note's q/k/v/o list only matches `o_proj` there.
@@ -40,43 +51,67 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
-QUANTIZATIONS = ("nf4", "none")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Quantization = Literal["nf4", "none"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+DTYPES: tuple[str, ...] = get_args(DType)
 
 
 @dataclass
 class ModelConfig:
     """How to build the wrapper. Field names match the CLI flags (``--lora-r`` → ``lora_r``)."""
 
-    base_model: str
-    quantization: str = "nf4"
-    dtype: str = "auto"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    soul: bool = True
-    rotation: str = "so8"
-    rotation_init: str = "identity"
-    alpha_mode: str = "schedule"
-    alpha_start: float = -5.0
-    ortho_weight: float = 0.1
-    gradient_checkpointing: bool = False
-    offload_activations: bool = False
-    compile: bool = False
-    trust_remote_code: bool = False
+    base_model: str = option(help="hub id or local folder of the causal LM to inject")
+    quantization: Quantization = option(
+        "nf4", "nf4: 4-bit NF4 base (QLoRA, needs bitsandbytes); none: the base in --dtype"
+    )
+    dtype: DType = option(
+        "auto",
+        "compute dtype; auto = float32 on the CPU (bf16 is 40-70x slower on CPUs without native "
+        "bf16), bf16 on GPUs that support it, else fp16",
+    )
+    lora_r: int = option(16, "LoRA rank", ge=1)
+    lora_alpha: int = option(32, "LoRA scaling numerator (the update is scaled by alpha/r)", gt=0)
+    lora_dropout: float = option(0.05, "dropout on the LoRA input", ge=0.0, lt=1.0)
+    lora_targets: list[str] | None = option(
+        None,
+        "comma list of module names to adapt; default: per architecture (Phi-3: qkv_proj,o_proj)",
+    )
+    soul: bool = option(True, "--no-soul: the control run, plain QLoRA through the same loop")
+    soul_mix: SoulMix = option(
+        "convex",
+        "convex: h + g(Rh - h), equal to the base at R = I for every gate; residual: the design "
+        "note's h + g Rh, which scales the logits by 1 + g while R is near the identity",
+    )
+    rotation: RotationKind = option(
+        "so8", "so8: H/8 blocks in SO(8) (28 parameters a block); full: the note's dense O(H)"
+    )
+    rotation_init: RotationInit = option(
+        "identity", "identity: start as the base model; random: the note's random orthogonal R"
+    )
+    alpha_mode: AlphaMode = option(
+        "schedule",
+        "schedule: alpha set every step by the annealing; learned: trained from --alpha-start",
+    )
+    alpha_start: float = option(-5.0, "alpha at step 0 (gate = sigmoid(alpha))")
+    ortho_weight: float = option(0.1, "weight of the orthogonality monitor ||R^T R - I||_F", ge=0.0)
+    gradient_checkpointing: bool = option(
+        False, "recompute each decoder layer in the backward pass (less memory, ~30% more compute)"
+    )
+    offload_activations: bool = option(
+        False, "keep checkpointed layer inputs in pinned CPU memory (long sequences on 12 GB)"
+    )
+    compile: bool = option(False, "torch.compile each decoder layer (faster small batches on GPU)")
+    trust_remote_code: bool = option(
+        False, "run the model's own Python code from its folder or the hub (only if you trust it)"
+    )
 
     def validate(self) -> None:
-        if self.quantization not in QUANTIZATIONS:
-            raise AgiasiError(
-                f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
-            )
-        if self.dtype not in DTYPES:
-            raise AgiasiError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.lora_r <= 0:
-            raise AgiasiError(f"--lora-r must be positive, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AgiasiError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        check(self)
+        if not self.base_model:
+            raise AgiasiError("--base-model is required (a hub id or a local model folder)")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise AgiasiError("--offload-activations needs --gradient-checkpointing")
 
     def soul_config(self, hidden_size: int) -> SoulConfig:
         return SoulConfig(
@@ -86,10 +121,11 @@ class ModelConfig:
             alpha_mode=self.alpha_mode,
             alpha_start=self.alpha_start,
             ortho_weight=self.ortho_weight,
+            mix=self.soul_mix,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -175,19 +211,63 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _resolve_dtype(name: str, quantization: str, device: torch.device) -> torch.dtype:
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → the GPU if there is one, else the CPU; anything else must exist here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AgiasiError(f"{device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AgiasiError(f"device {device!r}: no CUDA GPU is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise AgiasiError(f"device {device!r}: agiasi runs on cpu or cuda")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The compute dtype for ``name`` on ``device`` (``auto`` → what that device runs fastest).
+
+    On the CPU ``auto`` is float32, for NF4 and full precision alike: most CPUs (AVX2 without
+    AVX512-BF16/AMX: laptops, desktops, cloud VMs) have no native bf16 and run bf16 matmuls
+    40–70× slower than fp32 — NF4 training took 19 s a step there instead of 0.55 s, because
+    bitsandbytes' backward (``grad @ dequantize(W)``) runs in the compute dtype. bf16 on the CPU
+    only when asked, with one warning where the CPU lacks it. On CUDA ``auto`` is bf16 where the
+    card supports it, else fp16 (the design note's compute dtype).
+    """
+    device = torch.device(device)
+    if name not in DTYPES:
+        raise AgiasiError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     if name != "auto":
-        return getattr(torch, name)
-    if quantization == "nf4":
-        return _compute_dtype(device)
-    return torch.float32 if device.type == "cpu" else _compute_dtype(device)
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it, else fp16 (the note's compute dtype)."""
+        dtype = getattr(torch, name)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            _warn_once(
+                "warning: --dtype bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): "
+                "bf16 matmuls are emulated there and run 40-70x slower than float32; "
+                "leave --dtype at auto (float32 on the CPU) unless you need bf16"
+            )
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def lora_targets_for(config, override: list[str] | None = None) -> list[str]:
@@ -243,16 +323,23 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
     ):
         super().__init__()
         if config is None:
-            if base_model_id is None:
-                raise AgiasiError("AGIASI_SO8T_Wrapper needs a base model id or folder")
-            config = ModelConfig(base_model=base_model_id, **overrides)
+            if not isinstance(base_model_id, (str, os.PathLike)) or not str(base_model_id):
+                raise AgiasiError(
+                    "AGIASI_SO8T_Wrapper needs a base model: a hub id or a local folder, "
+                    f"got {base_model_id!r}"
+                )
+            known = {f.name for f in fields(ModelConfig)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise AgiasiError(
+                    f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+                )
+            config = ModelConfig(base_model=str(base_model_id), **overrides)
         elif overrides or (base_model_id and base_model_id != config.base_model):
             raise AgiasiError("pass either a ModelConfig or keyword options, not both")
         config.validate()
         self.config = config
-        self.device_ = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device_ = parse_device(device)
         self.hf_config = load_config(config.base_model, config.trust_remote_code)
         self.lora_targets = lora_targets_for(self.hf_config, config.lora_targets)
         causal_lm = self._load_base()
@@ -271,8 +358,6 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             )
             self.causal_lm.config.use_cache = False
         if config.offload_activations:
-            if not config.gradient_checkpointing:
-                raise AgiasiError("--offload-activations needs --gradient-checkpointing")
             from agiasi.offload import enable_offloaded_checkpointing
 
             enable_offloaded_checkpointing(
@@ -294,7 +379,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
-        dtype = _resolve_dtype(cfg.dtype, cfg.quantization, self.device_)
+        dtype = resolve_dtype(cfg.dtype, self.device_)
         kwargs: dict[str, Any] = {
             "trust_remote_code": cfg.trust_remote_code,
             "dtype": dtype,
@@ -315,7 +400,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_quant_type="nf4",
             )
-            kwargs["device_map"] = {"": self.device_}
+        # Straight to the device: a 3.8 B fp32 model never passes through host memory on a GPU.
+        kwargs["device_map"] = {"": self.device_}
         path = Path(cfg.base_model).expanduser()
         source = str(path) if path.exists() else cfg.base_model
         try:
@@ -333,8 +419,6 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                     "an interrupted download? fetch the model again"
                 ) from None
             raise
-        if cfg.quantization != "nf4":
-            model.to(self.device_)
         return model
 
     def _wrap_lora(self, causal_lm: nn.Module):
@@ -413,6 +497,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         """
         if not return_logits and labels is None:
             raise AgiasiError("return_logits=False needs labels (there is nothing else to return)")
+        self._check_batch(input_ids, attention_mask, labels)
         if labels is not None and attention_mask is not None:
             # Masked where the labels live (the CPU, for batches from the data stream), so the
             # loss can count and skip positions without waiting on the GPU.
@@ -453,9 +538,38 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
         )
 
+    def _check_batch(self, input_ids, attention_mask=None, labels=None) -> None:
+        """Clear errors for what would otherwise fail deep inside the model (or silently)."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise AgiasiError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise AgiasiError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise AgiasiError(
+                f"input_ids must be (batch, sequence) with at least one token, got shape "
+                f"{tuple(input_ids.shape)} (add a batch dimension: ids.unsqueeze(0))"
+            )
+        vocab = self.causal_lm.get_input_embeddings().weight.shape[0]
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise AgiasiError(
+                f"token id {lo if lo < 0 else hi} is outside this model's vocabulary [0, {vocab})"
+            )
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.is_floating_point():
+                raise AgiasiError(f"{name} must be an integer torch.Tensor")
+            if t.shape != input_ids.shape:
+                raise AgiasiError(
+                    f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}: "
+                    "they must match"
+                )
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """HF ``generate`` through the soul (it lives in the head, so the KV cache just works)."""
+        self._check_batch(input_ids)
         was_training = self.training
         self.eval()
         kwargs.setdefault("use_cache", True)
@@ -510,10 +624,52 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         from agiasi.checkpoint import load_into, read_manifest
 
         manifest = read_manifest(ckpt_dir)
-        cfg = ModelConfig.from_dict({**manifest["model"], **overrides})
+        cfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt_dir, overrides))
         wrapper = cls(config=cfg, device=device)
         load_into(wrapper, ckpt_dir)
         return wrapper
+
+
+# How a model is *run* (dtype, compile, checkpointing, remote code) is chosen on each command, not
+# inherited from the checkpoint: a bf16 GPU run must not make CPU evaluation 40× slower, and a
+# file must never switch remote code on.
+RUNTIME_FIELDS = ("dtype", "compile", "gradient_checkpointing", "offload_activations")
+
+
+def checkpoint_model_config(
+    manifest: dict[str, Any], ckpt_dir: str | os.PathLike, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The wrapper options a step folder describes, with this command's ``overrides`` applied.
+
+    ``trust_remote_code`` is never taken from the file: a checkpoint whose base model needs its
+    own code is refused unless the caller passes ``trust_remote_code=True`` itself.
+    """
+    recorded = manifest.get("model") or {}
+    if not isinstance(recorded, dict):
+        raise AgiasiError(f"{ckpt_dir}/soul.json: 'model' must be a mapping of options")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise AgiasiError(
+            f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    cfg = {
+        k: v
+        for k, v in recorded.items()
+        if k in known and k not in RUNTIME_FIELDS and k != "trust_remote_code"
+    }
+    if recorded.get("trust_remote_code") is True and not overrides.get("trust_remote_code"):
+        raise AgiasiError(
+            f"checkpoint {str(ckpt_dir)!r} was trained on a base model that runs its own code "
+            f"({recorded.get('base_model')!r}); agiasi runs no code a file asks for. Pass "
+            "--trust-remote-code on this command (trust_remote_code=True in Python) only if you "
+            "trust that model's code"
+        )
+    if "soul_mix" not in recorded:  # written before the option existed: the note's formula
+        cfg["soul_mix"] = LEGACY_MIX
+    cfg.update(overrides)
+    cfg.setdefault("trust_remote_code", False)
+    return cfg
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,24 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         raise AgiasiError(
             f"no metrics.jsonl in {str(run_dir)!r} (is it an `agiasi train` output dir?)"
         )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AgiasiError(f"{path} is not UTF-8 text (byte {e.start})") from None
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(text.splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue  # a line cut by a crash
+        if not isinstance(row, dict):
+            continue
+        missing = [k for k in ("step", "task_loss") if not isinstance(row.get(k), (int, float))]
+        if row.get("alpha") is not None and not isinstance(row.get("gate"), (int, float)):
+            missing.append("gate")
+        if missing:
+            raise AgiasiError(f"{path}: line {n} lacks {', '.join(missing)} (not agiasi metrics?)")
+        rows.append(row)
     if not rows:
         raise AgiasiError(f"{path} has no metrics yet")
     return rows
@@ -44,7 +56,13 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
     out_path = Path(out) if out else Path(run_dir) / "phase_transition.png"
-    fig, (ax_loss, ax_alpha) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    if out_path.is_dir():
+        out_path = out_path / "phase_transition.png"
+    if not out_path.parent.is_dir():
+        raise AgiasiError(f"cannot write the plot: {out_path.parent} is not a folder")
+    has_rot = any(r.get("rotation_distance") is not None for r in rows)
+    fig, axes = plt.subplots(3 if has_rot else 2, 1, figsize=(9, 8 if has_rot else 6), sharex=True)
+    ax_loss, ax_alpha = axes[0], axes[1]
     ax_loss.plot(
         steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label="task loss (CE)"
     )
@@ -92,11 +110,40 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             va="center",
             transform=ax_alpha.transAxes,
         )
-    ax_alpha.set_xlabel("step")
+    if has_rot:
+        # Did the rotation learn anything? ‖R − I‖_F (how far it moved) beside the
+        # orthogonality error ‖RᵀR − I‖_F (≈ 0 by construction).
+        ax_rot = axes[2]
+        ax_rot.plot(
+            steps,
+            [r.get("rotation_distance") for r in rows],
+            color="#198754",
+            lw=1.4,
+            label="‖R − I‖_F (rotation moved)",
+        )
+        ax_rot.set_ylabel("‖R − I‖_F")
+        ax_ortho = ax_rot.twinx()
+        ax_ortho.plot(
+            steps,
+            [r.get("ortho_loss") for r in rows],
+            color="#6c757d",
+            lw=1.0,
+            ls=":",
+            label="‖RᵀR − I‖_F (orthogonality error)",
+        )
+        ax_ortho.set_ylabel("ortho error")
+        ax_rot.legend(loc="upper left", fontsize=8)
+        ax_ortho.legend(loc="lower right", fontsize=8)
+    axes[-1].set_xlabel("step")
     fig.suptitle(f"agiasi: {Path(run_dir).name}")
     fig.tight_layout()
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AgiasiError(f"cannot write the plot to {out_path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return out_path

@@ -4,15 +4,23 @@ Math (PyTorch row-vector convention, ``F.linear(h, M) = h Mᵀ``)::
 
     thought = R h                 # R ∈ O(H), applied as  h Rᵀ  on row vectors
     g       = sigmoid(α)          # the alpha gate, a scalar
-    mixed   = h + g · thought     # = h (I + g R)ᵀ
-    logits  = W mixed (+ b)       # = h (W (I + g R))ᵀ (+ b)
+    mixed   = h + g · (R h − h)   # mix "convex" (default): (1 − g)·h + g·R h
+    mixed   = h + g · R h         # mix "residual": the design note's formula
+    logits  = W mixed (+ b)
 
-Because R and g do not depend on the input, the soul folds *exactly* into the head::
+Why two mixes. The note's residual mix ``h + g·R h`` equals ``(1 + g)·h`` while R is near the
+identity: once the gate opens (σ(φ) ≈ 0.83) every logit is scaled by ≈ 1.83, which by itself
+raises the base model's perplexity several-fold, and the LoRA spends its steps undoing that
+scale. The convex mix equals the base model at R = I for *every* α — the gate opening costs
+nothing and only a rotation that helps changes the output. Same rotation, gate, annealing,
+orthogonality monitor and exact fold; measured equal to the no-soul control (docs/DESIGN.md).
 
-    W' = W + g · W R              (computed in float64, then cast back)
+Because R and g do not depend on the input, either mix folds *exactly* into the head::
 
-and a bias ``b`` is unchanged. That is what makes the exported model a plain model that
-llama.cpp runs at zero extra cost.
+    residual:  W' = W + g · W R            convex:  W' = W + g · W (R − I)
+
+(computed in float64, then cast back); a bias ``b`` is unchanged. That is what makes the
+exported model a plain model that llama.cpp runs at zero extra cost.
 
 Rotation kinds:
 
@@ -28,7 +36,8 @@ Orthogonality monitor: ``‖RᵀR − I‖_F``, added to the loss with weight 0.
 exact parametrizations it stays ≈ 0, and at identity init it *is* 0 — where the Frobenius norm's
 derivative is infinite (``d sqrt(s)/ds`` at s = 0), so a naive ``torch.linalg.matrix_norm``
 turns every gradient into NaN on the first step. :func:`safe_frobenius` keeps the value and
-gives the subgradient 0 at exactly 0.
+gives the subgradient 0 at exactly 0. ``‖R − I‖_F`` (logged, not trained) says how far the
+rotation has moved from where it started.
 
 Phase status (the note's ``get_phase_status``): 🔵 Stable while the gate is nearly shut
 (g < 0.05), 🟢 Golden Ratio Reached when |α − φ| < 0.01, 🟣 Beyond past φ, 🟡 Transitioning
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +59,16 @@ from agiasi.errors import AgiasiError
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 """The golden ratio φ, the note's target for α."""
 
-ROTATION_KINDS = ("so8", "full")
-ALPHA_MODES = ("schedule", "learned")
-ROTATION_INITS = ("identity", "random")
+RotationKind = Literal["so8", "full"]
+RotationInit = Literal["identity", "random"]
+AlphaMode = Literal["schedule", "learned"]
+SoulMix = Literal["convex", "residual"]
+ROTATION_KINDS: tuple[str, ...] = get_args(RotationKind)
+ROTATION_INITS: tuple[str, ...] = get_args(RotationInit)
+ALPHA_MODES: tuple[str, ...] = get_args(AlphaMode)
+SOUL_MIXES: tuple[str, ...] = get_args(SoulMix)
+LEGACY_MIX = "residual"
+"""The mix of a checkpoint written before the option existed: the note's formula."""
 
 _BLOCK = 8
 _TRIU = torch.triu_indices(_BLOCK, _BLOCK, offset=1)  # 28 (row, col) pairs
@@ -62,13 +79,18 @@ class SoulConfig:
     """Everything that defines a soul; captured in checkpoints as ``soul.json``."""
 
     hidden_size: int
-    rotation: str = "so8"
-    init: str = "identity"
-    alpha_mode: str = "schedule"
+    rotation: RotationKind = "so8"
+    init: RotationInit = "identity"
+    alpha_mode: AlphaMode = "schedule"
     alpha_start: float = -5.0
     ortho_weight: float = 0.1
+    mix: SoulMix = "convex"
 
     def validate(self) -> None:
+        if self.mix not in SOUL_MIXES:
+            raise AgiasiError(
+                f"unknown soul mix {self.mix!r}; choose one of {', '.join(SOUL_MIXES)}"
+            )
         if self.rotation not in ROTATION_KINDS:
             raise AgiasiError(
                 f"unknown rotation kind {self.rotation!r}; choose one of {', '.join(ROTATION_KINDS)}"
@@ -186,7 +208,7 @@ def orthogonality_error(rotation: nn.Module, prepared: torch.Tensor | None = Non
 
 def phase_status(alpha: float) -> str:
     """The note's phase label for a given α."""
-    gate = 1.0 / (1.0 + math.exp(-alpha))
+    gate = float(gate_of(alpha))
     if abs(alpha - PHI) < 0.01:
         return "🟢 Golden Ratio Reached"
     if alpha > PHI:
@@ -196,16 +218,29 @@ def phase_status(alpha: float) -> str:
     return "🟡 Transitioning"
 
 
+def gate_of(alpha: float | torch.Tensor) -> torch.Tensor:
+    """g = sigmoid(α), in float64 (what the fold uses)."""
+    return torch.sigmoid(torch.as_tensor(alpha, dtype=torch.float64))
+
+
 def fold_into(
-    head_weight: torch.Tensor, rotation: torch.Tensor, gate: float | torch.Tensor
+    head_weight: torch.Tensor,
+    rotation: torch.Tensor,
+    gate: float | torch.Tensor,
+    mix: SoulMix,
 ) -> torch.Tensor:
-    """Pure fold: ``W' = W + g · W R`` in float64, returned in ``head_weight``'s dtype.
+    """Pure fold: ``W' = W + g · W R`` (residual) or ``W + g · W (R − I)`` (convex).
+
+    Computed in float64 and returned in ``head_weight``'s dtype.
 
     Args:
         head_weight: LM head weight W, (vocab, H). Must be a real tensor (dequantize first).
         rotation: dense R, (H, H).
         gate: g = sigmoid(α).
+        mix: ``convex`` or ``residual`` (see the module docstring).
     """
+    if mix not in SOUL_MIXES:
+        raise AgiasiError(f"unknown soul mix {mix!r}; choose one of {', '.join(SOUL_MIXES)}")
     if head_weight.ndim != 2 or rotation.shape != (head_weight.shape[1], head_weight.shape[1]):
         raise AgiasiError(
             f"cannot fold: head weight {tuple(head_weight.shape)} and rotation "
@@ -213,12 +248,15 @@ def fold_into(
         )
     w = head_weight.detach().to(torch.float64)
     r = rotation.detach().to(device=w.device, dtype=torch.float64)
+    if mix == "convex":
+        r = r - torch.eye(r.shape[0], dtype=torch.float64, device=w.device)
     g = torch.as_tensor(gate, dtype=torch.float64, device=w.device)
     return (w + g * (w @ r)).to(head_weight.dtype)
 
 
 class Soul(nn.Module):
-    """Rotation R + alpha gate. ``forward(h) = h + sigmoid(α) · R h``."""
+    """Rotation R + alpha gate: ``forward(h) = h + sigmoid(α)·(R h − h)`` (convex) or
+    ``h + sigmoid(α)·R h`` (residual)."""
 
     def __init__(self, config: SoulConfig):
         super().__init__()
@@ -249,16 +287,31 @@ class Soul(nn.Module):
         return self.rotation.weight
 
     def forward(self, h: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
+        """``h + g·(R h − h)`` (convex) or ``h + g·R h`` (residual)."""
         if prepared is None:
             thought = self.rotation(h)
         elif isinstance(self.rotation, SO8BlockRotation):
             thought = self.rotation(h, prepared)
         else:
             thought = F.linear(h, prepared.to(h.dtype))
+        if self.config.mix == "convex":
+            thought = thought - h
         return h + self.gate().to(h.dtype) * thought
 
     def ortho_loss(self, prepared: torch.Tensor | None = None) -> torch.Tensor:
         return orthogonality_error(self.rotation, prepared)
+
+    @torch.no_grad()
+    def rotation_distance(self) -> float:
+        """‖R − I‖_F: how far the rotation has moved from the identity (logged per step).
+
+        For ``so8`` the blocks suffice: R − I is zero outside them."""
+        if isinstance(self.rotation, SO8BlockRotation):
+            r = self.rotation.blocks(torch.float64)
+        else:
+            r = self.rotation.weight.detach().double()
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        return float(torch.linalg.vector_norm(r - eye))
 
     def phase(self) -> str:
         return phase_status(float(self.alpha.detach()))
@@ -267,7 +320,7 @@ class Soul(nn.Module):
     def fold_into(self, head_weight: torch.Tensor) -> torch.Tensor:
         """Head weight with this soul folded in (see :func:`fold_into`)."""
         return fold_into(
-            head_weight, self.rotation_matrix(torch.float64), torch.sigmoid(self.alpha.double())
+            head_weight, self.rotation_matrix(torch.float64), gate_of(self.alpha), self.config.mix
         )
 
     def num_trainable(self) -> int:

@@ -2,7 +2,8 @@
 
 Per optimizer step: set α from the schedule (``schedule`` mode) → ``grad_accum`` micro-batches
 forward/backward → all-reduce the trainable gradients (LoRA + soul only) across ranks → clip →
-AdamW step → log → maybe checkpoint. Nothing is hidden in callbacks.
+AdamW step → log → maybe checkpoint. Nothing is hidden in callbacks; the setup before the loop
+is a row of named helpers.
 
 Distributed: launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1), every rank
 holds its own (4-bit) base model; ranks start from identical trainable parameters (same seed,
@@ -12,14 +13,16 @@ and average gradients by one flat all-reduce of the trainable tensors. Rank 0 wr
 Resume is exact: a step folder carries the optimizer state, the RNG states and the data
 position, so a killed run resumed with ``--resume auto`` ends bit-for-bit where an uninterrupted
 run ends (CPU, fixed seed).
+
+The output folder belongs to one run: a lock file keeps a second run out (its error names the
+holder's pid), and a folder that already holds a run is refused unless ``--resume`` continues it
+or ``--overwrite`` replaces it. Nothing in it is touched before the data and the model loaded.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,96 +33,74 @@ import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.checkpoint import (
+    TRAIN_CONFIG,
+    TRAINER_STATE,
+    checkpoint_problem,
     clean_stale_temp,
+    find_resume_checkpoint,
+    list_checkpoints,
     load_into,
-    read_manifest,
     safe_torch_load,
     write_step,
 )
-from agiasi.data import BatchStream, default_dataset, load_records, tokenize_records
+from agiasi.data import BatchStream, Example, default_dataset, load_records, tokenize_records
 from agiasi.errors import AgiasiError
 from agiasi.model import AGIASI_SO8T_Wrapper, ModelConfig
+from agiasi.options import option
 from agiasi.schedule import linear_annealing
-from agiasi.soul import PHI
+from agiasi.soul import PHI, gate_of
 
-TRAINER_STATE = "trainer_state.pt"
-TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
-STEP_RE = re.compile(r"^step_(\d+)$")
-
+LOCK = ".agiasi-train.lock"
+PLOT = "phase_transition.png"
 
 # Steps at α = target below which the run is warned about: measured on the shipped tiny model
-# (bench/soul_cost.py), 6 steps at φ end above the base's held-out perplexity, 10 below.
+# with the residual mix (bench/soul_cost.py), 6 steps at φ end above the base's held-out
+# perplexity, 10 below. The convex mix does not scale the logits and needs no such steps.
 MIN_STEPS_AT_TARGET = 10
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelConfig):
     """Every field is a flag of ``agiasi train`` (``max_steps`` ↔ ``--max-steps``) and a key of
-    ``--config FILE.yaml``. Defaults are the design note's."""
+    ``--config FILE.yaml``; the model's own options come from :class:`ModelConfig`. Defaults are
+    the design note's."""
 
-    base_model: str = ""
-    dataset: str | None = None
-    output_dir: str = "checkpoints_agiasi"
-    max_steps: int = 500
-    warmup_steps: int = 50
-    annealing_steps: int = 400
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_length: int = 512
-    learning_rate: float = 2e-4
-    soul_learning_rate: float | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_steps: int = 100
-    seed: int = 42
-    resume: str | None = None
-    soul: bool = True
-    rotation: str = "so8"
-    rotation_init: str = "identity"
-    alpha_mode: str = "schedule"
-    alpha_start: float = -5.0
-    alpha_target: float = PHI
-    ortho_weight: float = 0.1
-    quantization: str = "nf4"
-    dtype: str = "auto"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    gradient_checkpointing: bool = True
-    offload_activations: bool = False
-    compile: bool = False
-    device: str | None = None
-    trust_remote_code: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not self.base_model:
-            raise AgiasiError("--base-model is required (a hub id or a local model folder)")
-        checks = [
-            (self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}"),
-            (
-                self.annealing_steps >= 0,
-                f"--annealing-steps must be ≥ 0, got {self.annealing_steps}",
-            ),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
-            (
-                self.learning_rate > 0 and math.isfinite(self.learning_rate),
-                f"--learning-rate must be positive, got {self.learning_rate}",
-            ),
-            (self.save_steps >= 1, f"--save-steps must be at least 1, got {self.save_steps}"),
-            (self.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise AgiasiError(msg)
+    dataset: str | None = option(
+        None,
+        ".txt (one paragraph a line), .jsonl (text or chat messages) or a saved HF dataset "
+        "folder; default: the shipped Japanese sample",
+    )
+    output_dir: str = option("checkpoints_agiasi", "where step_N folders and metrics go")
+    overwrite: bool = option(
+        False, "replace the run already in --output-dir (its step folders and metrics)"
+    )
+    max_steps: int = option(500, "optimizer steps", ge=1)
+    warmup_steps: int = option(50, "steps at --alpha-start before the anneal", ge=0)
+    annealing_steps: int = option(400, "steps of the straight line to --alpha-target", ge=0)
+    batch_size: int = option(1, "sequences per micro-batch (per rank)", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
+    max_length: int = option(512, "tokens per sequence (text is packed to this length)", ge=2)
+    learning_rate: float = option(2e-4, "AdamW learning rate of the LoRA", gt=0.0)
+    soul_learning_rate: float | None = option(
+        None, "learning rate of the soul (default: --learning-rate)", gt=0.0
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0.0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", ge=0.0)
+    save_steps: int = option(100, "write a step folder every N steps (and at the end)", ge=1)
+    seed: int = option(42, "seed of the data order, LoRA init and dropout", ge=0, le=2**32 - 1)
+    resume: str | None = option(
+        None, "'auto' (newest complete step_N in --output-dir) or a step folder"
+    )
+    alpha_target: float = option(PHI, "alpha after the anneal (default: the golden ratio)")
+    gradient_checkpointing: bool = option(
+        True, "recompute each decoder layer in the backward pass (less memory, ~30% more compute)"
+    )
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: the GPU if there is one)")
+    progress: bool = option(True, "show the progress bar")
 
     def model_config(self) -> ModelConfig:
-        """The wrapper's config: every ModelConfig field has a TrainConfig field of that name."""
+        """The wrapper's part of this config."""
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
 
@@ -190,39 +171,7 @@ def _broadcast(tensors: list[torch.Tensor], d: Dist) -> None:
         dist.broadcast(t.data, src=0)
 
 
-# --------------------------------------------------------------------------- checkpoints & resume
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            m = STEP_RE.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a step folder cannot be resumed from, or None if it is complete."""
-    try:
-        read_manifest(folder)
-    except AgiasiError as e:
-        return str(e)
-    for f in (TRAINER_STATE, TRAIN_CONFIG):
-        if not (folder / f).is_file():
-            return f"missing {f}"
-    return None
-
-
-def find_resume_checkpoint(output_dir: Path, log=print) -> Path | None:
-    """Newest complete ``step_N`` in ``output_dir``; incomplete ones are skipped, with a note."""
-    for _, folder in reversed(list_checkpoints(output_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        log(f"resume: skipping {folder.name}: incomplete ({problem})")
-    return None
+# --------------------------------------------------------------------------- RNG
 
 
 def _rng_state() -> dict[str, Any]:
@@ -238,27 +187,275 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the output folder
+
+
+class RunLock:
+    """Exclusive hold on a run folder for the whole run.
+
+    ``flock`` on ``OUT/.agiasi-train.lock`` (the OS releases it if the process dies, so a killed
+    run never blocks its own ``--resume``); the file holds the pid for the error a second run
+    gets. Where ``flock`` does not exist the pid file alone is the lock.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.path = out_dir / LOCK
+        self._fh = None
+        self._created_dir = False
+
+    def acquire(self) -> None:
+        try:
+            if not self.out_dir.exists():
+                self.out_dir.mkdir(parents=True)
+                self._created_dir = True
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise AgiasiError(
+                f"cannot write to --output-dir {self.out_dir}: {e.strerror or e}"
+            ) from None
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise AgiasiError(
+                f"--output-dir {self.out_dir} is in use by another `agiasi train` (pid {holder}); "
+                "wait for it to finish or pick another --output-dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        self.path.unlink(missing_ok=True)
+        self._fh.close()
+        self._fh = None
+        if self._created_dir and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()  # a run that failed at start-up leaves no empty folder behind
+
+
+def check_output_dir(out_dir: Path, cfg: TrainConfig) -> None:
+    """A folder we can write, and not another run's unless this run continues or replaces it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AgiasiError(f"--output-dir {out_dir} is a file; pass a folder")
+    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise AgiasiError(f"--output-dir {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise AgiasiError(f"--output-dir {out_dir}: {existing} is not writable")
+    if cfg.resume or cfg.overwrite or not out_dir.is_dir():
+        return
+    taken = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
+    if taken:
+        shown = ", ".join(taken[:3]) + (", …" if len(taken) > 3 else "")
+        raise AgiasiError(
+            f"--output-dir {out_dir} already holds a run ({shown}); pass --resume auto to "
+            "continue it, --overwrite to replace it, or another --output-dir"
+        )
+
+
+def replace_previous_run(out_dir: Path, say) -> None:
+    """``--overwrite``: remove what an earlier run wrote (only agiasi's own files)."""
+    removed = 0
+    for _, folder in list_checkpoints(out_dir):
+        import shutil
+
+        shutil.rmtree(folder)
+        removed += 1
+    for name in (METRICS, TRAIN_CONFIG, PLOT):
+        if (out_dir / name).is_file():
+            (out_dir / name).unlink()
+            removed += 1
+    if removed:
+        say(f"overwrite: removed the previous run in {out_dir} ({removed} entries)")
+
+
+# --------------------------------------------------------------------------- setup helpers
 
 
 def _device(cfg: TrainConfig, d: Dist) -> torch.device:
     if cfg.device:
-        return torch.device(cfg.device)
+        from agiasi.model import parse_device
+
+        try:
+            return parse_device(cfg.device)
+        except AgiasiError as e:
+            raise AgiasiError(f"--device: {e}") from None
     if torch.cuda.is_available():
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
 
 
-def _load_tokenizer(cfg: TrainConfig):
+def resolve_resume(cfg: TrainConfig, out_dir: Path, say) -> Path | None:
+    """The step folder to continue from, decided before anything random happens."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = find_resume_checkpoint(out_dir, say)
+        if found is None:
+            say(f"resume: no complete checkpoint in {out_dir}, starting from step 0")
+        return found
+    problem = checkpoint_problem(Path(cfg.resume))
+    if problem is not None:
+        raise AgiasiError(f"cannot resume from {cfg.resume!r}: {problem}")
+    return Path(cfg.resume)
+
+
+def _check_resume_base(cfg: TrainConfig, resume_from: Path) -> None:
+    """The checkpoint must come from this base model (read from configs only, no weights)."""
+    from agiasi.checkpoint import check_same_base, read_manifest
+    from agiasi.model import load_config
+
+    hf = load_config(cfg.base_model, cfg.trust_remote_code)
+    check_same_base(
+        read_manifest(resume_from),
+        resume_from,
+        cfg.base_model,
+        hf.model_type,
+        getattr(hf, "hidden_size", None),
+        getattr(hf, "vocab_size", None),
+    )
+
+
+def load_data(cfg: TrainConfig, say) -> tuple[list[Example], int]:
+    """Tokenized examples and the pad id; a bad --base-model or --max-length fails first."""
     from transformers import AutoTokenizer
 
+    from agiasi.model import load_config
+
+    hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if max_pos and cfg.max_length > max_pos:
+        raise AgiasiError(
+            f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise AgiasiError(
             f"could not load the tokenizer of {cfg.base_model!r}: {str(e).splitlines()[0]}"
         ) from None
-    return tok
+    dataset = cfg.dataset or str(default_dataset())
+    examples = tokenize_records(load_records(dataset), tok, cfg.max_length, log=say)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    say(
+        f"data: {dataset}: {len(examples)} examples, {n_tokens:,} tokens (max length {cfg.max_length})"
+    )
+    return examples, pad_id
+
+
+def build_optimizer(
+    cfg: TrainConfig, wrapper: AGIASI_SO8T_Wrapper
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter], list[dict[str, Any]]]:
+    """AdamW over LoRA (``--learning-rate``) and soul (``--soul-learning-rate``) groups."""
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    soul_ids = {id(p) for p in wrapper.soul.parameters()} if wrapper.soul is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in soul_ids], "lr": cfg.learning_rate}]
+    soul_params = [p for p in params if id(p) in soul_ids]
+    if soul_params:
+        groups.append({"params": soul_params, "lr": cfg.soul_learning_rate or cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return optimizer, params, groups
+
+
+def restore(
+    state: dict[str, Any],
+    resume_from: Path,
+    wrapper: AGIASI_SO8T_Wrapper,
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict[str, Any]],
+    stream: BatchStream,
+    cfg: TrainConfig,
+    d: Dist,
+    say,
+) -> int:
+    """Weights, optimizer, data position and RNG of a step folder; returns its step."""
+    load_into(wrapper, resume_from)
+    if state.get("world_size", 1) * state.get("batch_size", 1) != d.world_size * cfg.batch_size:
+        say("warning: resuming with another global batch size; the data order shifts")
+    optimizer.load_state_dict(state["optimizer"])
+    for group, want in zip(optimizer.param_groups, groups, strict=True):
+        group["lr"] = want["lr"]  # the flags of this run win over the saved ones
+        group["weight_decay"] = cfg.weight_decay
+    stream.position = int(state["data_position"])
+    rng = state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"]
+    _set_rng_state(rng)
+    say(f"resume: from {resume_from} (step {int(state['step'])})")
+    return int(state["step"])
+
+
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """What the α schedule will do that the user may not expect, or None."""
+    if not cfg.soul or cfg.alpha_mode != "schedule":
+        return None
+    at_target = cfg.max_steps - cfg.warmup_steps - cfg.annealing_steps
+    if at_target < 0:
+        last = linear_annealing(
+            cfg.max_steps - 1,
+            cfg.warmup_steps,
+            cfg.annealing_steps,
+            cfg.alpha_start,
+            cfg.alpha_target,
+        )
+        return (
+            f"warning: warmup ({cfg.warmup_steps}) + annealing ({cfg.annealing_steps}) > max steps "
+            f"({cfg.max_steps}): α will stop at {last:.3f}, short of {cfg.alpha_target:.3f}"
+        )
+    if cfg.soul_mix == "residual" and at_target < MIN_STEPS_AT_TARGET:
+        gate = float(gate_of(cfg.alpha_target))
+        return (
+            f"warning: only {at_target} step(s) at α = {cfg.alpha_target:.3f} after the anneal. "
+            f"The residual mix scales the logits by ≈ {1 + gate:.2f} while R is near the identity "
+            "and the LoRA needs steps there to absorb it (on the shipped tiny model 6 such steps "
+            "end above the base's held-out perplexity, 10 below). "
+            "Raise --max-steps, shorten --annealing-steps, or use --soul-mix convex."
+        )
+    return None
+
+
+def save_step(
+    wrapper: AGIASI_SO8T_Wrapper,
+    optimizer: torch.optim.Optimizer,
+    stream: BatchStream,
+    cfg: TrainConfig,
+    d: Dist,
+    step: int,
+) -> Path:
+    """A step folder with what resume needs (every rank's RNG); rank 0 writes."""
+    rng_all: Any = _rng_state()
+    if d.enabled:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * d.world_size
+        dist.all_gather_object(gathered, rng_all)
+        rng_all = gathered
+    folder = Path(cfg.output_dir) / f"step_{step}"
+    if d.main:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "data_position": stream.position,
+            "rng": rng_all,
+            "world_size": d.world_size,
+            "batch_size": cfg.batch_size,
+        }
+        write_step(wrapper, folder, step, trainer_state=trainer_state, train_config=asdict(cfg))
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return folder
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -283,6 +480,34 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
 
+def _last_loss(path: Path, step: int) -> float:
+    if path.is_file():
+        for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step") == step and isinstance(rec.get("loss"), (int, float)):
+                return float(rec["loss"])
+    return float("nan")
+
+
+def _prepare_run_folder(out_dir: Path, cfg: TrainConfig, start_step: int, say) -> None:
+    """The first writes of the run, after everything that can fail at start-up has passed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        replace_previous_run(out_dir, say)
+    for stale in clean_stale_temp(out_dir / "step_0", pattern=".step_*.*-*"):
+        say(f"resume: removed {stale.name}, a step folder a killed run left half-written")
+    _trim_metrics(out_dir / METRICS, start_step)
+    (out_dir / TRAIN_CONFIG).write_text(
+        json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
 def train(cfg: TrainConfig, log=None) -> TrainResult:
     """Train LoRA + soul (or LoRA alone with ``soul=False``) and write step folders."""
     cfg.validate()
@@ -292,134 +517,60 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         say = lambda msg: None  # noqa: E731
     out_dir = Path(cfg.output_dir)
     device = _device(cfg, d)
+    lock = RunLock(out_dir)
+    if d.main:
+        lock.acquire()
+    try:
+        if d.main:
+            check_output_dir(out_dir, cfg)
+        return _train(cfg, d, device, out_dir, say)
+    finally:
+        lock.release()
 
-    # ---- resume point (decided before anything random happens)
-    resume_from: Path | None = None
-    if cfg.resume:
-        if cfg.resume == "auto":
-            resume_from = find_resume_checkpoint(out_dir, say)
-            if resume_from is None:
-                say(f"resume: no complete checkpoint in {out_dir}, starting from step 0")
-        else:
-            resume_from = Path(cfg.resume)
-            problem = checkpoint_problem(resume_from)
-            if problem is not None:
-                raise AgiasiError(f"cannot resume from {cfg.resume!r}: {problem}")
 
-    # ---- data
-    torch.manual_seed(cfg.seed)
-    from agiasi.model import load_config
-
-    # clear errors for a bad --base-model or --max-length, before the data and the weights load
-    hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
-    max_pos = getattr(hf_config, "max_position_embeddings", None)
-    if max_pos and cfg.max_length > max_pos:
-        raise AgiasiError(
-            f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
+def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> TrainResult:
+    resume_from = resolve_resume(cfg, out_dir, say)
+    state = None
+    if resume_from is not None:
+        _check_resume_base(cfg, resume_from)
+        state = safe_torch_load(resume_from / TRAINER_STATE)
+    if state is not None and int(state["step"]) >= cfg.max_steps:
+        done = int(state["step"])
+        if done > cfg.max_steps:
+            raise AgiasiError(
+                f"{resume_from} is at step {done}, past --max-steps {cfg.max_steps}: nothing "
+                "to train (raise --max-steps to continue the run)"
+            )
+        say(f"done: {resume_from} is already at --max-steps {cfg.max_steps}; nothing to train")
+        return TrainResult(
+            out_dir, resume_from, done, _last_loss(out_dir / METRICS, done), out_dir / METRICS
         )
-    tokenizer = _load_tokenizer(cfg)
-    dataset = cfg.dataset or str(default_dataset())
-    examples = tokenize_records(load_records(dataset), tokenizer, cfg.max_length)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    n_tokens = sum(len(e.input_ids) for e in examples)
-    say(
-        f"data: {dataset}: {len(examples)} examples, {n_tokens:,} tokens (max length {cfg.max_length})"
-    )
 
-    # ---- model
+    torch.manual_seed(cfg.seed)
+    examples, pad_id = load_data(cfg, say)
+
     torch.manual_seed(cfg.seed)
     wrapper = AGIASI_SO8T_Wrapper(config=cfg.model_config(), device=device)
     wrapper.train()
-    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer, params, groups = build_optimizer(cfg, wrapper)
     _broadcast(params, d)
-    soul_ids = {id(p) for p in wrapper.soul.parameters()} if wrapper.soul is not None else set()
-    groups = [{"params": [p for p in params if id(p) not in soul_ids], "lr": cfg.learning_rate}]
-    soul_params = [p for p in params if id(p) in soul_ids]
-    if soul_params:
-        groups.append({"params": soul_params, "lr": cfg.soul_learning_rate or cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     counts = wrapper.trainable_parameters()
     say(
         f"model: {cfg.base_model} ({wrapper.hf_config.model_type}, H={wrapper.hidden_size}, "
         f"{cfg.quantization}); trainable LoRA {counts['lora']:,} + soul {counts['soul']:,}"
+        + (f" ({cfg.soul_mix} mix)" if cfg.soul else "")
         + (f"; {d.world_size} ranks" if d.enabled else "")
     )
-
-    start_step = 0
     stream = BatchStream(examples, cfg.batch_size, pad_id, cfg.seed, d.rank, d.world_size)
-    if resume_from is not None:
-        load_into(wrapper, resume_from)
-        state = safe_torch_load(resume_from / TRAINER_STATE)
-        if state.get("world_size", 1) * state.get("batch_size", 1) != d.world_size * cfg.batch_size:
-            say("warning: resuming with another global batch size; the data order shifts")
-        optimizer.load_state_dict(state["optimizer"])
-        for group, want in zip(optimizer.param_groups, groups, strict=True):
-            group["lr"] = want["lr"]  # the flags of this run win over the saved ones
-            group["weight_decay"] = cfg.weight_decay
-        start_step = int(state["step"])
-        stream.position = int(state["data_position"])
-        rng = state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"]
-        _set_rng_state(rng)
-        say(f"resume: from {resume_from} (step {start_step})")
-
+    start_step = 0
+    if state is not None:
+        start_step = restore(state, resume_from, wrapper, optimizer, groups, stream, cfg, d, say)
     if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in clean_stale_temp(out_dir / "step_0", pattern=".step_*.*-*"):
-            say(f"resume: removed {stale.name}, a step folder a killed run left half-written")
-        _trim_metrics(out_dir / METRICS, start_step)
-        (out_dir / TRAIN_CONFIG).write_text(
-            json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n"
-        )
+        _prepare_run_folder(out_dir, cfg, start_step, say)
+    warning = schedule_warning(cfg)
+    if warning:
+        say(warning)
 
-    def save(step: int) -> Path:
-        rng_all: Any = _rng_state()
-        if d.enabled:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * d.world_size
-            dist.all_gather_object(gathered, rng_all)
-            rng_all = gathered
-        folder = out_dir / f"step_{step}"
-        if d.main:
-            trainer_state = {
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "data_position": stream.position,
-                "rng": rng_all,
-                "world_size": d.world_size,
-                "batch_size": cfg.batch_size,
-            }
-
-            def extra(tmp: Path) -> None:
-                torch.save(trainer_state, tmp / TRAINER_STATE)
-                (tmp / TRAIN_CONFIG).write_text(
-                    json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n"
-                )
-
-            write_step(wrapper, folder, step, extra=extra)
-        if d.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return folder
-
-    at_target = cfg.max_steps - cfg.warmup_steps - cfg.annealing_steps
-    if cfg.soul and cfg.alpha_mode == "schedule" and at_target < 0:
-        say(
-            f"warning: warmup ({cfg.warmup_steps}) + annealing ({cfg.annealing_steps}) > max steps "
-            f"({cfg.max_steps}): α will stop at {linear_annealing(cfg.max_steps - 1, cfg.warmup_steps, cfg.annealing_steps, cfg.alpha_start, cfg.alpha_target):.3f}, short of {cfg.alpha_target:.3f}"
-        )
-    elif cfg.soul and cfg.alpha_mode == "schedule" and at_target < MIN_STEPS_AT_TARGET:
-        gate = 1 / (1 + math.exp(-cfg.alpha_target))
-        say(
-            f"warning: only {at_target} step(s) at α = {cfg.alpha_target:.3f} after the anneal. "
-            f"The open gate scales the logits by ≈ {1 + gate:.2f} while R is near the identity "
-            "and the LoRA needs steps there to absorb it (on the shipped tiny model 6 such steps "
-            "end above the base's held-out perplexity, 10 below). "
-            "Raise --max-steps or shorten --annealing-steps."
-        )
     soul = wrapper.soul
     bar = None
     if d.main and cfg.progress:
@@ -493,6 +644,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 "alpha": float(soul.alpha.detach()) if soul is not None else None,
                 "gate": float(soul.gate().detach()) if soul is not None else None,
                 "phase": soul.phase() if soul is not None else None,
+                "rotation_distance": soul.rotation_distance() if soul is not None else None,
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
                 "tokens": tokens * d.world_size,
@@ -515,7 +667,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if done % cfg.save_steps == 0 or done == cfg.max_steps:
-                last_saved = save(done)
+                last_saved = save_step(wrapper, optimizer, stream, cfg, d, done)
     finally:
         if bar is not None:
             bar.close()

@@ -38,19 +38,24 @@ def test_shipped_model_writes_japanese():
 
 def test_demo_default_run(tmp_path, capsys):
     """The demo as shipped (60 steps, α through every phase): it writes what it says, its export
-    is within tolerance, and injection training lowers held-out perplexity — the gate opens to
-    σ(φ) ≈ 0.83 and the LoRA absorbs it while learning the (unseen) manual."""
+    is within tolerance, and injection training lowers held-out perplexity. With the default
+    convex mix the soul run scores as the plain-QLoRA control does; the note's residual mix
+    (gate open at σ(φ) ≈ 0.83 scales the logits) costs perplexity, shown on its own line."""
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "== agiasi demo ==" in printed and "held-out perplexity" in printed
+    assert "after soul injection (convex mix, default)" in printed
+    assert "the note's residual mix h + g·R h" in printed
     report = json.loads((out / "demo_report.json").read_text())
     ckpt = out / "run_soul" / "step_60"
     assert sorted(os.listdir(ckpt)) == TRAINED_STEP_FILES
     soul = json.loads((ckpt / "soul.json").read_text())["soul"]
     assert abs(soul["alpha"] - (1 + 5**0.5) / 2) < 1e-6 and soul["gate"] > 0.83
     assert (out / "run_control" / "step_60" / "soul.json").exists()
+    resid = json.loads((out / "run_residual" / "step_60" / "soul.json").read_text())["soul"]
+    assert soul["mix"] == "convex" and resid["mix"] == "residual"
     assert (out / "run_soul" / "phase_transition.png").exists()
     exp = out / "export"
     names = sorted(os.listdir(exp))
@@ -68,6 +73,8 @@ def test_demo_default_run(tmp_path, capsys):
         f"held-out ppl: base {p['base']:.2f}, soul {p['soul']:.2f}, control {p['control_no_soul']:.2f}"
     )
     assert p["soul"] < p["base"] and p["control_no_soul"] < p["base"]
+    assert p["soul"] <= p["control_no_soul"] * 1.01  # the convex soul costs nothing
+    assert p["residual_mix"] > p["soul"] * 1.1  # the note's mix does
     # the exported (merged + folded) model scores what the trained checkpoint scored
     assert er["eval_text"]["window"] == 256 and er["eval_text"]["tokens"] == p["tokens"]
     assert abs(er["parity"]["hf"]["ppl"] / p["soul"] - 1) < 0.01
@@ -77,6 +84,9 @@ def test_demo_default_run(tmp_path, capsys):
     metrics = [json.loads(x) for x in (out / "run_soul" / "metrics.jsonl").read_text().splitlines()]
     phases = {m["phase"] for m in metrics}
     assert {"🔵 Stable", "🟡 Transitioning", "🟢 Golden Ratio Reached"} <= phases
+    # the rotation moved away from the identity, and stayed orthogonal
+    assert metrics[0]["rotation_distance"] > 0 and metrics[-1]["rotation_distance"] > 1e-3
+    assert max(m["ortho_loss"] for m in metrics) < 1e-5
 
 
 def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
@@ -99,9 +109,9 @@ def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
 
 
 def test_learned_alpha_lowers_heldout_perplexity_and_closes_the_gate(tmp_path):
-    """``--alpha-mode learned``: α is an optimizer parameter from −5. On this data the task loss
-    pushes it *down* — left to choose, the soul keeps its gate shut — and held-out perplexity
-    falls like the control's."""
+    """``--alpha-mode learned`` with the note's residual mix: α is an optimizer parameter from
+    −5. On this data the task loss pushes it *down* — left to choose, the residual soul keeps its
+    gate shut (opening it scales the logits) — and held-out perplexity falls like the control's."""
     from agiasi.data import default_heldout
     from agiasi.evaluate import EvalConfig, evaluate
     from agiasi.train import TrainConfig, train
@@ -122,6 +132,7 @@ def test_learned_alpha_lowers_heldout_perplexity_and_closes_the_gate(tmp_path):
             soul_learning_rate=5e-2,
             save_steps=24,
             alpha_mode="learned",
+            soul_mix="residual",
             seed=0,
             progress=False,
         ),

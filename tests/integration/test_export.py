@@ -11,7 +11,8 @@ import torch
 
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
-from agiasi.export import ExportConfig, check_plain, export, fold_soul, merge_lora
+from agiasi.export import ExportConfig, export
+from agiasi.merge import check_plain, fold_soul, merge_lora
 from tests.helpers import (
     build_tiny_llama_with_tokenizer,
     build_tiny_phi3_longrope_with_tokenizer,
@@ -214,7 +215,7 @@ def test_merge_lora_equals_peft_merge(tiny_phi3):
 def test_fold_soul_unties_and_check_plain_refuses_leftovers():
     sd = {"model.embed_tokens.weight": torch.randn(10, 8)}
     r = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
-    out = fold_soul(sd, r, 0.5, tied=True)
+    out = fold_soul(sd, r, 0.5, tied=True, mix="residual")
     assert "lm_head.weight" in out and torch.equal(
         out["model.embed_tokens.weight"], sd["model.embed_tokens.weight"]
     )
@@ -262,3 +263,32 @@ def test_unknown_architecture_export_is_refused(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "does not support architecture 'gpt2'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mix", ["residual", "legacy"])
+def test_the_notes_residual_mix_exports_exactly_too(tiny_phi3_tok, tmp_path, mix):
+    """Default exports are convex (the fixture above); the note's residual mix folds as
+    W + g·W R, also for step folders written before the option existed."""
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10", soul_mix="residual")
+    if mix == "legacy":
+        meta = json.loads((ckpt / "soul.json").read_text(encoding="utf-8"))
+        del meta["model"]["soul_mix"], meta["soul"]["mix"]
+        (ckpt / "soul.json").write_text(json.dumps(meta), encoding="utf-8")
+    report = export(
+        ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), gguf="f32", num_ctx=512),
+        log=quiet,
+    )
+    p = report["parity"]
+    assert p["wrapper_fp32 vs hf"]["max_abs_dlogit"] <= 1e-4
+    assert p["gguf f32 vs hf"]["rel_dlogit"] <= 1e-3 and p["gguf f32 vs hf"]["top1"] == 1.0
+    # and it is not the convex fold: the same checkpoint read as convex gives other logits
+    from agiasi import AGIASI_SO8T_Wrapper
+
+    ids = torch.tensor([[17, 250, 33, 401, 9]])
+    convex = AGIASI_SO8T_Wrapper.from_checkpoint(
+        ckpt, device="cpu", quantization="none", dtype="float32", soul_mix="convex"
+    ).eval()
+    with torch.no_grad():
+        want_convex = convex(ids).logits[0].numpy()
+    got = plain_transformers_logits(tmp_path / "out" / "hf", ids[0].tolist())
+    assert np.abs(got - want_convex).max() > 1e-2

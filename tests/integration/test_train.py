@@ -115,6 +115,8 @@ def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
             "0.5",
             "--learning-rate",
             "1e-2",
+            "--soul-mix",
+            "residual",
         )
         == 0
     )
@@ -123,6 +125,14 @@ def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
     state = torch.load(run / "step_5" / "trainer_state.pt", weights_only=True)
     # α is one of the optimizer's parameters (a scalar with Adam moments)
     assert any(s["exp_avg"].ndim == 0 for s in state["optimizer"]["state"].values())
+    # convex mix: at R = I the output does not depend on α (its gradient is exactly 0), so α
+    # first moves once the rotation has
+    run = tmp_path / "convex"
+    args = ("--alpha-mode", "learned", "--alpha-start", "0.5", "--learning-rate", "1e-2")
+    assert train_cli(tiny_phi3_tok, run, 5, *args) == 0
+    rows = metrics(run)
+    assert rows[0]["alpha"] == pytest.approx(0.5, abs=1e-7) and rows[0]["rotation_distance"] > 0
+    assert rows[-1]["alpha"] != pytest.approx(0.5, abs=1e-5)
 
 
 def test_control_run_without_soul(tiny_phi3_tok, tmp_path):

@@ -361,11 +361,15 @@ def test_warmup_plus_anneal_beyond_max_steps_is_allowed_but_warned(env, tmp_path
 
 
 def test_few_steps_at_the_open_gate_are_warned(env, tmp_path, capsys):
-    rc = main(_train(env, tmp_path, "--warmup-steps", "0", "--annealing-steps", "1"))
+    """Only the note's residual mix scales the logits; the default convex mix needs no warning."""
+    steps = ("--warmup-steps", "0", "--annealing-steps", "1")
+    rc = main(_train(env, tmp_path, *steps, "--soul-mix", "residual"))
     err = capsys.readouterr().err
     assert rc == 0
     assert "warning: only 1 step(s) at α = 1.618 after the anneal" in err
     assert "scales the logits by ≈ 1.83" in err
+    assert main(_train(env, tmp_path / "convex", *steps)) == 0
+    assert "step(s) at α" not in capsys.readouterr().err
     ctrl = _train(
         env, tmp_path / "ctrl", "--warmup-steps", "0", "--annealing-steps", "1", "--no-soul"
     )

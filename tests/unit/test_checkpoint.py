@@ -111,12 +111,44 @@ def test_incomplete_or_foreign_folders_are_refused(trained_ckpt, tmp_path):
 
 
 def test_failed_write_leaves_nothing(tiny_phi3, tmp_path):
+    from agiasi.checkpoint import atomic_folder, write_step_files
+
     w = make_wrapper(tiny_phi3)
-
-    def boom(tmp):
-        (tmp / "partial").write_text("x")
-        raise OSError(28, "No space left on device")
-
     with pytest.raises(AgiasiError, match="disk full"):
-        write_step(w, tmp_path / "run" / "step_1", step=1, extra=boom)
+        with atomic_folder(tmp_path / "run" / "step_1") as tmp:
+            write_step_files(w, tmp, step=1)
+            (tmp / "partial").write_text("x")
+            raise OSError(28, "No space left on device")
     assert os.listdir(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("mix", ["convex", "residual"])
+def test_the_mix_is_recorded_and_restored(tiny_phi3, tmp_path, mix):
+    w = make_wrapper(tiny_phi3, soul_mix=mix)
+    randomize_soul(w, alpha=1.2)
+    folder = write_step(w, tmp_path / "run" / "step_1", step=1)
+    meta = json.loads((folder / "soul.json").read_text(encoding="utf-8"))
+    assert meta["soul"]["mix"] == mix and meta["model"]["soul_mix"] == mix
+    assert set(torch.load(folder / "soul.pt", weights_only=True)) == {
+        "alpha",
+        "so8_rotation",
+        "step",
+    }  # soul.pt is unchanged by the option
+    w2 = AGIASI_SO8T_Wrapper.from_checkpoint(folder, device="cpu", dtype="float32")
+    assert w2.soul.config.mix == mix
+
+
+def test_a_checkpoint_from_before_the_mix_option_loads_as_residual(trained_ckpt):
+    """Step folders written before --soul-mix existed trained the note's formula."""
+    w, folder = trained_ckpt
+    meta = json.loads((folder / "soul.json").read_text(encoding="utf-8"))
+    del meta["model"]["soul_mix"], meta["soul"]["mix"]
+    (folder / "soul.json").write_text(json.dumps(meta), encoding="utf-8")
+    old = AGIASI_SO8T_Wrapper.from_checkpoint(folder, device="cpu", dtype="float32").eval()
+    assert old.soul.config.mix == "residual"
+    ids = torch.randint(3, 128, (1, 10))
+    with torch.no_grad():
+        h = old.hidden_states(ids)
+        g = old.soul.gate()
+        want = torch.nn.functional.linear(h + g * old.so8_rotation(h), old.head.weight)
+        assert (old(ids).logits - want).abs().max() <= 1e-5

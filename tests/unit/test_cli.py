@@ -44,9 +44,12 @@ def test_info_phi35_mini_shape_from_config_only(tmp_path, capsys):
     "argv, message",
     [
         (["info", "/no/such/model"], "base model not found"),
-        (["info", "{tiny}", "--rotation", "bogus"], "unknown rotation kind"),
+        (
+            ["info", "{tiny}", "--rotation", "bogus"],
+            "'bogus' is not valid (choose one of so8, full)",
+        ),
         (["info", "{tiny}", "--lora-targets", "nothing_here"], "match no module"),
-        (["info", "{tiny}", "--quantization", "int3"], "unknown quantization"),
+        (["info", "{tiny}", "--quantization", "int3"], "choose one of nf4, none"),
     ],
 )
 def test_cli_errors_are_one_clear_line(tiny_phi3, capsys, argv, message):

@@ -16,24 +16,26 @@ def _ids(vocab=128, shape=(2, 12), seed=0):
     return torch.randint(3, vocab, shape, generator=g)
 
 
+@pytest.mark.parametrize("mix", ["convex", "residual"])
 @pytest.mark.parametrize("kind", ["so8", "full"])
-def test_wrapper_logits_equal_folded_head(tiny_phi3, kind):
-    w = make_wrapper(tiny_phi3, rotation=kind).eval()
+def test_wrapper_logits_equal_folded_head(tiny_phi3, kind, mix):
+    w = make_wrapper(tiny_phi3, rotation=kind, soul_mix=mix).eval()
     randomize_soul(w)
     randomize_lora(w)
     ids = _ids()
     with torch.no_grad():
         out = w(ids)
         h = w.hidden_states(ids)
-        folded = fold_into(w.head.weight, w.soul.rotation_matrix(torch.float64), w.soul.gate())
+        folded = fold_into(w.head.weight, w.soul.rotation_matrix(torch.float64), w.soul.gate(), mix)
         plain = F.linear(h, folded)
     assert (out.logits - plain).abs().max() <= 1e-5
     # the soul really changes the logits (otherwise the check above proves nothing)
     assert (out.logits - F.linear(h, w.head.weight)).abs().max() > 1e-2
 
 
-def test_tied_embedding_model_folds_after_untie(tiny_llama_tied):
-    w = make_wrapper(tiny_llama_tied).eval()
+@pytest.mark.parametrize("mix", ["convex", "residual"])
+def test_tied_embedding_model_folds_after_untie(tiny_llama_tied, mix):
+    w = make_wrapper(tiny_llama_tied, soul_mix=mix).eval()
     randomize_soul(w)
     emb = w.causal_lm.get_input_embeddings().weight
     assert w.head.weight.data_ptr() == emb.data_ptr(), "fixture should be tied"
@@ -238,3 +240,83 @@ def test_offloaded_checkpointing_matches_standard_checkpointing(tiny_phi3):
     for k in ga:
         assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
     assert any(g.abs().sum() > 0 for k, g in gb.items() if "layers.0." in k and "lora_B" in k)
+
+
+# --------------------------------------------------------------------------- CPU compute dtype
+
+
+def _linear4bit_dtypes(w) -> set:
+    import bitsandbytes as bnb
+
+    return {m.compute_dtype for m in w.causal_lm.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_cpu_compute_dtype_defaults_to_float32(tiny_phi3, quantization):
+    """Most CPUs have no native bf16 and run it 40-70x slower: auto means float32 there."""
+    if quantization == "nf4":
+        pytest.importorskip("bitsandbytes")
+    w = make_wrapper(tiny_phi3, quantization=quantization, dtype="auto")
+    if quantization == "nf4":
+        assert _linear4bit_dtypes(w) == {torch.float32}
+    floats = {p.dtype for p in w.parameters() if p.is_floating_point()}
+    assert floats == {torch.float32}
+
+
+def test_cpu_bfloat16_is_honoured_when_asked(tiny_phi3):
+    pytest.importorskip("bitsandbytes")
+    w = make_wrapper(tiny_phi3, quantization="nf4", dtype="bfloat16")
+    assert _linear4bit_dtypes(w) == {torch.bfloat16}
+    assert w.causal_lm.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_bfloat16_on_a_cpu_without_it_warns_once(monkeypatch, capsys):
+    from agiasi import model
+
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(model, "_WARNED", set())
+    assert model.resolve_dtype("auto", "cpu") == torch.float32
+    assert capsys.readouterr().err == ""
+    assert model.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert model.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without native bf16" in err and "slower" in err
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model, "_WARNED", set())
+    model.resolve_dtype("bfloat16", "cpu")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(AgiasiError, match="unknown dtype 'float8'"):
+        model.resolve_dtype("float8", "cpu")
+
+
+def test_a_default_training_step_on_the_shipped_model_runs_no_bf16_matmul():
+    """What `agiasi train` builds by default (NF4, dtype auto) on the CPU: every matmul of a
+    forward + backward step, bitsandbytes' 4-bit backward included, runs in float32."""
+    pytest.importorskip("bitsandbytes")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from agiasi import AGIASI_SO8T_Wrapper
+    from agiasi.demo import tiny_model_path
+    from agiasi.train import TrainConfig
+
+    cfg = TrainConfig(base_model=str(tiny_model_path())).model_config()
+    assert cfg.quantization == "nf4" and cfg.dtype == "auto"
+    w = AGIASI_SO8T_Wrapper(config=cfg, device="cpu").train()
+    matmuls = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_dot_product"}
+    seen: dict[torch.dtype, int] = {}
+
+    class RecordMatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if any(name.startswith(m) for m in matmuls):
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.is_floating_point():
+                        seen[a.dtype] = seen.get(a.dtype, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    ids = _ids(vocab=8000, shape=(2, 32))
+    with RecordMatmulDtypes():
+        out = w(ids, attention_mask=torch.ones_like(ids), labels=ids, return_logits=False)
+        out.loss.backward()
+    assert seen.get(torch.float32, 0) > 50, seen
+    assert torch.bfloat16 not in seen and torch.float16 not in seen, seen

@@ -37,12 +37,44 @@ def test_so8_blocks_are_special_orthogonal_for_random_parameters():
 
 @pytest.mark.parametrize("kind", ["so8", "full"])
 def test_identity_init_is_identity(kind):
-    soul = Soul(SoulConfig(hidden_size=32, rotation=kind))
+    soul = Soul(SoulConfig(hidden_size=32, rotation=kind, mix="residual"))
     assert torch.allclose(soul.rotation_matrix(), torch.eye(32), atol=1e-6)
     h = torch.randn(2, 3, 32)
-    # R = I, so mixed = (1 + g) h exactly as the formula says
+    # R = I, so mixed = (1 + g) h exactly as the note's formula says
     g = torch.sigmoid(torch.tensor(-5.0))
     assert torch.allclose(soul(h), (1 + g) * h, atol=1e-6)
+    assert soul.rotation_distance() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["so8", "full"])
+@pytest.mark.parametrize("alpha", [-5.0, 0.0, PHI, 4.0])
+def test_convex_mix_is_the_base_at_identity_for_every_alpha(kind, alpha):
+    """The default mix costs nothing while R = I, however far the gate is open."""
+    soul = Soul(SoulConfig(hidden_size=32, rotation=kind))
+    assert soul.config.mix == "convex"
+    with torch.no_grad():
+        soul.alpha.fill_(alpha)
+    h = torch.randn(2, 3, 32)
+    assert torch.allclose(soul(h), h, atol=1e-6)
+    residual = Soul(SoulConfig(hidden_size=32, rotation=kind, mix="residual"))
+    with torch.no_grad():
+        residual.alpha.fill_(alpha)
+    assert torch.allclose(residual(h), (1 + torch.sigmoid(torch.tensor(alpha))) * h, atol=1e-6)
+
+
+def test_convex_mix_is_the_convex_combination_of_h_and_rh():
+    torch.manual_seed(0)
+    soul = Soul(SoulConfig(hidden_size=16, init="random"))
+    with torch.no_grad():
+        soul.alpha.fill_(0.3)
+    h = torch.randn(4, 16)
+    g = torch.sigmoid(torch.tensor(0.3))
+    want = (1 - g) * h + g * F.linear(h, soul.rotation_matrix())
+    assert torch.allclose(soul(h), want, atol=1e-6)
+    r = soul.rotation_matrix(torch.float64)
+    assert soul.rotation_distance() == pytest.approx(
+        float(torch.linalg.matrix_norm(r - torch.eye(16, dtype=torch.float64))), rel=1e-9
+    )
 
 
 def test_module_call_is_linear_convention():
@@ -59,18 +91,20 @@ def test_so8_needs_hidden_divisible_by_8():
     Soul(SoulConfig(hidden_size=36, rotation="full"))  # full works for any H
 
 
+@pytest.mark.parametrize("mix", ["convex", "residual"])
 @pytest.mark.parametrize("kind", ["so8", "full"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fold_into_equals_soul_then_head(kind, bias):
+def test_fold_into_equals_soul_then_head(kind, bias, mix):
     torch.manual_seed(0)
     h_dim, vocab = 32, 50
-    soul = Soul(SoulConfig(hidden_size=h_dim, rotation=kind, init="random"))
+    soul = Soul(SoulConfig(hidden_size=h_dim, rotation=kind, init="random", mix=mix))
     with torch.no_grad():
         soul.alpha.fill_(0.9)
     head = torch.nn.Linear(h_dim, vocab, bias=bias)
     x = torch.randn(3, 7, h_dim)
     want = SoulHead(head, soul)(x)
-    folded = fold_into(head.weight, soul.rotation_matrix(), soul.gate())
+    folded = fold_into(head.weight, soul.rotation_matrix(), soul.gate(), mix)
+    assert torch.allclose(folded, soul.fold_into(head.weight), atol=1e-6)
     got = F.linear(x, folded, head.bias)
     assert (got - want).abs().max() <= 1e-5
     # a fold that forgot the gate or the rotation would not match
@@ -81,16 +115,21 @@ def test_fold_into_is_pure_and_keeps_dtype():
     w = torch.randn(10, 8, dtype=torch.bfloat16)
     before = w.clone()
     r = torch.linalg.qr(torch.randn(8, 8))[0]
-    out = fold_into(w, r, 0.5)
+    out = fold_into(w, r, 0.5, "residual")
     assert out.dtype == torch.bfloat16
     assert torch.equal(w, before)
     ref = (w.double() + 0.5 * w.double() @ r.double()).to(torch.bfloat16)
     assert torch.equal(out, ref)
+    convex = fold_into(w, r, 0.5, "convex")
+    eye = torch.eye(8, dtype=torch.float64)
+    assert torch.equal(convex, (w.double() + 0.5 * w.double() @ (r.double() - eye)).to(w.dtype))
 
 
 def test_fold_into_rejects_mismatched_shapes():
     with pytest.raises(AgiasiError, match="cannot fold"):
-        fold_into(torch.randn(10, 8), torch.eye(6), 0.5)
+        fold_into(torch.randn(10, 8), torch.eye(6), 0.5, "convex")
+    with pytest.raises(AgiasiError, match="unknown soul mix 'sum'"):
+        fold_into(torch.randn(10, 8), torch.eye(8), 0.5, "sum")
 
 
 @pytest.mark.parametrize("kind", ["so8", "full"])

@@ -1,0 +1,267 @@
+"""Merge the LoRA and fold the soul: pure functions on tensors and state dicts.
+
+For every LoRA pair, ``W + (lora_alpha / r) · B A``; for the head, the soul's fold
+(:func:`agiasi.soul.fold_into`). All arithmetic in float64, then cast to the output dtype.
+PEFT's ``merge_and_unload`` works on live modules and a whole model in memory; the export needs
+the merge on any base (the original 16-bit weights or the NF4-dequantized weights the LoRA was
+trained against) one tensor at a time, so the one line ``W += s·B A`` is written here.
+
+:func:`merged_tensors` is the streaming form the export uses: it reads the base's safetensors
+lazily and yields final tensors one by one, so peak memory is about one tensor (plus float64
+row blocks of it), never a model. :func:`merge_lora` and :func:`fold_soul` are the same math on
+whole state dicts, for tests and small models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agiasi.errors import AgiasiError
+from agiasi.soul import LEGACY_MIX, Soul, SoulConfig, fold_into, gate_of
+
+HEAD_KEY = "lm_head.weight"
+EMBED_KEY = "model.embed_tokens.weight"
+# float64 row blocks: a 32064 × 3072 head is 788 MB in float64; 4096 rows are 100 MB.
+ROW_BLOCK = 4096
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def merge_tensor(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``W + scaling · B A`` in float64, row block by row block, cast to ``out_dtype``."""
+    if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1] or a.shape[0] != b.shape[1]:
+        raise AgiasiError(
+            f"LoRA shapes B {tuple(b.shape)} · A {tuple(a.shape)} do not fit W {tuple(w.shape)}"
+        )
+    out = torch.empty(w.shape, dtype=out_dtype)
+    a64 = a.double()
+    for r0 in range(0, w.shape[0], ROW_BLOCK):
+        rows = slice(r0, r0 + ROW_BLOCK)
+        out[rows] = (w[rows].double() + scaling * (b[rows].double() @ a64)).to(out_dtype)
+    return out
+
+
+def fold_head(
+    head: torch.Tensor, rotation: torch.Tensor, alpha: float, mix: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The soul folded into the head (:func:`agiasi.soul.fold_into`) row block by row block."""
+    out = torch.empty(head.shape, dtype=out_dtype)
+    gate = gate_of(alpha)
+    r64 = rotation.double()
+    for r0 in range(0, head.shape[0], ROW_BLOCK):
+        rows = slice(r0, r0 + ROW_BLOCK)
+        out[rows] = fold_into(head[rows].double(), r64, gate, mix).to(out_dtype)
+    return out
+
+
+def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """What the NF4 model computed with: quantize to NF4 (blocksize 64, double quant) and back."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        raise AgiasiError(
+            "--merge-base nf4 needs bitsandbytes: pip install bitsandbytes (or --merge-base w16)"
+        ) from None
+    q, state = bnbf.quantize_4bit(
+        w.float().contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True
+    )
+    return bnbf.dequantize_4bit(q, state).to(w.dtype)
+
+
+def is_quantized_linear(key: str, shape: tuple[int, ...]) -> bool:
+    """bitsandbytes quantizes every nn.Linear but the head (embeddings and norms stay)."""
+    return (
+        len(shape) == 2
+        and key.endswith(".weight")
+        and "embed" not in key
+        and not key.startswith("lm_head")
+    )
+
+
+def lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{base weight key: (A, B)}`` from a PEFT adapter state dict; anything else is refused."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in adapter.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            stem, rest = key.split(".lora_", 1)
+            pairs.setdefault(stem, {})[rest[0]] = t
+        else:
+            raise AgiasiError(f"unexpected adapter tensor {key!r} (only LoRA A/B are merged)")
+    out = {}
+    for stem, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AgiasiError(f"LoRA pair for {stem!r} is incomplete (have {sorted(ab)})")
+        out[_base_key(stem) + ".weight"] = (ab["A"], ab["B"])
+    return out
+
+
+def _base_key(peft_stem: str) -> str:
+    for prefix in ("base_model.model.", "base_model."):
+        if peft_stem.startswith(prefix):
+            return peft_stem[len(prefix) :]
+    return peft_stem
+
+
+def rotation_from_state(info: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
+    """Dense R (float64) from ``soul.json``'s soul section and ``soul.pt``'s rotation."""
+    soul = Soul(SoulConfig(hidden_size=info["hidden_size"], rotation=info["kind"]))
+    try:
+        soul.rotation.load_state_dict(state["so8_rotation"])
+    except (RuntimeError, KeyError) as e:
+        raise AgiasiError(f"soul.pt does not fit its soul.json: {e}") from None
+    with torch.no_grad():
+        return soul.rotation_matrix(torch.float64)
+
+
+@dataclass
+class SoulFold:
+    """What the head fold needs: R, α and the mix (checkpoints before the option: residual)."""
+
+    rotation: torch.Tensor
+    alpha: float
+    mix: str = LEGACY_MIX
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def merge_lora(
+    base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], lora_alpha: float, r: int
+) -> dict[str, torch.Tensor]:
+    """New state dict with ``W + (lora_alpha / r) · B A`` for every LoRA pair (float64 math)."""
+    out = dict(base)
+    for target, (a, b) in lora_pairs(adapter).items():
+        if target not in base:
+            raise AgiasiError(f"LoRA targets {target!r}, which the base model does not have")
+        out[target] = merge_tensor(base[target], a, b, lora_alpha / r, base[target].dtype)
+    return out
+
+
+def fold_soul(
+    sd: dict[str, torch.Tensor],
+    rotation: torch.Tensor,
+    alpha: float,
+    tied: bool,
+    mix: str,
+    head_key: str = HEAD_KEY,
+    embed_key: str = EMBED_KEY,
+) -> dict[str, torch.Tensor]:
+    """New state dict whose head carries the soul; a tied head is untied into its own tensor."""
+    out = dict(sd)
+    if head_key in out and not tied:
+        head = out[head_key]
+    elif embed_key in out:
+        head = out[embed_key]  # untie: the embedding stays as it was
+    else:
+        raise AgiasiError(f"cannot fold: neither {head_key} nor {embed_key} is in the state dict")
+    out[head_key] = fold_head(head, rotation, float(alpha), mix, head.dtype)
+    return out
+
+
+def check_plain(keys) -> None:
+    """Refuse weights that still carry LoRA or soul tensors (a state dict or its keys)."""
+    bad = [k for k in keys if "lora_" in k or "soul" in k or "so8_rotation" in k]
+    bad += [k for k in keys if ".base_layer." in k]
+    if bad:
+        raise AgiasiError(
+            f"the merged model still has {len(bad)} LoRA/soul tensor(s), e.g. {bad[0]}; "
+            "merge the adapter and fold the soul before saving"
+        )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class LazyWeights:
+    """Tensor names and shapes of a folder's safetensors, read one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        from safetensors import SafetensorError, safe_open
+
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise AgiasiError(f"{folder} has no .safetensors weights")
+        try:
+            self._handles = [safe_open(str(f), framework="pt") for f in files]
+        except (SafetensorError, OSError) as e:
+            raise AgiasiError(
+                f"could not read the weights in {folder} ({e}); an interrupted download?"
+            ) from None
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def num_params(self) -> int:
+        return sum(math.prod(self.shape(k)) for k in self._where)
+
+
+@dataclass
+class MergePlan:
+    """Everything the stream needs; built once, before any tensor is read."""
+
+    base: LazyWeights
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+    merge_base: str  # "w16" or "nf4"
+    dtype: torch.dtype
+    tied: bool
+    soul: SoulFold | None
+
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every tensor the stream yields, in order (for headers up front)."""
+        keys = [k for k in self.base.keys() if not k.endswith("rotary_emb.inv_freq")]
+        head_src = self.head_source()
+        shapes = {k: self.base.shape(k) for k in keys if k != HEAD_KEY}
+        shapes[HEAD_KEY] = self.base.shape(head_src)
+        missing = [k for k in self.lora if k not in shapes]
+        if missing:
+            raise AgiasiError(f"LoRA targets {missing[0]!r}, which the base model does not have")
+        return shapes
+
+    def head_source(self) -> str:
+        if HEAD_KEY in self.base and not self.tied:
+            return HEAD_KEY
+        if EMBED_KEY in self.base:
+            return EMBED_KEY
+        raise AgiasiError(f"the base model has neither {HEAD_KEY} nor {EMBED_KEY}")
+
+
+def merged_tensor(plan: MergePlan, key: str) -> torch.Tensor:
+    """The final value of one output tensor: base (NF4 round trip if asked) → LoRA → fold."""
+    src = plan.head_source() if key == HEAD_KEY else key
+    w = plan.base.get(src).to(plan.dtype)  # what from_pretrained(dtype=…) would hold
+    if plan.merge_base == "nf4" and key != HEAD_KEY and is_quantized_linear(key, tuple(w.shape)):
+        w = nf4_roundtrip(w)
+    if key in plan.lora:
+        a, b = plan.lora[key]
+        w = merge_tensor(w, a, b, plan.scaling, plan.dtype)
+    if key == HEAD_KEY and plan.soul is not None:
+        w = fold_head(w, plan.soul.rotation, plan.soul.alpha, plan.soul.mix, plan.dtype)
+    elif key == HEAD_KEY and src != HEAD_KEY:
+        w = w.clone()  # untied copy of the embedding
+    return w.contiguous()
+
+
+def merged_tensors(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Final tensors one at a time, in :meth:`MergePlan.output_shapes` order."""
+    for key in plan.output_shapes():
+        yield key, merged_tensor(plan, key)
