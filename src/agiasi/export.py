@@ -156,11 +156,14 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         read_manifest,
         safe_torch_load,
     )
+    from agiasi.evaluate import eval_text
     from agiasi.gguf import KQUANT_TYPES, SENTENCEPIECE_ARCHS, _arch, parse_types, trained_context
     from agiasi.model import ModelConfig, checkpoint_model_config, load_config
 
     check(cfg)
     types = parse_types(cfg.gguf) if cfg.gguf else []
+    if cfg.measure:
+        eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
     if cfg.output_tensor_type:
         parse_types(cfg.output_tensor_type)
     ckpt = Path(cfg.checkpoint)
@@ -431,21 +434,24 @@ def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
 
 
 def write_ggufs(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say) -> dict[str, Path]:
-    """Direct types from the HF folder (one tensor at a time); K-quants from an F16."""
-    from agiasi.gguf import KQUANT_TYPES, quantize_gguf, write_gguf
+    """F32/F16/BF16 from the HF folder (one tensor at a time); K-quants, and Q8_0 where
+    llama.cpp's quantizer is installed, from an F16 (else Q8_0 through gguf-py)."""
+    from agiasi.gguf import KQUANT_TYPES, have_quantizer, quantize_gguf, write_gguf
 
     ggufs: dict[str, Path] = {}
     types = plan.types
-    need_f16 = any(t in KQUANT_TYPES for t in types)
-    direct = [t for t in types if t not in KQUANT_TYPES]
+    from_f16 = [t for t in types if t in KQUANT_TYPES or (t == "q8_0" and have_quantizer())]
+    need_f16 = bool(from_f16)
+    direct = [t for t in types if t not in from_f16]
     for t in direct + (["f16"] if need_f16 and "f16" not in types else []):
         ggufs[t] = write_gguf(
             hf_dir, folder / f"{plan.stem}-{t}.gguf", t, plan.cfg.output_tensor_type
         )
         maybe_crash("export_gguf_written")
         log(f"export: {ggufs[t].name}")
-    for t in [t for t in types if t in KQUANT_TYPES]:
-        ggufs[t] = quantize_gguf(ggufs["f16"], folder / f"{plan.stem}-{t}.gguf", t)
+    for t in from_f16:
+        out = folder / f"{plan.stem}-{t}.gguf"
+        ggufs[t] = quantize_gguf(ggufs["f16"], out, t, plan.cfg.output_tensor_type)
         log(f"export: {ggufs[t].name}")
     if need_f16 and "f16" not in types:
         ggufs.pop("f16").unlink()

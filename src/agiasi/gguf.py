@@ -334,8 +334,22 @@ def quiet_llama_cpp() -> None:
     llama_cpp.llama_log_set(_drop, None)
 
 
-def quantize_gguf(src: str | os.PathLike, out_path: str | os.PathLike, gguf_type: str) -> Path:
-    """K-quant ``src`` (F16/F32 GGUF) with llama.cpp's own quantizer (llama-cpp-python)."""
+def have_quantizer() -> bool:
+    """Whether llama.cpp's quantizer (llama-cpp-python) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def quantize_gguf(
+    src: str | os.PathLike,
+    out_path: str | os.PathLike,
+    gguf_type: str,
+    output_tensor_type: str | None = None,
+) -> Path:
+    """Quantize ``src`` (an F16/F32 GGUF) with llama.cpp's own quantizer (llama-cpp-python):
+    the K-quants, which only it makes, and Q8_0, which it makes multithreaded (gguf-py's numpy
+    Q8_0 took ~40 s on one core for a 3.8 B model)."""
     try:
         import llama_cpp
     except ImportError:
@@ -344,9 +358,19 @@ def quantize_gguf(src: str | os.PathLike, out_path: str | os.PathLike, gguf_type
             "(F32/F16/BF16/Q8_0 need only the gguf package)"
         ) from None
     ftypes = {
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
         "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
         "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
         "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+    }
+    ggml_types = {
+        "f32": llama_cpp.GGML_TYPE_F32,
+        "f16": llama_cpp.GGML_TYPE_F16,
+        "bf16": getattr(llama_cpp, "GGML_TYPE_BF16", llama_cpp.GGML_TYPE_F16),
+        "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+        "q4_k_m": llama_cpp.GGML_TYPE_Q4_K,
+        "q5_k_m": llama_cpp.GGML_TYPE_Q5_K,
+        "q6_k": llama_cpp.GGML_TYPE_Q6_K,
     }
     quiet_llama_cpp()
     out_path = Path(out_path)
@@ -354,6 +378,8 @@ def quantize_gguf(src: str | os.PathLike, out_path: str | os.PathLike, gguf_type
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[gguf_type]
     params.nthread = os.cpu_count() or 1
+    if output_tensor_type:
+        params.output_tensor_type = ggml_types[output_tensor_type]
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)

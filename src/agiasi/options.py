@@ -94,7 +94,10 @@ def parse_int(value: Any) -> int:
     try:
         return int(text)
     except ValueError:
-        number = float(text)  # "1e3" in a file
+        try:
+            number = float(text)  # "1e3" in a file
+        except ValueError:
+            raise ValueError("expected an integer") from None
         if not number.is_integer():
             raise ValueError("expected an integer") from None
         return int(number)
@@ -103,7 +106,10 @@ def parse_int(value: Any) -> int:
 def parse_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
-    return float(value)
+    try:
+        return float(value)
+    except (ValueError, TypeError):
+        raise ValueError("expected a number") from None
 
 
 def converter(tp: Any) -> tuple[Callable[[Any], Any], tuple[str, ...] | None, bool]:

@@ -132,11 +132,19 @@ def measure_dtype(n_params: int, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _release(*objs: Any) -> None:
-    del objs
+def release_memory() -> None:
+    """Give a freed model's memory back (call after ``del model``): collect its reference cycles,
+    empty the CUDA cache, and on glibc return the freed heap to the OS — tensors under 32 MB come
+    from the heap, which glibc keeps otherwise, so the next model would stack on top of it."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool) -> list:
@@ -152,6 +160,7 @@ def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool)
         base_model=mcfg.base_model,
         trust_remote_code=mcfg.trust_remote_code,
     )
+    decoder = None
     if as_trained:
         wrapper = AGIASI_SO8T_Wrapper.from_checkpoint(inp.checkpoint, **common).eval()
     else:
@@ -170,7 +179,8 @@ def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool)
             wrapper(torch.tensor([p], device=device)).logits[0].float().cpu().numpy()
             for p in prompts
         ]
-    _release(wrapper)
+    del wrapper, decoder
+    release_memory()
     return out
 
 
@@ -203,12 +213,14 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
             t_l = _wrapper_logits(inp, prompts, device, None, as_trained=True)
             report["merge_bases"] = {}
             for kind, plan in inp.merge_plans.items():
-                sd = dict(merged_tensors(plan))
-                m = AutoModelForCausalLM.from_config(inp.hf_config, dtype=torch.float32)
-                m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-                m.eval()
+                m = AutoModelForCausalLM.from_config(inp.hf_config, dtype=torch.float32).eval()
+                params = m.state_dict()
+                with torch.no_grad():  # streamed in: one merged tensor at a time
+                    for key, t in merged_tensors(plan):
+                        params[key].copy_(t)
                 report["merge_bases"][kind] = compare_all(t_l, [hf_logits(m, p) for p in prompts])
-                _release(m, sd)
+                del m, params
+                release_memory()
             log("export: measured both merge bases")
 
         hf_l = None
@@ -234,7 +246,8 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
             report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": window}
             report["parity"]["hf"] = {"ppl": perplexity(lambda c: hf_logits(hf, c), ids, window)}
             greedy_hf = hf_greedy(hf, prompts[0], 32)
-            _release(hf)
+            del hf
+            release_memory()
 
         stage = "gguf"
         if not inp.ggufs:

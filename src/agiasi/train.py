@@ -244,8 +244,8 @@ class RunLock:
             self.out_dir.rmdir()  # a run that failed at start-up leaves no empty folder behind
 
 
-def check_output_dir(out_dir: Path, cfg: TrainConfig) -> None:
-    """A folder we can write, and not another run's unless this run continues or replaces it."""
+def check_output_path(out_dir: Path) -> None:
+    """A folder we can create or write (checked before the lock creates anything)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise AgiasiError(f"--output-dir {out_dir} is a file; pass a folder")
     existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
@@ -253,6 +253,10 @@ def check_output_dir(out_dir: Path, cfg: TrainConfig) -> None:
         raise AgiasiError(f"--output-dir {out_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise AgiasiError(f"--output-dir {out_dir}: {existing} is not writable")
+
+
+def check_output_dir(out_dir: Path, cfg: TrainConfig) -> None:
+    """Not another run's folder, unless this run continues or replaces it (under the lock)."""
     if cfg.resume or cfg.overwrite or not out_dir.is_dir():
         return
     taken = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
@@ -519,6 +523,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     device = _device(cfg, d)
     lock = RunLock(out_dir)
     if d.main:
+        check_output_path(out_dir)
         lock.acquire()
     try:
         if d.main:
