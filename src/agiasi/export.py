@@ -36,7 +36,6 @@ import torch
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 from agiasi.merge import (
-    LazyWeights,
     MergePlan,
     SoulFold,
     check_plain,
@@ -46,6 +45,7 @@ from agiasi.merge import (
 )
 from agiasi.model import DType
 from agiasi.options import check, option
+from agiasi.weights import LazyWeights
 
 MergeBase = Literal["auto", "w16", "nf4"]
 MERGE_BASES = ("w16", "nf4")
@@ -407,7 +407,7 @@ def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
     """
     from transformers import AutoTokenizer, GenerationConfig
 
-    from agiasi.shards import write_sharded
+    from agiasi.weights import write_sharded
 
     hf_dir.mkdir()
     new_cfg = exported_config(plan.hf_config, plan.dtype)

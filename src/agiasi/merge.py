@@ -14,16 +14,15 @@ whole state dicts, for tests and small models.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from agiasi.errors import AgiasiError
 from agiasi.soul import LEGACY_MIX, Soul, SoulConfig, fold_into, gate_of
+from agiasi.weights import LazyWeights
 
 HEAD_KEY = "lm_head.weight"
 EMBED_KEY = "model.embed_tokens.weight"
@@ -77,12 +76,12 @@ def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
         ) from None
     device = w.device if w.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
     q, state = bnbf.quantize_4bit(
-        w.to(device, torch.float32).contiguous(),
+        w.to(device).to(torch.float32).contiguous(),  # convert where the work happens
         blocksize=64,
         quant_type="nf4",
         compress_statistics=True,
     )
-    return bnbf.dequantize_4bit(q, state).to(w.device, w.dtype)
+    return bnbf.dequantize_4bit(q, state).to(w.dtype).to(w.device)
 
 
 def is_quantized_linear(key: str, shape: tuple[int, ...]) -> bool:
@@ -187,93 +186,6 @@ def check_plain(keys) -> None:
 
 
 # --------------------------------------------------------------------------- streaming
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class LazyWeights:
-    """Tensor names and shapes of a folder's safetensors, read one tensor at a time.
-
-    Read with plain file reads, by hand, instead of ``safetensors.safe_open``: that maps whole
-    files, and every page a read touches stays resident in the process — streaming an 805 MB
-    file through it raised peak RSS by 836 MB, through reads by 99 MB (one tensor). The header
-    format is fixed: 8-byte little-endian length, JSON ``{name: {dtype, shape, data_offsets}}``.
-    """
-
-    def __init__(self, folder: Path):
-        files = sorted(Path(folder).glob("*.safetensors"))
-        if not files:
-            raise AgiasiError(f"{folder} has no .safetensors weights")
-        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
-        for f in files:
-            start, header = _read_header(f)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (f, start, info)
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key][2]["shape"])
-
-    def get(self, key: str) -> torch.Tensor:
-        path, start, info = self._where[key]
-        begin, end = info["data_offsets"]
-        buf = bytearray(end - begin)
-        with open(path, "rb") as fh:
-            fh.seek(start + begin)
-            if fh.readinto(buf) != len(buf):
-                raise AgiasiError(f"{path} is truncated (tensor {key}); fetch the model again")
-        if not buf:
-            return torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-        return torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-    def num_params(self) -> int:
-        return sum(math.prod(self.shape(k)) for k in self._where)
-
-
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start, header) of a safetensors file, checked enough to trust the offsets."""
-    import json
-    import struct
-
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > min(size - 8, 100 * 2**20):
-                raise ValueError("header length out of range")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            width = torch.tensor([], dtype=_ST_DTYPES[info["dtype"]]).element_size()
-            if not 0 <= begin <= end <= size - 8 - n or end - begin != width * math.prod(
-                info["shape"]
-            ):
-                raise ValueError(f"tensor {name} lies outside the file")
-    except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
-        raise AgiasiError(
-            f"could not read the weights in {path} ({e}); an interrupted download?"
-        ) from None
-    return 8 + n, header
 
 
 @dataclass

@@ -404,6 +404,16 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         kwargs["device_map"] = {"": self.device_}
         path = Path(cfg.base_model).expanduser()
         source = str(path) if path.exists() else cfg.base_model
+        if cfg.quantization == "none" and self.device_.type == "cuda" and path.is_dir():
+            # to the GPU tensor by tensor: from_pretrained maps the whole files in host memory
+            from agiasi.weights import load_streamed
+
+            try:
+                model = load_streamed(path, self.hf_config, dtype, self.device_)
+            except AgiasiError:
+                model = None
+            if model is not None:
+                return model
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

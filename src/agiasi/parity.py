@@ -108,6 +108,39 @@ class ParityInputs:
     run_ggufs: bool = True
 
 
+# llama.cpp sizes its KV cache and (with all logits) its output buffer by n_ctx: 4096 tokens of
+# Phi-3.5-mini cost 1.6 GB + 0.5 GB beside its 7.6 GB of F16 weights. The parity prompts and the
+# 512-token perplexity windows need far less, and for LongRoPE any context within the original
+# window selects the same (short) factors, so parity runs at most at this context.
+PARITY_MAX_N_CTX = 1024
+
+
+def parity_n_ctx(num_ctx: int) -> int:
+    return min(num_ctx, PARITY_MAX_N_CTX)
+
+
+def long_context_n_ctx(cfg: dict[str, Any], num_ctx: int) -> int:
+    """A context just past LongRoPE's original window — where llama.cpp switches to the long
+    factors — not the model's maximum (131,072 for Phi-3.5-mini: a 51 GB KV cache)."""
+    from agiasi.gguf import trained_context
+
+    original = trained_context(cfg) or num_ctx
+    maximum = int(cfg.get("max_position_embeddings") or 2 * original)
+    return min(maximum, 2 * original)
+
+
+def memory_note() -> str:
+    """`` [peak RSS …]`` for the log when ``AGIASI_MEMLOG`` is set (benchmarks), else ''."""
+    if not os.environ.get("AGIASI_MEMLOG"):
+        return ""
+    try:
+        with open("/proc/self/status") as fh:
+            kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in fh if ln.startswith("Vm")}
+        return f" [RSS {kib['VmRSS'] / 2**20:.2f} GiB, peak {kib['VmHWM'] / 2**20:.2f} GiB]"
+    except (OSError, KeyError, ValueError):
+        return ""
+
+
 def measure_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -202,6 +235,7 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
         "measure": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "hf_weights": str(getattr(inp.hf_config, "dtype", "")).removeprefix("torch."),
             "skipped": [],
         },
     }
@@ -221,7 +255,7 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
                 report["merge_bases"][kind] = compare_all(t_l, [hf_logits(m, p) for p in prompts])
                 del m, params
                 release_memory()
-            log("export: measured both merge bases")
+            log("export: measured both merge bases" + memory_note())
 
         hf_l = None
         stage = "wrapper vs hf"
@@ -232,13 +266,11 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
             )
         else:
             w_l = _wrapper_logits(inp, prompts, device, dtype, as_trained=False)
-            hf = AutoModelForCausalLM.from_pretrained(
-                str(inp.hf_dir), dtype=dtype, device_map={"": device}
-            ).eval()
+            hf = load_model(inp.hf_dir, inp.hf_config, dtype, device)
             hf_l = [hf_logits(hf, p) for p in prompts]
             name = "wrapper_fp32 vs hf" if dtype == torch.float32 else "wrapper_bf16 vs hf"
             report["parity"][name] = compare_all(w_l, hf_l)
-            log(f"export: measured the HF folder against the wrapper ({name})")
+            log(f"export: measured the HF folder against the wrapper ({name})" + memory_note())
 
             stage = "hf perplexity"
             ids, cpt = text_ids(tok, inp.text)
@@ -259,7 +291,7 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
         else:
             for t, path in inp.ggufs.items():
                 stage = f"gguf {t}"
-                g = GGUFModel(path, n_ctx=inp.num_ctx)
+                g = GGUFModel(path, n_ctx=parity_n_ctx(inp.num_ctx))
                 try:
                     row = compare_all(hf_l, [g.logits(p) for p in prompts])
                     row["greedy_equal"] = g.greedy(prompts[0], 32) == greedy_hf
@@ -270,13 +302,13 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
                 finally:
                     g.close()
                 report["parity"][f"gguf {t} vs hf"] = row
-                log(f"export: measured {path.name}")
+                log(f"export: measured {path.name}" + memory_note())
 
             stage = "long context"
             cfg_dict = inp.hf_config.to_dict()
             ref_t = "f32" if "f32" in inp.ggufs else ("f16" if "f16" in inp.ggufs else None)
             if rope_scaling_of(cfg_dict) is not None and ref_t:
-                long_ctx = int(cfg_dict.get("max_position_embeddings", inp.num_ctx))
+                long_ctx = long_context_n_ctx(cfg_dict, inp.num_ctx)
                 g = GGUFModel(inp.ggufs[ref_t], n_ctx=long_ctx)
                 try:
                     rows = [g.logits(p) for p in prompts]
@@ -294,6 +326,23 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
     except Exception as e:  # an unexpected failure of one stage must not lose the export
         raise MeasureError(stage, f"{type(e).__name__}: {e}") from e
     return report
+
+
+def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device):
+    """An HF folder's model on ``device``: streamed tensor by tensor to a GPU (host memory holds
+    one tensor, not the mapped files), ``from_pretrained`` on the CPU (it skips the random
+    initialisation a model built in place would pay there)."""
+    from transformers import AutoModelForCausalLM
+
+    from agiasi.weights import load_streamed
+
+    if device.type == "cuda":
+        model = load_streamed(folder, hf_config, dtype, device)
+        if model is not None:
+            return model
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, device_map={"": device}
+    ).eval()
 
 
 def _meta_model(hf_config):

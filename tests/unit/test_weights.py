@@ -1,0 +1,91 @@
+"""safetensors read and written one tensor at a time: files the library itself reads back,
+a loader equal to ``from_pretrained``, clear errors for damaged files."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from agiasi.errors import AgiasiError
+from agiasi.weights import INDEX, LazyWeights, load_streamed, plan_shards, write_sharded
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(64, 32, generator=g),
+        "b.weight": torch.randn(300, generator=g),
+        "c.bias": torch.randn(7, 5, 3, generator=g),
+        "d.weight": torch.randn(128, 64, generator=g),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_shard", [10**9, 20_000])
+def test_written_shards_read_back_with_safetensors(tmp_path, dtype, max_shard):
+    ts = _tensors()
+    shapes = {k: tuple(v.shape) for k, v in ts.items()}
+    paths = write_sharded(tmp_path, shapes, iter(ts.items()), dtype, max_shard_bytes=max_shard)
+    assert (len(paths) > 1) == (max_shard == 20_000)
+    seen = {}
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            for k in f.keys():
+                seen[k] = f.get_tensor(k)
+    assert set(seen) == set(ts)
+    for k, v in ts.items():
+        assert seen[k].dtype == dtype and torch.equal(seen[k], v.to(dtype)), k
+    if len(paths) > 1:
+        index = json.loads((tmp_path / INDEX).read_text())
+        assert set(index["weight_map"]) == set(ts)
+        assert index["metadata"]["total_size"] == sum(
+            v.numel() * v.element_size() for v in [t.to(dtype) for t in ts.values()]
+        )
+    # and our own reader reads the library's files and ours alike
+    lazy = LazyWeights(tmp_path)
+    assert sorted(lazy.keys()) == sorted(ts)
+    for k, v in ts.items():
+        assert lazy.shape(k) == tuple(v.shape) and torch.equal(lazy.get(k), v.to(dtype))
+
+
+def test_shard_plan_keeps_order_and_puts_a_big_tensor_alone():
+    shapes = {"x": (10,), "big": (1000,), "y": (10,)}
+    assert plan_shards(shapes, torch.float32, 100) == [["x"], ["big"], ["y"]]
+
+
+def test_lazy_weights_reads_the_library_files(tmp_path):
+    ts = _tensors()
+    save_file(ts, tmp_path / "model.safetensors")
+    lazy = LazyWeights(tmp_path)
+    for k, v in ts.items():
+        assert torch.equal(lazy.get(k), v)
+
+
+def test_damaged_files_are_clear_errors(tmp_path):
+    save_file(_tensors(), tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AgiasiError, match="an interrupted download"):
+        LazyWeights(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(AgiasiError, match="an interrupted download"):
+        LazyWeights(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(AgiasiError, match="has no .safetensors weights"):
+        LazyWeights(tmp_path)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_phi3", "tiny_llama_tied"])
+def test_streamed_load_equals_from_pretrained(request, fixture):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = request.getfixturevalue(fixture)
+    cfg = AutoConfig.from_pretrained(path)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    got = load_streamed(path, cfg, torch.float32, torch.device("cpu"))
+    assert got is not None and not got.training
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, ref(ids).logits)
