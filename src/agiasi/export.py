@@ -238,6 +238,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         dtype=dtype,
         tied=tied,
         soul=soul,
+        device="cuda" if torch.cuda.is_available() else "cpu",
     )
     shapes = merge.output_shapes()
     check_plain(shapes)
@@ -482,6 +483,7 @@ def finish_report(
         MeasureError,
         ParityInputs,
         parity_report,
+        release_memory,
     )
 
     if not plan.cfg.measure:
@@ -508,6 +510,7 @@ def finish_report(
         merge_plans=merge_plans,
         run_ggufs=plan.run_ggufs,
     )
+    release_memory()  # what the write stages freed goes back before the models load
     try:
         measured = parity_report(inputs, log)
     except MeasureError as e:

@@ -112,7 +112,7 @@ class ParityInputs:
 # Phi-3.5-mini cost 1.6 GB + 0.5 GB beside its 7.6 GB of F16 weights. The parity prompts and the
 # 512-token perplexity windows need far less, and for LongRoPE any context within the original
 # window selects the same (short) factors, so parity runs at most at this context.
-PARITY_MAX_N_CTX = 1024
+PARITY_MAX_N_CTX = 512
 
 
 def parity_n_ctx(num_ctx: int) -> int:
@@ -126,7 +126,7 @@ def long_context_n_ctx(cfg: dict[str, Any], num_ctx: int) -> int:
 
     original = trained_context(cfg) or num_ctx
     maximum = int(cfg.get("max_position_embeddings") or 2 * original)
-    return min(maximum, 2 * original)
+    return min(maximum, original + 256)  # llama.cpp pads contexts to multiples of 256
 
 
 def memory_note() -> str:
@@ -306,7 +306,8 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
 
             stage = "long context"
             cfg_dict = inp.hf_config.to_dict()
-            ref_t = "f32" if "f32" in inp.ggufs else ("f16" if "f16" in inp.ggufs else None)
+            # the smallest near-lossless GGUF: its KV cache for the long context comes on top
+            ref_t = next((t for t in ("q8_0", "f16", "bf16", "f32") if t in inp.ggufs), None)
             if rope_scaling_of(cfg_dict) is not None and ref_t:
                 long_ctx = long_context_n_ctx(cfg_dict, inp.num_ctx)
                 g = GGUFModel(inp.ggufs[ref_t], n_ctx=long_ctx)
