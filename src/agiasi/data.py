@@ -290,6 +290,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         position: int = 0,
+        pin_memory: bool = False,
     ):
         if batch_size < 1:
             raise AgiasiError(f"--batch-size must be at least 1, got {batch_size}")
@@ -300,6 +301,7 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.position = position
+        self.pin_memory = pin_memory  # for a GPU: copies that do not stall the host
         self._perm_cache: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -317,7 +319,10 @@ class BatchStream:
         base = self.position * global_bs + self.rank * self.batch_size
         items = [self.examples[self._index(base + i)] for i in range(self.batch_size)]
         self.position += 1
-        return collate(items, self.pad_id)
+        batch = collate(items, self.pad_id)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
 
 
 def collate(items: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -512,9 +512,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             # Masked where the labels live (the CPU, for batches from the data stream), so the
             # loss can count and skip positions without waiting on the GPU.
             labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-        input_ids = input_ids.to(self.device_)
+        # non_blocking: from pinned batches the copy queues behind the GPU's work instead of
+        # holding the host until the previous micro-batch's backward has finished
+        input_ids = input_ids.to(self.device_, non_blocking=True)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device_)
+            attention_mask = attention_mask.to(self.device_, non_blocking=True)
         h = self.hidden_states(input_ids, attention_mask)
         # The soul acts once on the whole sequence (B·T·H is small) with one matrix_exp shared
         # with the ortho monitor; the plain head then runs on the mixed state.

@@ -303,7 +303,12 @@ class Soul(nn.Module):
 
     @torch.no_grad()
     def rotation_distance(self) -> float:
-        """‖R − I‖_F: how far the rotation has moved from the identity (logged per step).
+        """‖R − I‖_F: how far the rotation has moved from the identity (logged per step)."""
+        return float(self.rotation_distance_tensor())
+
+    @torch.no_grad()
+    def rotation_distance_tensor(self) -> torch.Tensor:
+        """:meth:`rotation_distance` as a device tensor (read with the step's other values).
 
         For ``so8`` the blocks suffice: R − I is zero outside them."""
         if isinstance(self.rotation, SO8BlockRotation):
@@ -311,7 +316,7 @@ class Soul(nn.Module):
         else:
             r = self.rotation.weight.detach().double()
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-        return float(torch.linalg.vector_norm(r - eye))
+        return torch.linalg.vector_norm(r - eye).float()
 
     def phase(self) -> str:
         return phase_status(float(self.alpha.detach()))

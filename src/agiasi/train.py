@@ -21,6 +21,7 @@ or ``--overwrite`` replaces it. Nothing in it is touched before the data and the
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -48,9 +49,10 @@ from agiasi.errors import AgiasiError
 from agiasi.model import AGIASI_SO8T_Wrapper, ModelConfig
 from agiasi.options import option
 from agiasi.schedule import linear_annealing
-from agiasi.soul import PHI, gate_of
+from agiasi.soul import PHI, gate_of, phase_status
 
 METRICS = "metrics.jsonl"
+GC_EVERY = 50  # steps between the collector's runs (all ranks at once)
 LOCK = ".agiasi-train.lock"
 PLOT = "phase_transition.png"
 
@@ -509,6 +511,36 @@ def _prepare_run_folder(out_dir: Path, cfg: TrainConfig, start_step: int, say) -
     )
 
 
+class StepTimer:
+    """Forward + backward GPU time of a step from CUDA events (no host sync: the time of
+    step N is read during step N + 1, after that step's one sync). On the CPU: host time."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self._events: tuple | None = None
+        self._last = 0.0
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._pending = torch.cuda.Event(enable_timing=True)
+            self._pending.record()
+        self._t = time.perf_counter()
+
+    def computed(self) -> None:
+        if self.enabled:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if self._events is not None and self._events[1].query():
+                self._last = self._events[0].elapsed_time(self._events[1]) / 1000
+            self._events = (self._pending, end)
+        else:
+            self._last = time.perf_counter() - self._t
+
+    def previous_compute_s(self) -> float:
+        return self._last
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -566,7 +598,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
         + (f" ({cfg.soul_mix} mix)" if cfg.soul else "")
         + (f"; {d.world_size} ranks" if d.enabled else "")
     )
-    stream = BatchStream(examples, cfg.batch_size, pad_id, cfg.seed, d.rank, d.world_size)
+    stream = BatchStream(
+        examples,
+        cfg.batch_size,
+        pad_id,
+        cfg.seed,
+        d.rank,
+        d.world_size,
+        pin_memory=device.type == "cuda",
+    )
     start_step = 0
     if state is not None:
         start_step = restore(state, resume_from, wrapper, optimizer, groups, stream, cfg, d, say)
@@ -587,9 +627,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
     last_saved = resume_from
     loss_value = float("nan")
     metrics_fh = open(out_dir / METRICS, "a", encoding="utf-8") if d.main else None
+    timer = StepTimer(device)
+    # Python's cyclic collector pauses at moments that differ between ranks, and every step's
+    # all-reduce waits for the slowest: collect at fixed steps on every rank instead.
+    gc.freeze()
+    gc.disable()
     try:
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
+            timer.start()
             if soul is not None and cfg.alpha_mode == "schedule":
                 with torch.no_grad():
                     soul.alpha.fill_(
@@ -617,46 +663,77 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 for k in totals:
                     totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
-            # One collective a step: the trainable gradients, the logged losses and the
-            # non-finite flag travel in the same flat all-reduce.
+            timer.computed()
+            # One collective a step: the trainable gradients, the logged losses, the non-finite
+            # flag and this rank's compute time of the previous step (mean and mean square:
+            # the spread across ranks) travel in the same flat all-reduce.
             grads = []
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            extra = torch.stack([*totals.values(), nonfinite.float()])
+            prev = timer.previous_compute_s()
+            extra = torch.stack(
+                [
+                    *totals.values(),
+                    nonfinite.float(),
+                    torch.full((), prev, device=device),  # a fill kernel, not an H2D copy
+                    torch.full((), prev * prev, device=device),
+                ]
+            )
             _all_reduce_mean([*grads, extra], d)
-            if float(extra[-1]) > 0:
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if cfg.max_grad_norm > 0
+                else torch.full((), float("nan"), device=device)
+            )
+            # Stepped before the check: a non-finite step is caught below, before anything is
+            # saved, and the run stops (the in-memory weights are then discarded).
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # The one host sync of the step: everything logged comes back in one transfer.
+            logged = torch.stack(
+                [
+                    *extra,
+                    grad_norm.float().reshape(()),
+                    soul.alpha.detach().float() if soul is not None else extra[0] * 0,
+                    soul.rotation_distance_tensor() if soul is not None else extra[0] * 0,
+                ]
+            )
+            t_wait = time.perf_counter()
+            values = logged.tolist()
+            t_wait = time.perf_counter() - t_wait
+            loss_v, task_v, ortho_v, bad, c_mean, c_sq, gnorm, alpha_v, rdist = values
+            if bad > 0:
                 good = f"{last_saved}" if last_saved else "none yet"
                 raise AgiasiError(
                     f"loss became non-finite (nan/inf) at step {step + 1}; stopped without saving. "
                     f"Last good checkpoint: {good}. Try a lower --learning-rate."
                 )
-            totals = dict(zip(totals, extra[:-1].tolist(), strict=True))
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0
-                else torch.tensor(float("nan"))
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             done = step + 1
             dt = time.perf_counter() - t0
-            loss_value = totals["loss"]
+            loss_value = loss_v
             record = {
                 "step": done,
-                **totals,
-                "alpha": float(soul.alpha.detach()) if soul is not None else None,
-                "gate": float(soul.gate().detach()) if soul is not None else None,
-                "phase": soul.phase() if soul is not None else None,
-                "rotation_distance": soul.rotation_distance() if soul is not None else None,
+                "loss": loss_v,
+                "task_loss": task_v,
+                "ortho_loss": ortho_v,
+                "alpha": alpha_v if soul is not None else None,
+                "gate": float(gate_of(alpha_v)) if soul is not None else None,
+                "phase": phase_status(alpha_v) if soul is not None else None,
+                "rotation_distance": rdist if soul is not None else None,
                 "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
+                "grad_norm": gnorm,
                 "tokens": tokens * d.world_size,
                 "tokens_per_s": tokens * d.world_size / dt if dt > 0 else None,
                 "step_time_s": dt,
+                "sync_wait_s": t_wait,
                 "peak_mem_gib": _peak_memory_gib(device),
             }
+            if timer.enabled and step > start_step:
+                # previous step's forward+backward GPU time: mean over ranks and its spread
+                record["compute_s_prev"] = c_mean
+                record["compute_s_prev_rank_std"] = max(0.0, c_sq - c_mean * c_mean) ** 0.5
             if metrics_fh is not None:
                 metrics_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 metrics_fh.flush()
@@ -673,7 +750,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 bar.update(1)
             if done % cfg.save_steps == 0 or done == cfg.max_steps:
                 last_saved = save_step(wrapper, optimizer, stream, cfg, d, done)
+            if done % GC_EVERY == 0:
+                gc.collect(1)
     finally:
+        gc.enable()
+        gc.unfreeze()
         if bar is not None:
             bar.close()
         if metrics_fh is not None:

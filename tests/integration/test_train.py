@@ -429,3 +429,78 @@ def test_hf_dataset_folder_and_plot_command(tiny_phi3_tok, tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path)]) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_launch_equals_one_process(tiny_phi3_tok, tmp_path):
+    """``torchrun --nnodes 2`` with the c10d rendezvous: two agents (here on one host, as two
+    machines would each start one) train exactly what one process with --grad-accum 2 does."""
+    common = [
+        "--base-model",
+        str(tiny_phi3_tok),
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--annealing-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--device",
+        "cpu",
+        *FAST,
+    ]
+    one = tmp_path / "one"
+    assert main(["train", *common, "--output-dir", str(one), "--grad-accum", "2"]) == 0
+    nodes = tmp_path / "nodes"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv-id",
+        "agiasi-two-nodes",
+        "-m",
+        "agiasi",
+        "train",
+        *common,
+        "--output-dir",
+        str(nodes),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    try:
+        outs = [a.communicate(timeout=600) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    for a, (_, err) in zip(agents, outs, strict=True):
+        assert a.returncode == 0, err[-3000:]
+    a, b = step_tensors(one / "step_4"), step_tensors(nodes / "step_4")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    la = [r["loss"] for r in metrics(one)]
+    lb = [r["loss"] for r in metrics(nodes)]
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
+    assert sorted(p.name for p in nodes.iterdir()) == sorted(p.name for p in one.iterdir())
