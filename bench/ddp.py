@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="1,2,4")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step on each GPU")
     ap.add_argument("--work", type=Path, default=Path("/tmp/agiasi_ddp"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -83,8 +84,9 @@ def main() -> None:
     counts = [int(x) for x in args.gpus.split(",") if int(x) > 1]
     results = {}
     for n in counts:
-        one = run(1, n, args.steps, args.seq, base, args.work / f"one_x{n}")
-        many = run(n, 1, args.steps, args.seq, base, args.work / f"ddp_{n}")
+        k = args.accum
+        one = run(1, n * k, args.steps, args.seq, base, args.work / f"one_x{n * k}")
+        many = run(n, k, args.steps, args.seq, base, args.work / f"ddp_{n}_x{k}")
         s1, sn = summary(one), summary(many)
         dloss = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many, strict=True))
         results[n] = {"one_gpu": s1, "ddp": sn, "speedup": sn["tokens_per_s"] / s1["tokens_per_s"],
