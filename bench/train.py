@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+# what `agiasi train` sets before the first CUDA allocation (both implementations get it)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "src/agiasi/assets/configs/phi-3.5-mini-shape/config.json"
 ROWS = ["512x1", "512x8", "2048x1", "4096x1"]

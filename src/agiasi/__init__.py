@@ -1,11 +1,6 @@
 """agiasi: inject a trainable SO(8) soul in front of an LLM's head, train with QLoRA, export."""
 
 import logging as _logging
-import os as _os
-
-# Fewer reserved-but-unused bytes in PyTorch's CUDA allocator: on a 12 GB card that headroom is
-# the difference between fitting and not. Read at the first CUDA allocation; users can override.
-_os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 # bitsandbytes' CPU backend tries an optional hub kernel on import and logs a warning without
 # it; NF4 still runs on bitsandbytes' own kernels, so the warning only confuses users.

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agiasi._faults import maybe_crash
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, first_line
 
 if TYPE_CHECKING:
     from agiasi.model import AGIASI_SO8T_Wrapper
@@ -240,15 +240,10 @@ def safe_torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise AgiasiError(
             f"refusing to load {path}: it contains pickled objects, not only tensors "
-            f"({_first_line(e)}). agiasi never executes code from checkpoint files."
+            f"({first_line(e)}). agiasi never executes code from checkpoint files."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise AgiasiError(f"{path} is not a readable tensor file: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise AgiasiError(f"{path} is not a readable tensor file: {first_line(e)}") from None
 
 
 def check_same_base(
@@ -289,7 +284,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
     try:
         adapter = load_file(str(path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
-        raise AgiasiError(f"{path / ADAPTER_WEIGHTS} is not readable: {_first_line(e)}") from None
+        raise AgiasiError(f"{path / ADAPTER_WEIGHTS} is not readable: {first_line(e)}") from None
     expected = set(get_peft_model_state_dict(wrapper.base_model))
     missing = sorted(expected - set(adapter))
     if missing:
@@ -301,7 +296,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
         set_peft_model_state_dict(wrapper.base_model, adapter)
     except RuntimeError as e:
         raise AgiasiError(
-            f"adapter in {str(ckpt_dir)!r} does not fit this model: {_first_line(e)}"
+            f"adapter in {str(ckpt_dir)!r} does not fit this model: {first_line(e)}"
         ) from None
     if wrapper.soul is not None:
         if manifest.get("soul") is None:

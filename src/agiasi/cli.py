@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agiasi import options
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, first_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
@@ -144,15 +144,10 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise AgiasiError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
     except (yaml.YAMLError, RecursionError) as e:
-        raise AgiasiError(f"config file {path!r} is not valid YAML: {_first_line(e)}") from None
+        raise AgiasiError(f"config file {path!r} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise AgiasiError(f"config file {path!r} must be a mapping of flag names to values")
     return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -50,105 +50,57 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class _Timer(dict):
+    """Seconds per demo stage."""
+
+    def __call__(self, name: str, fn):
+        t0 = time.time()
+        result = fn()
+        self[name] = time.time() - t0
+        return result
+
+
 def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
+    """inject → train (soul, control, the note's mix) → export → llama.cpp → report."""
     from agiasi.data import default_dataset, default_heldout
-    from agiasi.evaluate import EvalConfig, GGUFModel, evaluate
-    from agiasi.export import ExportConfig, export, format_report
-    from agiasi.generate import GenerateConfig, generate
+    from agiasi.export import format_report
     from agiasi.gguf import trained_context
-    from agiasi.train import TrainConfig, train
 
     check(cfg)
     t_start = time.time()
-    out = Path(cfg.out)
-    if out.exists():
-        if not (out / "demo_report.json").exists() and any(out.iterdir()):
-            raise AgiasiError(f"{out} exists and is not a previous demo folder; pick another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    base = tiny_model_path()
-    heldout = default_heldout()
-    warmup = max(1, cfg.max_steps // 8)
-    anneal = max(1, cfg.max_steps * 5 // 8)
-    timings: dict[str, float] = {}
-
-    def timed(name, fn):
-        t0 = time.time()
-        result = fn()
-        timings[name] = time.time() - t0
-        return result
-
+    out = _fresh_folder(Path(cfg.out))
+    base, heldout = tiny_model_path(), default_heldout()
+    timed = _Timer()
     # every window, context and n_ctx is the tiny model's trained context (256 tokens)
     context = trained_context(json.loads((base / "config.json").read_text()))
 
     def heldout_ppl(model: Path) -> dict[str, Any]:
-        return evaluate(
-            EvalConfig(
-                model=str(model), text=str(heldout), window=context, max_tokens=cfg.eval_tokens
-            )
+        from agiasi.evaluate import EvalConfig, evaluate
+
+        ev = EvalConfig(
+            model=str(model), text=str(heldout), window=context, max_tokens=cfg.eval_tokens
         )
+        return evaluate(ev)
 
     log(f"demo: base model {base} (tiny Japanese Phi-3), data {default_dataset().name}")
     before = timed("eval_base", lambda: heldout_ppl(base))
     log(f"demo: held-out perplexity before injection {before['perplexity']:.2f}")
-
-    def run(name: str, **options: Any) -> Path:
-        tc = TrainConfig(
-            base_model=str(base),
-            output_dir=str(out / f"run_{name}"),
-            max_steps=cfg.max_steps,
-            warmup_steps=warmup,
-            annealing_steps=anneal,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            learning_rate=cfg.learning_rate,
-            save_steps=cfg.max_steps,
-            quantization=cfg.quantization,
-            # a tiny model on the CPU: memory is no concern, recomputation costs 20% a step
-            gradient_checkpointing=False,
-            seed=0,
-            progress=True,
-            **options,
-        )
-        return train(tc, log=log).final_checkpoint
-
-    ckpt = timed("train_soul", lambda: run("soul"))
+    ckpt = timed("train_soul", lambda: _train_run(cfg, base, out, "soul", log))
     after = timed("eval_soul", lambda: heldout_ppl(ckpt))
     control = residual = None
     if cfg.control:
-        cckpt = timed("train_control", lambda: run("control", soul=False))
+        cckpt = timed(
+            "train_control", lambda: _train_run(cfg, base, out, "control", log, soul=False)
+        )
         control = timed("eval_control", lambda: heldout_ppl(cckpt))
     if cfg.residual:
-        rckpt = timed("train_residual", lambda: run("residual", soul_mix="residual"))
+        rckpt = timed(
+            "train_residual",
+            lambda: _train_run(cfg, base, out, "residual", log, soul_mix="residual"),
+        )
         residual = timed("eval_residual", lambda: heldout_ppl(rckpt))
-    report = timed(
-        "export",
-        lambda: export(
-            ExportConfig(
-                checkpoint=str(ckpt),
-                out=str(out / "export"),
-                dtype="float32",  # the tiny model is stored in bf16; fp32 shows the fold's exactness
-                gguf=cfg.gguf,
-                num_ctx=context,
-                text=str(heldout),
-            ),
-            log=log,
-        ),
-    )
-
-    # Japanese generations: the exported HF model (as `agiasi generate` runs it) and the GGUF in
-    # llama.cpp, greedy
-    buf = io.StringIO()
-    generate(
-        GenerateConfig(model=str(out / "export" / "hf"), prompt=PROMPT, max_new_tokens=40), buf
-    )
-    hf_text = buf.getvalue().strip()
-    gguf_name = report["files"].get("q4_k_m") or next(iter(report["files"].values()))
-    g = GGUFModel(out / "export" / gguf_name, n_ctx=context)
-    gg = g.llm.create_completion(PROMPT, max_tokens=40, temperature=0.0, repeat_penalty=1.1)
-    gguf_text = PROMPT + gg["choices"][0]["text"]
-    g.close()
-
+    report = timed("export", lambda: _export(cfg, ckpt, out, context, heldout, log))
+    generation = _generations(out, report, context)
     summary = {
         "config": asdict(cfg),
         "perplexity": {
@@ -161,19 +113,92 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
             "window": before["window"],
             "text": heldout.name,
         },
-        "generation": {"prompt": PROMPT, "hf": hf_text, f"gguf {gguf_name}": gguf_text},
+        "generation": generation,
         "files": {
             "checkpoint": str(ckpt),
             "export": str(out / "export"),
             "plot": str(out / "run_soul" / "phase_transition.png"),
             "report": str(out / "export" / "export_report.json"),
         },
-        "seconds": {**timings, "total": time.time() - t_start},
+        "seconds": {**timed, "total": time.time() - t_start},
         "export_report": report,
     }
     (out / "demo_report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(format_summary(summary, format_report(report)))
     return summary
+
+
+def _fresh_folder(out: Path) -> Path:
+    """The demo's folder, replaced each run — but never a folder the demo did not make."""
+    if out.exists():
+        if not (out / "demo_report.json").exists() and any(out.iterdir()):
+            raise AgiasiError(f"{out} exists and is not a previous demo folder; pick another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _train_run(cfg: DemoConfig, base: Path, out: Path, name: str, log, **options: Any) -> Path:
+    """One training run of the demo (same data, seed and schedule for every run)."""
+    from agiasi.train import TrainConfig, train
+
+    tc = TrainConfig(
+        base_model=str(base),
+        output_dir=str(out / f"run_{name}"),
+        max_steps=cfg.max_steps,
+        warmup_steps=max(1, cfg.max_steps // 8),
+        annealing_steps=max(1, cfg.max_steps * 5 // 8),
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        learning_rate=cfg.learning_rate,
+        save_steps=cfg.max_steps,
+        quantization=cfg.quantization,
+        # a tiny model on the CPU: memory is no concern, recomputation costs 20% a step
+        gradient_checkpointing=False,
+        seed=0,
+        progress=True,
+        **options,
+    )
+    return train(tc, log=log).final_checkpoint
+
+
+def _export(cfg: DemoConfig, ckpt: Path, out: Path, context: int, heldout: Path, log):
+    from agiasi.export import ExportConfig, export
+
+    return export(
+        ExportConfig(
+            checkpoint=str(ckpt),
+            out=str(out / "export"),
+            dtype="float32",  # the tiny model is stored in bf16; fp32 shows the fold's exactness
+            gguf=cfg.gguf,
+            num_ctx=context,
+            text=str(heldout),
+        ),
+        log=log,
+    )
+
+
+def _generations(out: Path, report: dict[str, Any], context: int) -> dict[str, str]:
+    """Greedy Japanese continuations: the exported HF folder (as `agiasi generate` runs it)
+    and the smallest GGUF in llama.cpp."""
+    from agiasi.evaluate import GGUFModel
+    from agiasi.generate import GenerateConfig, generate
+
+    buf = io.StringIO()
+    generate(
+        GenerateConfig(model=str(out / "export" / "hf"), prompt=PROMPT, max_new_tokens=40), buf
+    )
+    gguf_name = report["files"].get("q4_k_m") or next(iter(report["files"].values()))
+    g = GGUFModel(out / "export" / gguf_name, n_ctx=context)
+    try:
+        gg = g.llm.create_completion(PROMPT, max_tokens=40, temperature=0.0, repeat_penalty=1.1)
+    finally:
+        g.close()
+    return {
+        "prompt": PROMPT,
+        "hf": buf.getvalue().strip(),
+        f"gguf {gguf_name}": PROMPT + gg["choices"][0]["text"],
+    }
 
 
 def format_summary(s: dict[str, Any], fidelity: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, first_line
 from agiasi.model import DType
 from agiasi.options import option
 
@@ -71,7 +71,7 @@ class GGUFModel:
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise AgiasiError(
-                f"llama.cpp could not load {path} ({_first_line(e)}): a truncated or damaged "
+                f"llama.cpp could not load {path} ({first_line(e)}): a truncated or damaged "
                 "GGUF, or an architecture this llama.cpp does not know"
             ) from None
         self.n_ctx = n_ctx
@@ -102,11 +102,6 @@ class GGUFModel:
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -225,11 +220,11 @@ def load_hf_model(folder: str | Path, dtype: torch.dtype, device: str | torch.de
             str(folder), dtype=dtype, device_map={"": torch.device(device)}
         ).eval()
     except (OSError, ValueError) as e:
-        raise AgiasiError(f"could not load the model in {folder}: {_first_line(e)}") from None
+        raise AgiasiError(f"could not load the model in {folder}: {first_line(e)}") from None
     except Exception as e:
         if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
             raise AgiasiError(
-                f"could not read the weights in {folder} ({_first_line(e)}): damaged or truncated"
+                f"could not read the weights in {folder} ({first_line(e)}): damaged or truncated"
             ) from None
         raise
 

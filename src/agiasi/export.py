@@ -149,15 +149,10 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
 
 def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
-    from agiasi.checkpoint import (
-        ADAPTER_WEIGHTS,
-        SOUL_PT,
-        check_same_base,
-        read_manifest,
-        safe_torch_load,
-    )
+    from agiasi.architectures import gguf_architecture
+    from agiasi.checkpoint import check_same_base, read_manifest
     from agiasi.evaluate import eval_text
-    from agiasi.gguf import KQUANT_TYPES, SENTENCEPIECE_ARCHS, _arch, parse_types, trained_context
+    from agiasi.gguf import KQUANT_TYPES, parse_types, trained_context
     from agiasi.model import ModelConfig, checkpoint_model_config, load_config
 
     check(cfg)
@@ -188,12 +183,11 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     if context and cfg.num_ctx > context:
         log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")
         cfg = replace(cfg, num_ctx=context)
-    if types:
-        _arch(hf_cfg.model_type)  # unknown architecture: fail before writing anything
+    arch = gguf_architecture(hf_cfg.model_type) if types else None  # fail before any work
     base_dir = local_model_dir(base_id)
     if (
-        hf_cfg.model_type in SENTENCEPIECE_ARCHS
-        and types
+        arch is not None
+        and arch.vocab == "sentencepiece"
         and not (base_dir / "tokenizer.model").is_file()
     ):
         raise AgiasiError(
@@ -207,39 +201,10 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     if cfg.merge_base == "nf4" and mcfg.quantization != "nf4":
         raise AgiasiError("--merge-base nf4 only makes sense for a checkpoint trained with NF4")
     run_ggufs = preflight_dependencies(cfg, types, mcfg, KQUANT_TYPES)
-
-    base = LazyWeights(base_dir)
-    dtype = export_dtype(cfg.dtype, hf_cfg)
-    lora_cfg = _read_json(ckpt / "adapter_config.json")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise AgiasiError(f"{ckpt / ADAPTER_WEIGHTS} is not readable: {e}") from None
-    soul = None
-    if manifest.get("soul") is not None:
-        info = manifest["soul"]
-        state = safe_torch_load(ckpt / SOUL_PT)
-        if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
-            raise AgiasiError(f"{ckpt / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
-        soul = SoulFold(
-            rotation_from_state(info, state), float(state["alpha"]), info.get("mix", "residual")
-        )
-    tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
-    if hasattr(hf_cfg, "get_text_config"):
-        tied = tied or bool(getattr(hf_cfg.get_text_config(), "tie_word_embeddings", False))
-    merge = MergePlan(
-        base=base,
-        lora=lora_pairs(adapter),
-        scaling=float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"]),
-        merge_base=cfg.merge_base,
-        dtype=dtype,
-        tied=tied,
-        soul=soul,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+    merge = merge_plan(
+        ckpt, manifest, hf_cfg, base_dir, cfg.merge_base, export_dtype(cfg.dtype, hf_cfg)
     )
+    dtype = merge.dtype
     shapes = merge.output_shapes()
     check_plain(shapes)
     _check_keys_fit(shapes, exported_config(hf_cfg, dtype))
@@ -260,6 +225,44 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         shapes=shapes,
         n_params=n_params,
         run_ggufs=run_ggufs,
+    )
+
+
+def merge_plan(
+    ckpt: Path, manifest: dict, hf_cfg, base_dir: Path, merge_base: str, dtype: torch.dtype
+) -> MergePlan:
+    """What the stream merges: the base's tensors (read lazily), the LoRA pairs, the soul."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, safe_torch_load
+
+    lora_cfg = _read_json(ckpt / "adapter_config.json")
+    try:
+        adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise AgiasiError(f"{ckpt / ADAPTER_WEIGHTS} is not readable: {e}") from None
+    soul = None
+    if manifest.get("soul") is not None:
+        info = manifest["soul"]
+        state = safe_torch_load(ckpt / SOUL_PT)
+        if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
+            raise AgiasiError(f"{ckpt / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
+        soul = SoulFold(
+            rotation_from_state(info, state), float(state["alpha"]), info.get("mix", "residual")
+        )
+    tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
+    if hasattr(hf_cfg, "get_text_config"):
+        tied = tied or bool(getattr(hf_cfg.get_text_config(), "tie_word_embeddings", False))
+    return MergePlan(
+        base=LazyWeights(base_dir),
+        lora=lora_pairs(adapter),
+        scaling=float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"]),
+        merge_base=merge_base,
+        dtype=dtype,
+        tied=tied,
+        soul=soul,
+        device="cuda" if torch.cuda.is_available() else "cpu",
     )
 
 

@@ -3,9 +3,12 @@
 The file format, the tensor-name table (``gguf.get_tensor_name_map``), the quantizers for
 Q8_0/BF16 (``gguf.quants``) and the special-token reader (``gguf.SpecialVocab``) are the
 library's. Written here by hand — because no library exposes it as a function — is only the
-per-architecture choice of metadata, the sentencepiece vocabulary table, and the Llama q/k
-row permutation (HF's rotate-half RoPE layout → GGML's interleaved one). K-quants (Q4_K_M,
-Q5_K_M, Q6_K) come from ``llama_cpp.llama_model_quantize``; nothing is built or downloaded.
+per-architecture choice of metadata (one small class per llama.cpp architecture, as in
+llama.cpp's own converter; the table of which model types map to which is
+:mod:`agiasi.architectures`), the sentencepiece vocabulary table, and the Llama q/k row
+permutation (HF's rotate-half RoPE layout → GGML's interleaved one). K-quants (Q4_K_M, Q5_K_M,
+Q6_K) and, when it is installed, Q8_0 come from ``llama_cpp.llama_model_quantize``; nothing is
+built or downloaded.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from agiasi.errors import AgiasiError
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
 GGUF_TYPES = DIRECT_TYPES + KQUANT_TYPES
-SENTENCEPIECE_ARCHS = ("phi3", "llama", "mistral")
-SUPPORTED_ARCHS = ("phi3", "llama", "mistral", "qwen2")
 
 
 def parse_types(text: str | list[str]) -> list[str]:
@@ -36,23 +37,6 @@ def parse_types(text: str | list[str]) -> list[str]:
             f"unknown GGUF type(s) {', '.join(bad)}; choose from {', '.join(GGUF_TYPES)}"
         )
     return types
-
-
-def _arch(model_type: str):
-    import gguf
-
-    table = {
-        "phi3": gguf.MODEL_ARCH.PHI3,
-        "llama": gguf.MODEL_ARCH.LLAMA,
-        "mistral": gguf.MODEL_ARCH.LLAMA,
-        "qwen2": gguf.MODEL_ARCH.QWEN2,
-    }
-    if model_type not in table:
-        raise AgiasiError(
-            f"GGUF export does not support architecture {model_type!r} yet "
-            f"(supported: {', '.join(SUPPORTED_ARCHS)})"
-        )
-    return table[model_type]
 
 
 def rope_scaling_of(config: dict) -> dict | None:
@@ -134,14 +118,122 @@ def _sentencepiece_vocab(hf_dir: Path, vocab_size: int):
     return tokens, scores, types
 
 
+# --------------------------------------------------------------------------- architectures
+
+
+class GGUFArch:
+    """One llama.cpp architecture (like the converter classes of ``convert_hf_to_gguf.py``):
+    the metadata beyond the common keys, extra tensors, and per-tensor transforms."""
+
+    gguf_name = "llama"
+
+    def parameters(self, w, cfg: dict) -> None:
+        """Keys beyond :func:`_common_parameters`."""
+
+    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
+        """Tensors the HF state dict does not hold (GGUF names)."""
+        return {}
+
+    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
+        return t
+
+
+class LlamaGGUF(GGUFArch):
+    """Llama and Mistral: HF stores q/k rows for rotate-half RoPE, GGML pairs adjacent rows."""
+
+    gguf_name = "llama"
+
+    def parameters(self, w, cfg: dict) -> None:
+        n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+        w.add_rope_dimension_count(head_dim)
+        w.add_vocab_size(int(cfg["vocab_size"]))
+        if cfg.get("head_dim") and head_dim != n_embd // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+
+    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
+        n_head = int(cfg["num_attention_heads"])
+        if hf_name.endswith("q_proj.weight"):
+            return _permute_qk(t, n_head)
+        if hf_name.endswith("k_proj.weight"):
+            return _permute_qk(t, int(cfg.get("num_key_value_heads") or n_head))
+        return t
+
+
+class Phi3GGUF(GGUFArch):
+    """Phi-3: partial rotary, the original window, sliding window, LongRoPE factor tensors."""
+
+    gguf_name = "phi3"
+
+    def parameters(self, w, cfg: dict) -> None:
+        rope_dims = self._rope_dims(cfg)
+        w.add_rope_dimension_count(rope_dims)
+        orig = trained_context(cfg) or 4096
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
+        rs = rope_scaling_of(cfg)
+        if rs is None:
+            return
+        rs_orig = int(rs.get("original_max_position_embeddings") or orig)
+        scale = int(cfg.get("max_position_embeddings", rs_orig)) / rs_orig
+        attn = math.sqrt(1 + math.log(scale) / math.log(rs_orig)) if scale > 1.0 else 1.0
+        if rs.get("attention_factor") is not None:
+            attn = float(rs["attention_factor"])
+        w.add_rope_scaling_attn_factors(attn)
+        if len(rs["long_factor"]) != rope_dims // 2:
+            raise AgiasiError(
+                f"LongRoPE factors have {len(rs['long_factor'])} entries, expected {rope_dims // 2}"
+            )
+
+    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
+        import gguf
+
+        rs = rope_scaling_of(cfg)
+        if rs is None:
+            return {}
+        names = gguf.TENSOR_NAMES
+        return {
+            names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": torch.tensor(
+                rs["long_factor"], dtype=torch.float32
+            ),
+            names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": torch.tensor(
+                rs["short_factor"], dtype=torch.float32
+            ),
+        }
+
+    @staticmethod
+    def _rope_dims(cfg: dict) -> int:
+        rot_pct = float(cfg.get("partial_rotary_factor", 1.0))
+        return int(rot_pct * int(cfg["hidden_size"])) // int(cfg["num_attention_heads"])
+
+
+GGUF_WRITERS: dict[str, GGUFArch] = {"llama": LlamaGGUF(), "phi3": Phi3GGUF()}
+
+
+def _writer_for(model_type: str) -> GGUFArch:
+    from agiasi.architectures import gguf_architecture
+
+    return GGUF_WRITERS[gguf_architecture(model_type).gguf]
+
+
+# --------------------------------------------------------------------------- the writer
+
+
 def write_gguf(
     hf_dir: str | os.PathLike,
     out_path: str | os.PathLike,
     gguf_type: str = "f16",
     output_tensor_type: str | None = None,
 ) -> Path:
-    """Write ``out_path`` (F32/F16/BF16/Q8_0) from a plain HF folder (no agiasi keys)."""
+    """Write ``out_path`` (F32/F16/BF16/Q8_0) from a plain HF folder (no agiasi keys).
+
+    Two passes so memory holds one tensor at a time (a 3.8 B model in F32 is 15 GB): first the
+    header (metadata, vocabulary, tensor infos), then the tensor data, streamed.
+    """
     import gguf
+
+    from agiasi.weights import LazyWeights
 
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if gguf_type not in DIRECT_TYPES:
@@ -149,120 +241,108 @@ def write_gguf(
             f"write_gguf writes {', '.join(DIRECT_TYPES)}; {gguf_type} needs quantize_gguf"
         )
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    model_type = cfg.get("model_type", "")
-    arch = _arch(model_type)
-    n_layer = int(cfg["num_hidden_layers"])
-    n_embd = int(cfg["hidden_size"])
-    n_head = int(cfg["num_attention_heads"])
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    head_dim = int(cfg.get("head_dim") or n_embd // n_head)
-    vocab = int(cfg["vocab_size"])
-    from agiasi.weights import LazyWeights
-
+    arch = _writer_for(cfg.get("model_type", ""))
     sd = LazyWeights(hf_dir)
     leftovers = [k for k in sd.keys() if "lora_" in k or "soul" in k or "so8_rotation" in k]
     if leftovers:
         raise AgiasiError(
             f"refusing to write GGUF: agiasi/LoRA keys remain ({leftovers[0]}); merge first"
         )
-    head_source = "lm_head.weight"
-    if "lm_head.weight" not in sd:
-        if not cfg.get("tie_word_embeddings", False):
-            raise AgiasiError(f"{hf_dir} has no lm_head.weight and does not tie embeddings")
-        head_source = "model.embed_tokens.weight"
-
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(str(tmp), arch.gguf_name)
+    try:
+        _common_parameters(w, cfg, hf_dir, gguf_type)
+        arch.parameters(w, cfg)
+        _sentencepiece_vocabulary(w, hf_dir, int(cfg["vocab_size"]))
+        extra = arch.extra_tensors(cfg)
+        plan = _tensor_plan(w, cfg, sd, extra, gguf_type, output_tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, source, ttype in plan:
+            t = extra[hf_name] if hf_name in extra else sd.get(source)
+            w.write_tensor_data(_tensor_bytes(arch.transform(hf_name, t.detach(), cfg), ttype))
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _common_parameters(w, cfg: dict, hf_dir: Path, gguf_type: str) -> None:
+    import gguf
+
     name = cfg.get("_name_or_path") or hf_dir.name
     w.add_name(str(Path(str(name)).name))
     w.add_context_length(int(cfg.get("max_position_embeddings", 4096)))
-    w.add_embedding_length(n_embd)
+    w.add_embedding_length(int(cfg["hidden_size"]))
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
-    w.add_block_count(n_layer)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    n_head = int(cfg["num_attention_heads"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or n_head))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     w.add_rope_freq_base(rope_theta_of(cfg))
-    ftype = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[gguf_type]
-    w.add_file_type(ftype)
-    extra: dict[str, torch.Tensor] = {}
-    if model_type == "phi3":
-        rot_pct = float(cfg.get("partial_rotary_factor", 1.0))
-        rope_dims = int(rot_pct * n_embd) // n_head
-        w.add_rope_dimension_count(rope_dims)
-        orig = trained_context(cfg) or 4096
-        w.add_rope_scaling_orig_ctx_len(orig)
-        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
-        rs = rope_scaling_of(cfg)
-        if rs is not None:
-            rs_orig = int(rs.get("original_max_position_embeddings") or orig)
-            scale = int(cfg.get("max_position_embeddings", rs_orig)) / rs_orig
-            attn = math.sqrt(1 + math.log(scale) / math.log(rs_orig)) if scale > 1.0 else 1.0
-            if rs.get("attention_factor") is not None:
-                attn = float(rs["attention_factor"])
-            w.add_rope_scaling_attn_factors(attn)
-            if len(rs["long_factor"]) != rope_dims // 2:
-                raise AgiasiError(
-                    f"LongRoPE factors have {len(rs['long_factor'])} entries, expected {rope_dims // 2}"
-                )
-            extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"] = (
-                torch.tensor(rs["long_factor"], dtype=torch.float32)
-            )
-            extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"] = (
-                torch.tensor(rs["short_factor"], dtype=torch.float32)
-            )
-    else:
-        w.add_rope_dimension_count(head_dim)
-        w.add_vocab_size(vocab)
-        if cfg.get("head_dim") and head_dim != n_embd // n_head:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[gguf_type]
+    )
 
-    # vocabulary
-    if model_type in SENTENCEPIECE_ARCHS or (hf_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _sentencepiece_vocab(hf_dir, vocab)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-    else:
-        raise AgiasiError(
-            f"{hf_dir} has no tokenizer.model; GGUF export of BPE (tokenizer.json-only) vocabularies "
-            "is not supported yet"
-        )
-    special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=vocab)
-    special.add_to_gguf(w, quiet=True)
+
+def _sentencepiece_vocabulary(w, hf_dir: Path, vocab: int) -> None:
+    """Tokens, scores and types from tokenizer.model; specials and chat template from the
+    tokenizer files (gguf-py's SpecialVocab); ``<|end|>`` as end-of-turn where there is one."""
+    import gguf
+
+    tokens, scores, types = _sentencepiece_vocab(hf_dir, vocab)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=vocab).add_to_gguf(w, quiet=True)
     if b"<|end|>" in tokens:
         w.add_eot_token_id(tokens.index(b"<|end|>"))
 
-    # tensors
-    name_map = gguf.get_tensor_name_map(arch, n_layer)
+
+def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None) -> list:
+    """Tensor infos into the header; returns ``(hf name, source name, GGML type)`` in order."""
+    import gguf
+
+    head_source = "lm_head.weight"
+    if "lm_head.weight" not in sd:
+        if not cfg.get("tie_word_embeddings", False):
+            raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
+        head_source = "model.embed_tokens.weight"
+    name_map = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH[_writer_for(cfg["model_type"]).gguf_name.upper()],
+        int(cfg["num_hidden_layers"]),
+    )
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }
-    # Two passes so memory holds one tensor at a time (a 3.8B model in F32 is 15 GB): first the
-    # tensor infos (names, shapes, types, byte sizes) for the header, then the data, streamed.
-    plan: list[tuple[str, str, gguf.GGMLQuantizationType]] = []
     sources = [
         k for k in sd.keys() if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"
     ]
+    plan = []
     for hf_name in [*sources, "lm_head.weight", *extra]:
+        source = head_source if hf_name == "lm_head.weight" else hf_name
         if hf_name in extra:
             gname, shape = hf_name, tuple(extra[hf_name].shape)
         else:
             gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise AgiasiError(f"no GGUF name for tensor {hf_name!r} ({model_type})")
-            shape = sd.shape(head_source if hf_name == "lm_head.weight" else hf_name)
+                raise AgiasiError(f"no GGUF name for tensor {hf_name!r} ({cfg['model_type']})")
+            shape = sd.shape(source)
         want = output_tensor_type if gname == "output.weight" and output_tensor_type else gguf_type
         if len(shape) <= 1 or gname.startswith("rope_factors"):
             ttype = gguf.GGMLQuantizationType.F32
@@ -278,40 +358,20 @@ def write_gguf(
             shape = gguf.quants.quant_shape_to_byte_shape(shape, ttype)
             dtype, nbytes = np.uint8, math.prod(shape)
         w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes, raw_dtype=ttype)
-        plan.append((hf_name, gname, ttype))
+        plan.append((hf_name, source, ttype))
+    return plan
 
-    def tensor_data(hf_name: str, ttype) -> np.ndarray:
-        if hf_name in extra:
-            t = extra[hf_name]
-        else:
-            t = sd.get(head_source if hf_name == "lm_head.weight" else hf_name)
-        t = t.detach()
-        if model_type in ("llama", "mistral"):
-            if hf_name.endswith("q_proj.weight"):
-                t = _permute_qk(t, n_head)
-            elif hf_name.endswith("k_proj.weight"):
-                t = _permute_qk(t, n_head_kv)
-        # F32/F16 converted by torch (multithreaded, same IEEE rounding as numpy's astype,
-        # which took 20 s on one core for a 3.8 B model); other types by gguf-py.
-        if ttype == gguf.GGMLQuantizationType.F32:
-            return t.to(torch.float32).contiguous().numpy()
-        if ttype == gguf.GGMLQuantizationType.F16:
-            return t.to(torch.float16).contiguous().numpy()
-        return gguf.quants.quantize(t.to(torch.float32).numpy(), ttype)
 
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for hf_name, _gname, ttype in plan:
-            w.write_tensor_data(tensor_data(hf_name, ttype))
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+def _tensor_bytes(t: torch.Tensor, ttype) -> np.ndarray:
+    """F32/F16 converted by torch (multithreaded, the same IEEE rounding as numpy's astype, which
+    took 20 s on one core for a 3.8 B model); other types quantized by gguf-py."""
+    import gguf
+
+    if ttype == gguf.GGMLQuantizationType.F32:
+        return t.to(torch.float32).contiguous().numpy()
+    if ttype == gguf.GGMLQuantizationType.F16:
+        return t.to(torch.float16).contiguous().numpy()
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), ttype)
 
 
 _LOG_CALLBACK = None

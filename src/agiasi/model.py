@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, first_line
 from agiasi.options import check, option
 from agiasi.soul import (
     LEGACY_MIX,
@@ -38,18 +38,6 @@ from agiasi.soul import (
     SoulHead,
     SoulMix,
 )
-
-# LoRA targets per architecture. Phi-3 fuses q/k/v into `qkv_proj` (and gate/up into
-# `gate_up_proj`): the note's q/k/v/o list only matches `o_proj` there.
-LORA_TARGETS: dict[str, list[str]] = {
-    "phi3": ["qkv_proj", "o_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
 Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -190,11 +178,11 @@ def load_config(model_id: str, trust_remote_code: bool = False):
             else ""
         )
         raise AgiasiError(
-            f"unsupported architecture in {model_id!r}: {_first_line(e)}{hint}"
+            f"unsupported architecture in {model_id!r}: {first_line(e)}{hint}"
         ) from None
     except OSError as e:  # hub id without network, missing files
         raise AgiasiError(
-            f"could not load the config of {model_id!r}: {_first_line(e)} "
+            f"could not load the config of {model_id!r}: {first_line(e)} "
             "(no network? pass a local model folder)"
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
@@ -204,11 +192,6 @@ def load_config(model_id: str, trust_remote_code: bool = False):
             "agiasi needs a causal language model (e.g. Phi3ForCausalLM, LlamaForCausalLM)"
         )
     return config
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
@@ -271,16 +254,19 @@ def _warn_once(msg: str) -> None:
 
 
 def lora_targets_for(config, override: list[str] | None = None) -> list[str]:
+    """The architecture table's LoRA targets, or the user's ``--lora-targets``."""
+    from agiasi.architectures import ARCHITECTURES
+
     if override:
         return list(override)
-    try:
-        return list(LORA_TARGETS[config.model_type])
-    except KeyError:
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
         raise AgiasiError(
-            f"unsupported architecture {config.model_type!r}: agiasi has LoRA targets for "
-            f"{', '.join(sorted(LORA_TARGETS))}; to try another causal LM pass --lora-targets "
+            f"unsupported architecture {config.model_type!r}: agiasi knows "
+            f"{', '.join(ARCHITECTURES)}; to try another causal LM pass --lora-targets "
             "(its attention projection names, e.g. q_proj,v_proj)"
-        ) from None
+        )
+    return list(arch.lora_targets)
 
 
 def match_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, int]:
@@ -420,12 +406,12 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as e:
             raise AgiasiError(
-                f"could not load base model {cfg.base_model!r}: {_first_line(e)}"
+                f"could not load base model {cfg.base_model!r}: {first_line(e)}"
             ) from None
         except Exception as e:  # safetensors header errors, truncated files
             if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
                 raise AgiasiError(
-                    f"could not read the weights of {cfg.base_model!r} ({_first_line(e)}); "
+                    f"could not read the weights of {cfg.base_model!r} ({first_line(e)}); "
                     "an interrupted download? fetch the model again"
                 ) from None
             raise
@@ -469,7 +455,14 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         return self._soul.alpha
 
     @property
+    def rotation(self) -> nn.Module:
+        """The soul's rotation module (either kind); ``rotation(h)`` returns ``h Rᵀ``."""
+        self._need_soul("rotation")
+        return self._soul.rotation
+
+    @property
     def so8_rotation(self) -> nn.Module:
+        """The design note's name for :attr:`rotation` (also with ``--rotation full``)."""
         self._need_soul("so8_rotation")
         return self._soul.rotation
 
@@ -623,7 +616,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         try:
             self._soul.rotation.load_state_dict(state["so8_rotation"])
         except RuntimeError as e:
-            raise AgiasiError(f"soul.pt does not fit this model's soul: {_first_line(e)}") from None
+            raise AgiasiError(f"soul.pt does not fit this model's soul: {first_line(e)}") from None
 
     @classmethod
     def from_checkpoint(
@@ -766,6 +759,7 @@ def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]
         "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
         "base_parameters": base,
         "lora_targets": counts,
+        "gguf_export": _gguf_support(hf.model_type),
         "lora_r": cfg.lora_r,
         "lora_parameters": lora,
     }
@@ -782,6 +776,15 @@ def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]
             phase=soul.phase(),
         )
     return info
+
+
+def _gguf_support(model_type: str) -> str:
+    from agiasi.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        return "no (not in agiasi's architecture table)"
+    return f"yes ({arch.gguf})" if arch.exports_gguf else f"no ({arch.notes})"
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -217,116 +218,156 @@ def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool)
     return out
 
 
+@dataclass
+class _Run:
+    """What the stages share: the inputs, the tokenized prompts, the report being filled."""
+
+    inp: ParityInputs
+    prompts: list[list[int]]
+    report: dict[str, Any]
+    log: Any
+    hf_logits: list | None = None
+    greedy_hf: list[int] | None = None
+    ids: list[int] | None = None
+    window: int = 512
+
+    def skip(self, what: str) -> None:
+        self.report["measure"]["skipped"].append(what)
+
+
 def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
-    """Every fidelity number of the export, one model in memory at a time."""
-    from transformers import AutoModelForCausalLM
-
-    from agiasi.evaluate import GGUFModel, hf_greedy, hf_logits, perplexity, text_ids
-    from agiasi.gguf import rope_scaling_of
-    from agiasi.merge import merged_tensors
-
+    """Every fidelity number of the export, one model in memory at a time; a stage that fails
+    raises :class:`MeasureError` naming it."""
     tok = inp.tokenizer
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS]
     device = measure_device()
     n_params = sum(p.numel() for p in _meta_model(inp.hf_config).parameters())
     dtype = measure_dtype(n_params, device)
-    report: dict[str, Any] = {
-        "parity": {},
-        "measure": {
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-            "hf_weights": str(getattr(inp.hf_config, "dtype", "")).removeprefix("torch."),
-            "skipped": [],
+    run = _Run(
+        inp=inp,
+        prompts=[tok(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS],
+        log=log,
+        report={
+            "parity": {},
+            "measure": {
+                "device": str(device),
+                "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+                "hf_weights": str(getattr(inp.hf_config, "dtype", "")).removeprefix("torch."),
+                "skipped": [],
+            },
         },
-    }
-    skipped = report["measure"]["skipped"]
+    )
+    stages = [
+        ("merge bases", lambda: _merge_base_rows(run, device)),
+        ("wrapper vs hf", lambda: _wrapper_and_hf_rows(run, device, dtype, n_params)),
+        ("gguf", lambda: _gguf_rows(run)),
+        ("long context", lambda: _long_context_row(run)),
+    ]
+    for stage, fn in stages:
+        try:
+            fn()
+        except MeasureError:
+            raise
+        except AgiasiError as e:
+            raise MeasureError(stage, str(e)) from None
+        except Exception as e:  # an unexpected failure of one stage must not lose the export
+            raise MeasureError(stage, f"{type(e).__name__}: {e}") from e
+    return run.report
 
-    stage = "merge bases"
-    try:
-        if inp.merge_plans:
-            t_l = _wrapper_logits(inp, prompts, device, None, as_trained=True)
-            report["merge_bases"] = {}
-            for kind, plan in inp.merge_plans.items():
-                m = AutoModelForCausalLM.from_config(inp.hf_config, dtype=torch.float32).eval()
-                params = m.state_dict()
-                with torch.no_grad():  # streamed in: one merged tensor at a time
-                    for key, t in merged_tensors(plan):
-                        params[key].copy_(t)
-                report["merge_bases"][kind] = compare_all(t_l, [hf_logits(m, p) for p in prompts])
-                del m, params
-                release_memory()
-            log("export: measured both merge bases" + memory_note())
 
-        hf_l = None
-        stage = "wrapper vs hf"
-        if dtype is None:
-            skipped.append(
-                f"wrapper vs hf and hf perplexity: a {n_params / 1e9:.1f} B model does not fit "
-                f"in the free memory of {device}"
+def _merge_base_rows(run: _Run, device: torch.device) -> None:
+    """Both merge bases against the wrapper as trained (small NF4 models only)."""
+    from transformers import AutoModelForCausalLM
+
+    from agiasi.evaluate import hf_logits
+    from agiasi.merge import merged_tensors
+
+    if not run.inp.merge_plans:
+        return
+    trained = _wrapper_logits(run.inp, run.prompts, device, None, as_trained=True)
+    run.report["merge_bases"] = {}
+    for kind, plan in run.inp.merge_plans.items():
+        m = AutoModelForCausalLM.from_config(run.inp.hf_config, dtype=torch.float32).eval()
+        params = m.state_dict()
+        with torch.no_grad():  # streamed in: one merged tensor at a time
+            for key, t in merged_tensors(plan):
+                params[key].copy_(t)
+        run.report["merge_bases"][kind] = compare_all(
+            trained, [hf_logits(m, p) for p in run.prompts]
+        )
+        del m, params
+        release_memory()
+    run.log("export: measured both merge bases" + memory_note())
+
+
+def _wrapper_and_hf_rows(run: _Run, device, dtype, n_params: int) -> None:
+    """The unmerged wrapper against the HF folder, then the HF folder's perplexity."""
+    from agiasi.evaluate import hf_greedy, hf_logits, perplexity, text_ids
+
+    if dtype is None:
+        run.skip(
+            f"wrapper vs hf and hf perplexity: a {n_params / 1e9:.1f} B model does not fit in "
+            f"the free memory of {device}"
+        )
+        return
+    w_l = _wrapper_logits(run.inp, run.prompts, device, dtype, as_trained=False)
+    hf = load_model(run.inp.hf_dir, run.inp.hf_config, dtype, device)
+    run.hf_logits = [hf_logits(hf, p) for p in run.prompts]
+    name = "wrapper_fp32 vs hf" if dtype == torch.float32 else "wrapper_bf16 vs hf"
+    run.report["parity"][name] = compare_all(w_l, run.hf_logits)
+    run.log(f"export: measured the HF folder against the wrapper ({name})" + memory_note())
+    ids, cpt = text_ids(run.inp.tokenizer, run.inp.text)
+    run.ids, run.window = ids, min(run.inp.num_ctx, 512)
+    run.report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": run.window}
+    run.report["parity"]["hf"] = {"ppl": perplexity(partial(hf_logits, hf), ids, run.window)}
+    run.greedy_hf = hf_greedy(hf, run.prompts[0], 32)
+    del hf
+    release_memory()
+
+
+def _gguf_rows(run: _Run) -> None:
+    """Each GGUF in llama.cpp against the HF folder."""
+    from agiasi.evaluate import GGUFModel, perplexity
+
+    inp = run.inp
+    if not inp.ggufs:
+        return
+    if not inp.run_ggufs:
+        return run.skip("gguf rows: running a GGUF needs llama-cpp-python")
+    if run.hf_logits is None:
+        return run.skip("gguf rows: they compare against the HF folder, which was skipped")
+    for t, path in inp.ggufs.items():
+        g = GGUFModel(path, n_ctx=parity_n_ctx(inp.num_ctx))
+        try:
+            row = compare_all(run.hf_logits, [g.logits(p) for p in run.prompts])
+            row["greedy_equal"] = g.greedy(run.prompts[0], 32) == run.greedy_hf
+            row["tokens_equal"] = all(
+                g.tokenize(s) == p for s, p in zip(PARITY_PROMPTS, run.prompts, strict=True)
             )
-        else:
-            w_l = _wrapper_logits(inp, prompts, device, dtype, as_trained=False)
-            hf = load_model(inp.hf_dir, inp.hf_config, dtype, device)
-            hf_l = [hf_logits(hf, p) for p in prompts]
-            name = "wrapper_fp32 vs hf" if dtype == torch.float32 else "wrapper_bf16 vs hf"
-            report["parity"][name] = compare_all(w_l, hf_l)
-            log(f"export: measured the HF folder against the wrapper ({name})" + memory_note())
+            row["ppl"] = perplexity(g.logits, run.ids, run.window)
+        finally:
+            g.close()
+        run.report["parity"][f"gguf {t} vs hf"] = row
+        run.log(f"export: measured {path.name}" + memory_note())
 
-            stage = "hf perplexity"
-            ids, cpt = text_ids(tok, inp.text)
-            window = min(inp.num_ctx, 512)
-            report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": window}
-            report["parity"]["hf"] = {"ppl": perplexity(lambda c: hf_logits(hf, c), ids, window)}
-            greedy_hf = hf_greedy(hf, prompts[0], 32)
-            del hf
-            release_memory()
 
-        stage = "gguf"
-        if not inp.ggufs:
-            pass
-        elif not inp.run_ggufs:
-            skipped.append("gguf rows: running a GGUF needs llama-cpp-python")
-        elif hf_l is None:
-            skipped.append("gguf rows: they compare against the HF folder, which was skipped")
-        else:
-            for t, path in inp.ggufs.items():
-                stage = f"gguf {t}"
-                g = GGUFModel(path, n_ctx=parity_n_ctx(inp.num_ctx))
-                try:
-                    row = compare_all(hf_l, [g.logits(p) for p in prompts])
-                    row["greedy_equal"] = g.greedy(prompts[0], 32) == greedy_hf
-                    row["tokens_equal"] = all(
-                        g.tokenize(s) == p for s, p in zip(PARITY_PROMPTS, prompts, strict=True)
-                    )
-                    row["ppl"] = perplexity(g.logits, ids, window)
-                finally:
-                    g.close()
-                report["parity"][f"gguf {t} vs hf"] = row
-                log(f"export: measured {path.name}" + memory_note())
+def _long_context_row(run: _Run) -> None:
+    """LongRoPE: llama.cpp switches to the long factors past the original window, HF not."""
+    from agiasi.evaluate import GGUFModel
+    from agiasi.gguf import rope_scaling_of
 
-            stage = "long context"
-            cfg_dict = inp.hf_config.to_dict()
-            # the smallest near-lossless GGUF: its KV cache for the long context comes on top
-            ref_t = next((t for t in ("q8_0", "f16", "bf16", "f32") if t in inp.ggufs), None)
-            if rope_scaling_of(cfg_dict) is not None and ref_t:
-                long_ctx = long_context_n_ctx(cfg_dict, inp.num_ctx)
-                g = GGUFModel(inp.ggufs[ref_t], n_ctx=long_ctx)
-                try:
-                    rows = [g.logits(p) for p in prompts]
-                finally:
-                    g.close()
-                report["long_context"] = {
-                    "n_ctx": long_ctx,
-                    "gguf": ref_t,
-                    **compare_all(hf_l, rows),
-                }
-    except MeasureError:
-        raise
-    except AgiasiError as e:
-        raise MeasureError(stage, str(e)) from None
-    except Exception as e:  # an unexpected failure of one stage must not lose the export
-        raise MeasureError(stage, f"{type(e).__name__}: {e}") from e
-    return report
+    inp = run.inp
+    cfg = inp.hf_config.to_dict()
+    # the smallest near-lossless GGUF: its KV cache for the long context comes on top
+    ref_t = next((t for t in ("q8_0", "f16", "bf16", "f32") if t in inp.ggufs), None)
+    if rope_scaling_of(cfg) is None or ref_t is None or run.hf_logits is None or not inp.run_ggufs:
+        return
+    n_ctx = long_context_n_ctx(cfg, inp.num_ctx)
+    g = GGUFModel(inp.ggufs[ref_t], n_ctx=n_ctx)
+    try:
+        rows = [g.logits(p) for p in run.prompts]
+    finally:
+        g.close()
+    run.report["long_context"] = {"n_ctx": n_ctx, "gguf": ref_t, **compare_all(run.hf_logits, rows)}
 
 
 def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device):

@@ -46,6 +46,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Loss; α and gate with the phases shaded; ‖R − I‖_F beside the orthogonality error."""
     try:
         import matplotlib
 
@@ -54,7 +55,6 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     except ImportError:
         raise AgiasiError("plotting needs matplotlib: pip install matplotlib") from None
     rows = read_metrics(run_dir)
-    steps = [r["step"] for r in rows]
     out_path = Path(out) if out else Path(run_dir) / "phase_transition.png"
     if out_path.is_dir():
         out_path = out_path / "phase_transition.png"
@@ -62,78 +62,20 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         raise AgiasiError(f"cannot write the plot: {out_path.parent} is not a folder")
     has_rot = any(r.get("rotation_distance") is not None for r in rows)
     fig, axes = plt.subplots(3 if has_rot else 2, 1, figsize=(9, 8 if has_rot else 6), sharex=True)
-    ax_loss, ax_alpha = axes[0], axes[1]
-    ax_loss.plot(
+    steps = [r["step"] for r in rows]
+    axes[0].plot(
         steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label="task loss (CE)"
     )
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend(loc="upper right")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper right")
     if rows[0].get("alpha") is not None:
-        alphas = [r["alpha"] for r in rows]
-        ax_alpha.plot(steps, alphas, color="#0d6efd", lw=1.5, label="α")
-        ax_gate = ax_alpha.twinx()
-        ax_gate.plot(
-            steps, [r["gate"] for r in rows], color="#dc3545", lw=1.2, ls="--", label="gate σ(α)"
-        )
-        ax_gate.set_ylabel("gate")
-        ax_gate.set_ylim(0, 1)
-        ax_alpha.set_ylabel("α")
-        # shade contiguous runs of one phase on both axes
-        start = 0
-        seen = set()
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i]["phase"] != rows[start]["phase"]:
-                color, label = PHASE_COLORS.get(
-                    rows[start]["phase"], ("#eee", rows[start]["phase"])
-                )
-                lo = steps[start] - 0.5
-                hi = steps[i - 1] + 0.5
-                for ax in (ax_loss, ax_alpha):
-                    ax.axvspan(
-                        lo,
-                        hi,
-                        color=color,
-                        alpha=0.6,
-                        lw=0,
-                        label=None if (label in seen or ax is ax_loss) else label,
-                    )
-                seen.add(label)
-                start = i
-        ax_alpha.legend(loc="upper left", fontsize=8)
-        ax_gate.legend(loc="lower right", fontsize=8)
+        _plot_gate(axes[0], axes[1], rows, steps)
     else:
-        ax_alpha.text(
-            0.5,
-            0.5,
-            "control run (no soul)",
-            ha="center",
-            va="center",
-            transform=ax_alpha.transAxes,
+        axes[1].text(
+            0.5, 0.5, "control run (no soul)", ha="center", va="center", transform=axes[1].transAxes
         )
     if has_rot:
-        # Did the rotation learn anything? ‖R − I‖_F (how far it moved) beside the
-        # orthogonality error ‖RᵀR − I‖_F (≈ 0 by construction).
-        ax_rot = axes[2]
-        ax_rot.plot(
-            steps,
-            [r.get("rotation_distance") for r in rows],
-            color="#198754",
-            lw=1.4,
-            label="‖R − I‖_F (rotation moved)",
-        )
-        ax_rot.set_ylabel("‖R − I‖_F")
-        ax_ortho = ax_rot.twinx()
-        ax_ortho.plot(
-            steps,
-            [r.get("ortho_loss") for r in rows],
-            color="#6c757d",
-            lw=1.0,
-            ls=":",
-            label="‖RᵀR − I‖_F (orthogonality error)",
-        )
-        ax_ortho.set_ylabel("ortho error")
-        ax_rot.legend(loc="upper left", fontsize=8)
-        ax_ortho.legend(loc="lower right", fontsize=8)
+        _plot_rotation(axes[2], rows, steps)
     axes[-1].set_xlabel("step")
     fig.suptitle(f"agiasi: {Path(run_dir).name}")
     fig.tight_layout()
@@ -147,3 +89,57 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     finally:
         plt.close(fig)
     return out_path
+
+
+def _plot_gate(ax_loss, ax_alpha, rows: list[dict], steps: list[int]) -> None:
+    """α and the gate, with contiguous runs of one phase shaded on both panels."""
+    ax_alpha.plot(steps, [r["alpha"] for r in rows], color="#0d6efd", lw=1.5, label="α")
+    ax_gate = ax_alpha.twinx()
+    ax_gate.plot(
+        steps, [r["gate"] for r in rows], color="#dc3545", lw=1.2, ls="--", label="gate σ(α)"
+    )
+    ax_gate.set_ylabel("gate")
+    ax_gate.set_ylim(0, 1)
+    ax_alpha.set_ylabel("α")
+    start, seen = 0, set()
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i]["phase"] != rows[start]["phase"]:
+            color, label = PHASE_COLORS.get(rows[start]["phase"], ("#eee", rows[start]["phase"]))
+            for ax in (ax_loss, ax_alpha):
+                ax.axvspan(
+                    steps[start] - 0.5,
+                    steps[i - 1] + 0.5,
+                    color=color,
+                    alpha=0.6,
+                    lw=0,
+                    label=None if (label in seen or ax is ax_loss) else label,
+                )
+            seen.add(label)
+            start = i
+    ax_alpha.legend(loc="upper left", fontsize=8)
+    ax_gate.legend(loc="lower right", fontsize=8)
+
+
+def _plot_rotation(ax_rot, rows: list[dict], steps: list[int]) -> None:
+    """Did the rotation learn anything? ‖R − I‖_F (how far it moved) beside the orthogonality
+    error ‖RᵀR − I‖_F (≈ 0 by construction)."""
+    ax_rot.plot(
+        steps,
+        [r.get("rotation_distance") for r in rows],
+        color="#198754",
+        lw=1.4,
+        label="‖R − I‖_F (rotation moved)",
+    )
+    ax_rot.set_ylabel("‖R − I‖_F")
+    ax_ortho = ax_rot.twinx()
+    ax_ortho.plot(
+        steps,
+        [r.get("ortho_loss") for r in rows],
+        color="#6c757d",
+        lw=1.0,
+        ls=":",
+        label="‖RᵀR − I‖_F (orthogonality error)",
+    )
+    ax_ortho.set_ylabel("ortho error")
+    ax_rot.legend(loc="upper left", fontsize=8)
+    ax_ortho.legend(loc="lower right", fontsize=8)

@@ -316,7 +316,7 @@ class Soul(nn.Module):
         else:
             r = self.rotation.weight.detach().double()
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-        return torch.linalg.vector_norm(r - eye).float()
+        return torch.linalg.vector_norm(r - eye)
 
     def phase(self) -> str:
         return phase_status(float(self.alpha.detach()))
