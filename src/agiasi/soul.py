@@ -13,7 +13,7 @@ identity: once the gate opens (σ(φ) ≈ 0.83) every logit is scaled by ≈ 1.8
 raises the base model's perplexity several-fold, and the LoRA spends its steps undoing that
 scale. The convex mix equals the base model at R = I for *every* α — the gate opening costs
 nothing and only a rotation that helps changes the output. Same rotation, gate, annealing,
-orthogonality monitor and exact fold; measured equal to the no-soul control (docs/DESIGN.md).
+orthogonality monitor and exact fold; measured equal to the no-soul control.
 
 Because R and g do not depend on the input, either mix folds *exactly* into the head::
 
@@ -42,6 +42,8 @@ rotation has moved from where it started.
 Phase status (the note's ``get_phase_status``): 🔵 Stable while the gate is nearly shut
 (g < 0.05), 🟢 Golden Ratio Reached when |α − φ| < 0.01, 🟣 Beyond past φ, 🟡 Transitioning
 in between.
+
+The measurements behind these choices: docs/DESIGN.md, sections 1–2.
 """
 
 from __future__ import annotations

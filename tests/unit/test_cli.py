@@ -59,3 +59,27 @@ def test_cli_errors_are_one_clear_line(tiny_phi3, capsys, argv, message):
     assert message in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_readme_lists_the_architecture_table():
+    """The README's table is the code's table (architectures.py), row for row."""
+    from pathlib import Path
+
+    from agiasi.architectures import table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert table_markdown() in readme
+
+
+def test_every_train_flag_is_explained(capsys):
+    import dataclasses
+
+    from agiasi.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+        assert "--" + f.name.replace("_", "-") in text
+    assert "[at least 1]" in text and "{convex,residual}" in text
