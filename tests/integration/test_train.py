@@ -357,29 +357,27 @@ def test_note_command_line_runs(tiny_phi3_tok, tmp_path):
     assert (run / "step_3" / "soul.pt").exists()
 
 
+def _distributed_flags(model, steps: int) -> list[str]:
+    """One run's flags, shared by the single process and the distributed launch."""
+    return cli_args(
+        "train",
+        *FAST,
+        base_model=model,
+        max_steps=steps,
+        save_steps=steps,
+        warmup_steps=1,
+        annealing_steps=steps // 2,
+        batch_size=1,
+        learning_rate=1e-3,
+        device="cpu",
+    )[1:]
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks):
     """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter ≤ 1e-6),
     and the logged loss is the global batch's, so the curves match too."""
-    common = [
-        "--base-model",
-        str(tiny_phi3_tok),
-        "--max-steps",
-        "6",
-        "--save-steps",
-        "6",
-        "--warmup-steps",
-        "1",
-        "--annealing-steps",
-        "3",
-        "--batch-size",
-        "1",
-        "--learning-rate",
-        "1e-3",
-        "--device",
-        "cpu",
-        *FAST,
-    ]
+    common = _distributed_flags(tiny_phi3_tok, steps=6)
     one = tmp_path / "one"
     assert main(["train", *common, "--output-dir", str(one), "--grad-accum", str(ranks)]) == 0
     many = tmp_path / "many"
@@ -442,25 +440,7 @@ def _free_port() -> int:
 def test_two_node_launch_equals_one_process(tiny_phi3_tok, tmp_path):
     """``torchrun --nnodes 2`` with the c10d rendezvous: two agents (here on one host, as two
     machines would each start one) train exactly what one process with --grad-accum 2 does."""
-    common = [
-        "--base-model",
-        str(tiny_phi3_tok),
-        "--max-steps",
-        "4",
-        "--save-steps",
-        "4",
-        "--warmup-steps",
-        "1",
-        "--annealing-steps",
-        "2",
-        "--batch-size",
-        "1",
-        "--learning-rate",
-        "1e-3",
-        "--device",
-        "cpu",
-        *FAST,
-    ]
+    common = _distributed_flags(tiny_phi3_tok, steps=4)
     one = tmp_path / "one"
     assert main(["train", *common, "--output-dir", str(one), "--grad-accum", "2"]) == 0
     nodes = tmp_path / "nodes"

@@ -20,7 +20,7 @@ import torch
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
 from tests.helpers import cli_cmd, make_checkpoint, make_wrapper
-from tests.reliability.test_security import CUSTOM_CONFIG, CUSTOM_MODEL
+from tests.reliability.test_security import make_remote_code_model
 
 pytestmark = pytest.mark.slow
 FAST = ["--quantization", "none", "--max-length", "32", "--save-steps", "2", "--no-progress"]
@@ -72,18 +72,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 @pytest.fixture()
 def hostile_checkpoint(tmp_path, tiny_llama_tied):
     """A step folder whose soul.json asks for remote code and points at a base with its own."""
-    base = tmp_path / "custom"
-    shutil.copytree(tiny_llama_tied, base)
-    marker = tmp_path / "remote_code_ran"
-    (base / "configuration_custom.py").write_text(CUSTOM_CONFIG.format(marker=str(marker)))
-    (base / "modeling_custom.py").write_text(CUSTOM_MODEL)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg["auto_map"] = {
-        "AutoConfig": "configuration_custom.CustomConfig",
-        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
-    }
-    cfg["model_type"] = "agiasi_custom"
-    (base / "config.json").write_text(json.dumps(cfg))
+    base, marker = make_remote_code_model(tmp_path, tiny_llama_tied)
     ckpt = make_checkpoint(tiny_llama_tied, tmp_path / "ck" / "step_10")
     meta = json.loads((ckpt / "soul.json").read_text())
     meta["base_model"] = meta["model"]["base_model"] = str(base)

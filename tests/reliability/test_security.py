@@ -66,10 +66,11 @@ class CustomForCausalLM(LlamaForCausalLM):
 """
 
 
-@pytest.fixture()
-def remote_code_model(tmp_path, tiny_llama_tied):
+def make_remote_code_model(tmp_path: Path, base: Path) -> tuple[Path, Path]:
+    """A copy of ``base`` whose config.json asks for its own Python code (which leaves a marker
+    file when it runs)."""
     d = tmp_path / "custom"
-    shutil.copytree(tiny_llama_tied, d)
+    shutil.copytree(base, d)
     marker = tmp_path / "remote_code_ran"
     (d / "configuration_custom.py").write_text(CUSTOM_CONFIG.format(marker=str(marker)))
     (d / "modeling_custom.py").write_text(CUSTOM_MODEL)
@@ -84,6 +85,11 @@ def remote_code_model(tmp_path, tiny_llama_tied):
     )
     (d / "config.json").write_text(json.dumps(cfg))
     return d, marker
+
+
+@pytest.fixture()
+def remote_code_model(tmp_path, tiny_llama_tied):
+    return make_remote_code_model(tmp_path, tiny_llama_tied)
 
 
 def test_remote_code_refused_without_the_flag(remote_code_model, capsys):
