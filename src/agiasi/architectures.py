@@ -77,7 +77,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             None,
             "sentencepiece",
             "google/gemma-2-2b-jpn-it",
-            "trains; final-logit soft-capping and GGUF export not yet",
+            "trains (final-logit soft-capping included); GGUF export not yet",
         ),
     ]
 }

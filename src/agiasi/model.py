@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -524,6 +525,9 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             mixed, head = h, self.head
             ortho = torch.zeros((), device=h.device)
             alpha = gate = None
+        cap = getattr(self.hf_config, "final_logit_softcapping", None)
+        if cap:  # what HF applies after the head (Gemma-2): training sees what inference does
+            head = partial(softcapped_logits, head, float(cap))
         logits = None
         task_loss = None
         if return_logits:
@@ -688,6 +692,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_labels.reshape(-1),
         ignore_index=-100,
     )
+
+
+def softcapped_logits(head, cap: float, h: torch.Tensor) -> torch.Tensor:
+    """Gemma-2's final-logit soft-capping, ``cap · tanh(W h / cap)``: after the head, so the
+    soul (before the head) still folds exactly."""
+    return cap * torch.tanh(head(h) / cap)
 
 
 def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -320,3 +320,39 @@ def test_a_default_training_step_on_the_shipped_model_runs_no_bf16_matmul():
         out.loss.backward()
     assert seen.get(torch.float32, 0) > 50, seen
     assert torch.bfloat16 not in seen and torch.float16 not in seen, seen
+
+
+@pytest.mark.parametrize("soul", [True, False])
+def test_gemma2_soft_capping_is_in_training_as_in_inference(tmp_path, soul):
+    """Gemma-2 caps its logits after the head (cap · tanh(z / cap)): the wrapper's own forward
+    and chunked loss apply it as HF's forward (generation) does, and the fold stays exact."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        final_logit_softcapping=2.0,  # small, so the cap really bites on random logits
+        sliding_window=64,
+    )
+    cfg.architectures = ["Gemma2ForCausalLM"]
+    Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "g2")
+    w = make_wrapper(tmp_path / "g2", soul=soul).eval()
+    if soul:
+        randomize_soul(w)
+    randomize_lora(w)
+    ids = _ids(shape=(2, 12))
+    with torch.no_grad():
+        ours = w(ids).logits
+        hf = w.causal_lm(input_ids=ids).logits  # HF's forward: head (with the soul), then the cap
+        assert (ours - hf).abs().max() <= 1e-5
+        assert ours.abs().max() <= 2.0 + 1e-6
+        full = w(ids, labels=ids).task_loss
+        chunked = w(ids, labels=ids, return_logits=False, loss_chunk=5).task_loss
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
