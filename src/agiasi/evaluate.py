@@ -199,7 +199,9 @@ def model_kind(path: str | Path) -> str:
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
         return "gguf"
-    if p.is_dir() and (p / "soul.json").is_file():
+    from agiasi.checkpoint import is_step_folder
+
+    if is_step_folder(p):
         return "checkpoint"
     if p.is_dir() and (p / "config.json").is_file():
         return "hf"

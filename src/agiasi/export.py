@@ -301,8 +301,11 @@ def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -
 
     if types and not have("gguf"):
         raise AgiasiError("writing GGUF needs the gguf package: pip install gguf")
+    from agiasi.gguf import have_quantizer
+
+    llama_cpp = have_quantizer()
     wanted_k = [t for t in types if t in kquants]
-    if wanted_k and not have("llama_cpp"):
+    if wanted_k and not llama_cpp:
         raise AgiasiError(
             f"{', '.join(t.upper() for t in wanted_k)} needs llama.cpp's quantizer: "
             "pip install llama-cpp-python (F32/F16/BF16/Q8_0 need only the gguf package)"
@@ -313,7 +316,7 @@ def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -
             "this NF4 checkpoint's export needs bitsandbytes (the NF4 merge base and the trained "
             "model in the measure): pip install bitsandbytes, or --merge-base w16 --no-measure"
         )
-    return have("llama_cpp")
+    return llama_cpp
 
 
 def local_model_dir(base_id: str) -> Path:

@@ -396,10 +396,17 @@ def quiet_llama_cpp() -> None:
 
 
 def have_quantizer() -> bool:
-    """Whether llama.cpp's quantizer (llama-cpp-python) is installed."""
+    """Whether llama-cpp-python imports (installed *and* loadable: a package whose own
+    dependencies or shared library are missing counts as absent, not as a crash later)."""
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def quantize_gguf(

@@ -292,3 +292,91 @@ def test_the_notes_residual_mix_exports_exactly_too(tiny_phi3_tok, tmp_path, mix
         want_convex = convex(ids).logits[0].numpy()
     got = plain_transformers_logits(tmp_path / "out" / "hf", ids[0].tolist())
     assert np.abs(got - want_convex).max() > 1e-2
+
+
+# --------------------------------------------------------------------------- preflight, failures
+
+
+def test_a_missing_dependency_fails_before_any_work(tiny_phi3_tok, tmp_path, capsys, monkeypatch):
+    """K-quants without llama-cpp-python: one line, exit 2, nothing written (checked before the
+    merge: the model is never read)."""
+    import importlib.util
+
+    import agiasi.weights
+
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a)
+    )
+
+    def no_read(*a, **k):
+        raise AssertionError("the base model was read before the dependency check")
+
+    monkeypatch.setattr(agiasi.weights.LazyWeights, "get", no_read)
+    rc = main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--gguf", "f16,q4_k_m"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Q4_K_M needs llama.cpp's quantizer: pip install llama-cpp-python" in err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_without_llama_cpp_the_measure_runs_what_it_can(tiny_phi3_tok, tmp_path, monkeypatch):
+    import agiasi.export
+    import agiasi.gguf
+
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
+    monkeypatch.setattr(agiasi.gguf, "have_quantizer", lambda: False)  # Q8_0 through gguf-py
+    real = agiasi.export.preflight_dependencies
+    monkeypatch.setattr(agiasi.export, "preflight_dependencies", lambda *a: real(*a) and False)
+    report = export(
+        ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), gguf="q8_0", num_ctx=256),
+        log=quiet,
+    )
+    assert report["parity"]["wrapper_fp32 vs hf"]["max_abs_dlogit"] <= 1e-4
+    assert not any(k.startswith("gguf") for k in report["parity"])
+    assert report["measure"]["skipped"] == ["gguf rows: running a GGUF needs llama-cpp-python"]
+    assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "out").glob("*.gguf")] == ["q8_0.gguf"]
+
+
+def test_too_little_disk_is_refused_before_any_work(tiny_phi3_tok, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**5, 10**5))
+    rc = main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--gguf", "f16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not enough disk space for this export" in err and "GiB are free" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_measure_keeps_the_export(tiny_phi3_tok, tmp_path, capsys, monkeypatch):
+    """The model is written and loadable; the report says which stage failed; exit is non-zero."""
+    import agiasi.parity
+
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
+
+    def broken(run):
+        raise RuntimeError("llama.cpp crashed")
+
+    monkeypatch.setattr(agiasi.parity, "_gguf_rows", broken)
+    rc = main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--gguf", "f32"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "is complete and loadable, but its fidelity measure failed at 'gguf'" in err
+    out = tmp_path / "out"
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["measure"] == {
+        "status": "failed",
+        "stage": "gguf",
+        "error": "RuntimeError: llama.cpp crashed",
+    }
+    assert "the measure failed at 'gguf'" in (out / "README.md").read_text()
+    assert any(p.suffix == ".gguf" for p in out.iterdir())
+    ids = [17, 250, 33, 401]
+    assert plain_transformers_logits(out / "hf", ids).shape == (
+        4,
+        json.loads((out / "hf" / "config.json").read_text())["vocab_size"],
+    )

@@ -83,3 +83,49 @@ def test_every_train_flag_is_explained(capsys):
         assert f.metadata.get("help"), f.name
         assert "--" + f.name.replace("_", "-") in text
     assert "[at least 1]" in text and "{convex,residual}" in text
+
+
+def test_schedule_warning():
+    from agiasi.train import TrainConfig, schedule_warning
+
+    def cfg(**kw):
+        return TrainConfig(base_model="m", **kw)
+
+    assert schedule_warning(cfg(max_steps=500, warmup_steps=50, annealing_steps=400)) is None
+    short = schedule_warning(cfg(max_steps=10, warmup_steps=5, annealing_steps=10))
+    assert short.startswith("warning: warmup (5) + annealing (10) > max steps (10)")
+    few = cfg(max_steps=20, warmup_steps=5, annealing_steps=10, soul_mix="residual")
+    assert "only 5 step(s) at α = 1.618" in schedule_warning(few)
+    assert schedule_warning(cfg(max_steps=20, warmup_steps=5, annealing_steps=10)) is None
+    assert (
+        schedule_warning(cfg(max_steps=10, warmup_steps=5, annealing_steps=10, soul=False)) is None
+    )
+    learned = cfg(max_steps=10, warmup_steps=5, annealing_steps=10, alpha_mode="learned")
+    assert schedule_warning(learned) is None
+
+
+def test_no_import_cycles_between_the_stages():
+    """export → parity → evaluate (never back), and checkpoint never imports model at run time."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src" / "agiasi"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((src / f"{name}.py").read_text(encoding="utf-8"))
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("agiasi."):
+                found.add(node.module.split(".")[1])
+        guarded = set()
+        for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports do not run
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom):
+                        guarded.add(sub.module.split(".")[1])
+        return found - guarded
+
+    assert "export" not in imports("evaluate") and "parity" not in imports("evaluate")
+    assert "export" not in imports("parity")
+    assert "model" not in imports("checkpoint")
+    assert "export" not in imports("merge") and "parity" not in imports("merge")
