@@ -70,7 +70,7 @@ def test_note_inference_snippet_runs_with_only_the_import_changed(trained_ckpt, 
     model.eval()
     # --- end of snippet ---
     with torch.no_grad():
-        got = model(ids).logits
+        got = model(ids).logits.cpu()  # the snippet picks the GPU where there is one
     assert (got - want).abs().max() <= 1e-5
 
 
