@@ -23,7 +23,7 @@ from agiasi.options import option
 MAX_EVAL_TOKENS = 4096
 
 
-def _log_softmax_np(x: np.ndarray) -> np.ndarray:
+def log_softmax_np(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -123,7 +123,7 @@ def perplexity(logits_fn, ids: list[int], window: int) -> float:
         chunk = ids[start : start + window]
         if len(chunk) < 2:
             continue
-        lp = _log_softmax_np(logits_fn(chunk)[:-1])
+        lp = log_softmax_np(logits_fn(chunk)[:-1])
         tgt = np.array(chunk[1:])
         nll -= float(lp[np.arange(len(tgt)), tgt].sum())
         count += len(tgt)

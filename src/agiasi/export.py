@@ -513,6 +513,7 @@ def finish_report(
         num_ctx=plan.cfg.num_ctx,
         text=plan.cfg.text,
         merge_base=plan.cfg.merge_base,
+        n_params=plan.n_params,
         merge_plans=merge_plans,
         run_ggufs=plan.run_ggufs,
     )

@@ -55,15 +55,11 @@ class MeasureError(AgiasiError):
 # --------------------------------------------------------------------------- comparing logits
 
 
-def _log_softmax_np(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """max |Δ|, Δ relative to ref's logit range, top-1 agreement, mean KL(ref ‖ got)."""
-    lp, lq = _log_softmax_np(ref), _log_softmax_np(got)
+    from agiasi.evaluate import log_softmax_np
+
+    lp, lq = log_softmax_np(ref), log_softmax_np(got)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     rng = float(ref.max() - ref.min()) or 1.0
@@ -105,6 +101,7 @@ class ParityInputs:
     num_ctx: int
     text: str | None
     merge_base: str
+    n_params: int  # counted by the export plan from the shapes it writes
     merge_plans: dict[str, Any] = field(default_factory=dict)  # kind → MergePlan (small models)
     run_ggufs: bool = True
 
@@ -240,7 +237,7 @@ def parity_report(inp: ParityInputs, log) -> dict[str, Any]:
     raises :class:`MeasureError` naming it."""
     tok = inp.tokenizer
     device = measure_device()
-    n_params = sum(p.numel() for p in _meta_model(inp.hf_config).parameters())
+    n_params = inp.n_params
     dtype = measure_dtype(n_params, device)
     run = _Run(
         inp=inp,
@@ -385,10 +382,3 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device
     return AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, device_map={"": device}
     ).eval()
-
-
-def _meta_model(hf_config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)

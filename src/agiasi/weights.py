@@ -168,9 +168,6 @@ class LazyWeights:
                 got += n
         return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
-    def num_params(self) -> int:
-        return sum(math.prod(self.shape(k)) for k in self._where)
-
 
 def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(data start, header) of a safetensors file, checked enough to trust the offsets."""
@@ -213,7 +210,8 @@ def load_streamed(folder: Path, hf_config: Any, dtype: torch.dtype, device: torc
     files = set(weights.keys())
     if not files <= set(params) or any(tuple(params[k].shape) != weights.shape(k) for k in files):
         return None
-    if any(k not in files and not _tied_or_buffer(model, k) for k in params):
+    buffers = set(dict(model.named_buffers()))
+    if any(k not in files and k not in buffers and not _tied_head(model, k) for k in params):
         return None
     with torch.no_grad():
         for key in weights.keys():
@@ -221,10 +219,8 @@ def load_streamed(folder: Path, hf_config: Any, dtype: torch.dtype, device: torc
     return model.eval()
 
 
-def _tied_or_buffer(model, key: str) -> bool:
-    """Keys a file may lack: the tied head and buffers the model computes itself."""
-    if key in dict(model.named_buffers()):
-        return True
+def _tied_head(model, key: str) -> bool:
+    """The one weight a file may lack besides buffers: a head tied to the input embedding."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     return key == "lm_head.weight" and head is not None and head.weight is emb.weight
