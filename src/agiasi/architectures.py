@@ -10,6 +10,7 @@ Why the LoRA targets differ: Phi-3 fuses q/k/v into ``qkv_proj`` (and gate/up in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from agiasi.errors import AgiasiError
 
@@ -23,14 +24,16 @@ class Architecture:
     model_type: str
     lora_targets: tuple[str, ...]
     gguf: str | None  # the llama.cpp architecture agiasi writes, None: training only
-    vocab: str  # "sentencepiece" (tokenizer.model) or "bpe" (tokenizer.json only)
+    vocabs: tuple[str, ...]  # "sentencepiece" (tokenizer.model) and/or "bpe" (tokenizer.json)
     example: str  # a Japanese model of this architecture
     notes: str = ""
+    # llama.cpp's graph reads the output matrix from token_embd (no output tensor): a GGUF can
+    # only hold a head equal to the input embedding, i.e. no folded soul
+    gguf_tied_head_only: bool = False
 
     @property
     def exports_gguf(self) -> bool:
-        """GGUF export works end to end (a BPE vocabulary writer does not exist yet)."""
-        return self.gguf is not None and self.vocab == "sentencepiece"
+        return self.gguf is not None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -40,7 +43,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "phi3",
             ("qkv_proj", "o_proj"),
             "phi3",
-            "sentencepiece",
+            ("sentencepiece",),
             "AXCXEPT/Borea-Phi-3.5-mini-Instruct-Jp",
             "fused qkv/gate_up; LongRoPE factors; sliding window",
         ),
@@ -48,16 +51,16 @@ ARCHITECTURES: dict[str, Architecture] = {
             "llama",
             _QKVO,
             "llama",
-            "sentencepiece",
-            "elyza/ELYZA-japanese-Llama-2-7b-instruct",
-            "q/k rows permuted for GGML's RoPE; tied heads untied on export; Llama-3 BPE "
-            "vocabularies (Llama-3.1-Swallow) train but do not export to GGUF yet",
+            ("sentencepiece", "bpe"),
+            "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3",
+            "q/k rows permuted for GGML's RoPE; tied heads untied on export; Llama-2 "
+            "(sentencepiece) and Llama-3 (byte-level BPE, llama.cpp's llama-bpe) vocabularies",
         ),
         Architecture(
             "mistral",
             _QKVO,
             "llama",
-            "sentencepiece",
+            ("sentencepiece",),
             "stabilityai/japanese-stablelm-base-gamma-7b",
             "written as llama.cpp's llama architecture",
         ),
@@ -65,19 +68,21 @@ ARCHITECTURES: dict[str, Architecture] = {
             "qwen2",
             _QKVO,
             "qwen2",
-            "bpe",
+            ("bpe",),
             "Qwen/Qwen2.5-7B-Instruct",
-            "byte-level BPE vocabulary: trains; GGUF export not yet",
+            "q/k/v biases; byte-level BPE (llama.cpp's qwen2 pre-tokenizer)",
         ),
-        Architecture("qwen3", _QKVO, None, "bpe", "Qwen/Qwen3-8B", "trains; no GGUF export yet"),
-        Architecture("gemma", _QKVO, None, "sentencepiece", "google/gemma-7b", "trains only"),
+        Architecture("qwen3", _QKVO, None, ("bpe",), "Qwen/Qwen3-8B", "trains; no GGUF export yet"),
+        Architecture("gemma", _QKVO, None, ("sentencepiece",), "google/gemma-7b", "trains only"),
         Architecture(
             "gemma2",
             _QKVO,
-            None,
-            "sentencepiece",
+            "gemma2",
+            ("sentencepiece",),
             "google/gemma-2-2b-jpn-it",
-            "trains (final-logit soft-capping included); GGUF export not yet",
+            "final-logit soft-capping in training; llama.cpp's gemma2 takes its output matrix "
+            "from the embedding, so a folded soul exports to HF only (GGUF for --no-soul runs)",
+            gguf_tied_head_only=True,
         ),
     ]
 }
@@ -99,6 +104,24 @@ def gguf_architecture(model_type: str) -> Architecture:
     return arch
 
 
+def vocabulary_kind(arch: Architecture, model_dir: Path) -> str:
+    """Which vocabulary the GGUF gets: the sentencepiece model where the folder has one and the
+    architecture reads it (Llama-2, Gemma, Phi-3), else the byte-level BPE of tokenizer.json
+    (Llama-3, Qwen2). Only files are read; nothing from the folder is executed."""
+    if "sentencepiece" in arch.vocabs and (model_dir / "tokenizer.model").is_file():
+        return "sentencepiece"
+    if "bpe" in arch.vocabs and (model_dir / "tokenizer.json").is_file():
+        return "bpe"
+    wanted = " or ".join(
+        {"sentencepiece": "tokenizer.model", "bpe": "tokenizer.json (byte-level BPE)"}[v]
+        for v in arch.vocabs
+    )
+    raise AgiasiError(
+        f"{model_dir} has no {wanted}, which the GGUF vocabulary of a {arch.model_type} model "
+        "needs; copy the base model's tokenizer files into it"
+    )
+
+
 def table_markdown() -> str:
     """The README's table, from this module (tests check the README matches)."""
     rows = [
@@ -107,8 +130,12 @@ def table_markdown() -> str:
     ]
     for a in ARCHITECTURES.values():
         gguf = f"yes ({a.gguf})" if a.exports_gguf else "no"
+        if a.gguf_tied_head_only:
+            gguf += ", --no-soul runs only"
+        vocab = " / ".join(
+            {"sentencepiece": "sentencepiece", "bpe": "byte-level BPE"}[v] for v in a.vocabs
+        )
         rows.append(
-            f"| `{a.model_type}` | {', '.join(a.lora_targets)} | {gguf} | {a.vocab} | "
-            f"`{a.example}` |"
+            f"| `{a.model_type}` | {', '.join(a.lora_targets)} | {gguf} | {vocab} | `{a.example}` |"
         )
     return "\n".join(rows)

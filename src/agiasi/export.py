@@ -152,7 +152,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.architectures import gguf_architecture
     from agiasi.checkpoint import check_same_base, read_manifest
     from agiasi.evaluate import eval_text
-    from agiasi.gguf import KQUANT_TYPES, parse_types, trained_context
+    from agiasi.gguf import GEMMA2_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
     from agiasi.model import ModelConfig, checkpoint_model_config, load_config
 
     check(cfg)
@@ -185,15 +185,10 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         cfg = replace(cfg, num_ctx=context)
     arch = gguf_architecture(hf_cfg.model_type) if types else None  # fail before any work
     base_dir = local_model_dir(base_id)
-    if (
-        arch is not None
-        and arch.vocab == "sentencepiece"
-        and not (base_dir / "tokenizer.model").is_file()
-    ):
-        raise AgiasiError(
-            f"{base_id} has no tokenizer.model, which the GGUF vocabulary of a "
-            f"{hf_cfg.model_type} model needs; put the base model's tokenizer.model there"
-        )
+    if arch is not None:
+        _check_gguf_writable(arch, base_dir, hf_cfg)
+        if arch.gguf_tied_head_only and manifest.get("soul") is not None:
+            raise AgiasiError(GEMMA2_HEAD_MESSAGE)
     if cfg.merge_base == "auto":
         # Measured (report "merge_bases", docs/DESIGN.md): the LoRA learned its delta against
         # the NF4-dequantized weights; merging into those reproduces the trained model closer.
@@ -226,6 +221,18 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         n_params=n_params,
         run_ggufs=run_ggufs,
     )
+
+
+def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
+    """What the GGUF writer would refuse, refused now rather than after the merge: the vocabulary
+    it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
+    llama.cpp does not know), and the writer takes this config (RoPE type, query scaling)."""
+    from agiasi.architectures import vocabulary_kind
+    from agiasi.gguf import GGUF_WRITERS, bpe_pre_tokenizer
+
+    if vocabulary_kind(arch, base_dir) == "bpe":
+        bpe_pre_tokenizer(_read_json(base_dir / "tokenizer.json"))
+    GGUF_WRITERS[arch.gguf].check(hf_cfg.to_dict(), LazyWeights(base_dir))
 
 
 def merge_plan(

@@ -66,6 +66,39 @@ def rope_theta_of(config: dict) -> float:
     return 10000.0
 
 
+def rope_type_of(config: dict) -> tuple[str, dict]:
+    """The RoPE variant and its parameters from either spelling (``rope_scaling`` of
+    transformers 4, ``rope_parameters`` of transformers 5); ``"default"`` when plain."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rp = config.get(key)
+        if isinstance(rp, dict):
+            kind = str(rp.get("rope_type", rp.get("type")) or "default").lower()
+            if kind != "default":
+                return kind, rp
+    return "default", {}
+
+
+def llama3_rope_factors(config: dict) -> torch.Tensor:
+    """Llama-3.1's per-frequency RoPE divisors (``rope_type: llama3``), which llama.cpp reads
+    from a ``rope_freqs`` tensor. The formula is transformers' ``_compute_llama3_parameters``
+    (no library exposes it as factors): wavelengths shorter than original/high_freq_factor keep
+    their frequency, longer than original/low_freq_factor are divided by ``factor``, and the
+    band between is interpolated."""
+    _, rp = rope_type_of(config)
+    dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    base = rope_theta_of(config)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor = float(rp.get("factor", 8.0))
+    low, high = float(rp.get("low_freq_factor", 1.0)), float(rp.get("high_freq_factor", 4.0))
+    old_ctx = float(rp.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = 1.0 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < old_ctx / high, torch.ones_like(out), out)
+    out = torch.where(wavelen > old_ctx / low, torch.full_like(out, factor), out)
+    return out.to(torch.float32)
+
+
 def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF stores Llama q/k rows for rotate-half RoPE; GGML's LLAMA rope pairs adjacent rows."""
     return (
@@ -118,6 +151,64 @@ def _sentencepiece_vocab(hf_dir: Path, vocab_size: int):
     return tokens, scores, types
 
 
+def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
+    """The llama.cpp pre-tokenizer name (``tokenizer.ggml.pre``) of a byte-level BPE
+    tokenizer.json, read from its split pattern.
+
+    llama.cpp's converter hashes the token ids of a probe string instead, which names a known
+    released vocabulary but nothing else (a retrained or extended vocabulary has a new hash); the
+    split pattern is what llama.cpp actually reimplements, so that is what is matched here. A
+    pattern llama.cpp does not know is refused: with the wrong pre-tokenizer llama.cpp would
+    tokenize differently from HF and no error would say so.
+    """
+    from agiasi.tokenizer import BPE_SPLIT_PATTERNS
+
+    model = tokenizer_json.get("model") or {}
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    if model.get("type") != "BPE" or "ByteLevel" not in kinds:
+        raise AgiasiError(
+            "tokenizer.json is not a byte-level BPE vocabulary (model "
+            f"{model.get('type')!r}, pre-tokenizers {kinds}); agiasi's GGUF writer reads "
+            "sentencepiece (tokenizer.model) and byte-level BPE vocabularies"
+        )
+    patterns = [(st.get("pattern") or {}).get("Regex") for st in steps if st.get("type") == "Split"]
+    for name, known in BPE_SPLIT_PATTERNS.items():
+        if patterns == [known]:
+            return name
+    raise AgiasiError(
+        f"tokenizer.json splits text with {patterns[0] if patterns else 'no pattern'!r}, which "
+        f"is not a pre-tokenizer agiasi can name for llama.cpp ({', '.join(BPE_SPLIT_PATTERNS)})"
+        "; llama.cpp would tokenize differently from the HF tokenizer"
+    )
+
+
+def _bpe_vocab(hf_dir: Path, vocab_size: int) -> tuple[list[bytes], list[int], str]:
+    """Tokens (byte-level strings, as llama.cpp's ``gpt2`` vocabulary stores them), token types
+    (added special → CONTROL, other added → USER_DEFINED) and the pre-tokenizer name."""
+    import gguf
+
+    tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = bpe_pre_tokenizer(tj)
+    t = gguf.TokenType
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    types = [t.UNUSED] * vocab_size
+    for text, i in tj["model"]["vocab"].items():
+        if int(i) < vocab_size:
+            tokens[int(i)], types[int(i)] = text.encode("utf-8"), t.NORMAL
+    for tok in tj.get("added_tokens", []):
+        i = int(tok["id"])
+        if i >= vocab_size:
+            raise AgiasiError(
+                f"tokenizer.json has token {tok['content']!r} at id {i}, past the model's "
+                f"vocab_size {vocab_size}"
+            )
+        tokens[i] = tok["content"].encode("utf-8")
+        types[i] = t.CONTROL if tok.get("special") else t.USER_DEFINED
+    return tokens, types, pre
+
+
 # --------------------------------------------------------------------------- architectures
 
 
@@ -127,21 +218,53 @@ class GGUFArch:
 
     gguf_name = "llama"
 
+    def check(self, cfg: dict, sd) -> None:
+        """Refuse a folder this architecture cannot represent (before anything is written)."""
+
     def parameters(self, w, cfg: dict) -> None:
         """Keys beyond :func:`_common_parameters`."""
+
+    def vocabulary(self, w, hf_dir: Path, vocab: int, kind: str) -> None:
+        if kind == "sentencepiece":
+            _sentencepiece_vocabulary(w, hf_dir, vocab)
+        else:
+            _bpe_vocabulary(w, hf_dir, vocab)
 
     def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
         """Tensors the HF state dict does not hold (GGUF names)."""
         return {}
+
+    def skip(self, hf_name: str) -> bool:
+        """HF tensors the llama.cpp architecture has no place for."""
+        return False
 
     def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
         return t
 
 
 class LlamaGGUF(GGUFArch):
-    """Llama and Mistral: HF stores q/k rows for rotate-half RoPE, GGML pairs adjacent rows."""
+    """Llama and Mistral: HF stores q/k rows for rotate-half RoPE, GGML pairs adjacent rows;
+    Llama-3.1's RoPE scaling as a ``rope_freqs`` tensor, linear scaling as metadata."""
 
     gguf_name = "llama"
+    rope_types = ("default", "llama3", "linear")
+
+    def check(self, cfg: dict, sd) -> None:
+        kind, _ = rope_type_of(cfg)
+        if kind not in self.rope_types:
+            raise AgiasiError(
+                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's {self.gguf_name} "
+                f"({', '.join(self.rope_types)})"
+            )
+
+    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
+        import gguf
+
+        if rope_type_of(cfg)[0] != "llama3":
+            return {}
+        return {
+            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(cfg)
+        }
 
     def parameters(self, w, cfg: dict) -> None:
         n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -151,6 +274,7 @@ class LlamaGGUF(GGUFArch):
         if cfg.get("head_dim") and head_dim != n_embd // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
+        _linear_rope(w, cfg)
 
     def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
         n_head = int(cfg["num_attention_heads"])
@@ -159,6 +283,15 @@ class LlamaGGUF(GGUFArch):
         if hf_name.endswith("k_proj.weight"):
             return _permute_qk(t, int(cfg.get("num_key_value_heads") or n_head))
         return t
+
+
+def _linear_rope(w, cfg: dict) -> None:
+    import gguf
+
+    kind, rp = rope_type_of(cfg)
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
 
 
 class Phi3GGUF(GGUFArch):
@@ -208,7 +341,89 @@ class Phi3GGUF(GGUFArch):
         return int(rot_pct * int(cfg["hidden_size"])) // int(cfg["num_attention_heads"])
 
 
-GGUF_WRITERS: dict[str, GGUFArch] = {"llama": LlamaGGUF(), "phi3": Phi3GGUF()}
+class Qwen2GGUF(GGUFArch):
+    """Qwen2/2.5: q/k/v biases (mapped by gguf's name table), NEOX RoPE in llama.cpp, so no row
+    permutation; the head is optional in llama.cpp, so an untied (folded) head is kept."""
+
+    gguf_name = "qwen2"
+
+    def check(self, cfg: dict, sd) -> None:
+        kind, _ = rope_type_of(cfg)
+        if kind not in ("default", "linear"):
+            raise AgiasiError(
+                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's qwen2 "
+                "(default, linear); export the HF folder only (--gguf '')"
+            )
+
+    def parameters(self, w, cfg: dict) -> None:
+        w.add_vocab_size(int(cfg["vocab_size"]))
+        _linear_rope(w, cfg)
+
+
+class Gemma2GGUF(GGUFArch):
+    """Gemma-2, as llama.cpp's converter writes it: RMSNorm weights stored as 1 + w (HF keeps w
+    and adds 1 at run time), head size, both soft-caps, the sliding window. llama.cpp scales
+    the queries by 1/sqrt(head_dim) except for the 27 B shape, which is what HF's
+    ``query_pre_attn_scalar`` says for 2 B and 9 B: other values are refused.
+
+    llama.cpp's gemma2 graph takes the output matrix from token_embd and has no output tensor,
+    so only a head equal to the embedding (no folded soul) can be written."""
+
+    gguf_name = "gemma2"
+
+    def check(self, cfg: dict, sd) -> None:
+        head_dim = int(
+            cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+        )
+        scalar = cfg.get("query_pre_attn_scalar")
+        if scalar is not None and int(cfg["num_hidden_layers"]) != 46 and float(scalar) != head_dim:
+            raise AgiasiError(
+                f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma2 "
+                "scales queries by 1/sqrt(head_dim) for every shape but the 27 B one"
+            )
+        if "lm_head.weight" in sd and not torch.equal(
+            sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
+        ):
+            raise AgiasiError(GEMMA2_HEAD_MESSAGE)
+
+    def parameters(self, w, cfg: dict) -> None:
+        head_dim = int(
+            cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+        )
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        for add, key in (
+            (w.add_attn_logit_softcapping, "attn_logit_softcapping"),
+            (w.add_final_logit_softcapping, "final_logit_softcapping"),
+        ):
+            if cfg.get(key) is not None:
+                add(float(cfg[key]))
+        if cfg.get("sliding_window"):
+            w.add_sliding_window(int(cfg["sliding_window"]))
+
+    def vocabulary(self, w, hf_dir: Path, vocab: int, kind: str) -> None:
+        super().vocabulary(w, hf_dir, vocab, kind)
+        w.add_add_space_prefix(False)
+
+    def skip(self, hf_name: str) -> bool:
+        return hf_name == "lm_head.weight"
+
+    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
+        return t.float() + 1.0 if hf_name.endswith("norm.weight") else t
+
+
+GEMMA2_HEAD_MESSAGE = (
+    "llama.cpp's gemma2 architecture takes its output matrix from the input embedding "
+    "(token_embd) and has no output tensor, so a Gemma-2 whose head carries a folded soul cannot "
+    "be written as GGUF. Export the HF folder only (--gguf ''), or export a --no-soul run"
+)
+
+GGUF_WRITERS: dict[str, GGUFArch] = {
+    "llama": LlamaGGUF(),
+    "phi3": Phi3GGUF(),
+    "qwen2": Qwen2GGUF(),
+    "gemma2": Gemma2GGUF(),
+}
 
 
 def _writer_for(model_type: str) -> GGUFArch:
@@ -233,6 +448,7 @@ def write_gguf(
     """
     import gguf
 
+    from agiasi.architectures import gguf_architecture, vocabulary_kind
     from agiasi.weights import LazyWeights
 
     hf_dir, out_path = Path(hf_dir), Path(out_path)
@@ -241,19 +457,21 @@ def write_gguf(
             f"write_gguf writes {', '.join(DIRECT_TYPES)}; {gguf_type} needs quantize_gguf"
         )
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    arch = _writer_for(cfg.get("model_type", ""))
+    entry = gguf_architecture(cfg.get("model_type", ""))
+    arch = GGUF_WRITERS[entry.gguf]
     sd = LazyWeights(hf_dir)
     leftovers = [k for k in sd.keys() if "lora_" in k or "soul" in k or "so8_rotation" in k]
     if leftovers:
         raise AgiasiError(
             f"refusing to write GGUF: agiasi/LoRA keys remain ({leftovers[0]}); merge first"
         )
+    arch.check(cfg, sd)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), arch.gguf_name)
     try:
         _common_parameters(w, cfg, hf_dir, gguf_type)
         arch.parameters(w, cfg)
-        _sentencepiece_vocabulary(w, hf_dir, int(cfg["vocab_size"]))
+        arch.vocabulary(w, hf_dir, int(cfg["vocab_size"]), vocabulary_kind(entry, hf_dir))
         extra = arch.extra_tensors(cfg)
         plan = _tensor_plan(w, cfg, sd, extra, gguf_type, output_tensor_type)
         w.write_header_to_file()
@@ -311,6 +529,22 @@ def _sentencepiece_vocabulary(w, hf_dir: Path, vocab: int) -> None:
         w.add_eot_token_id(tokens.index(b"<|end|>"))
 
 
+def _bpe_vocabulary(w, hf_dir: Path, vocab: int) -> None:
+    """Byte-level BPE (Llama-3, Qwen2): tokens, types, merges, the pre-tokenizer llama.cpp needs
+    to split text as HF does, specials and chat template (gguf-py's SpecialVocab)."""
+    import gguf
+
+    tokens, types, pre = _bpe_vocab(hf_dir, vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab)
+    if not special.merges:
+        raise AgiasiError(f"{hf_dir / 'tokenizer.json'} has no BPE merges")
+    special.add_to_gguf(w, quiet=True)
+
+
 def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None) -> list:
     """Tensor infos into the header; returns ``(hf name, source name, GGML type)`` in order."""
     import gguf
@@ -320,8 +554,9 @@ def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | No
         if not cfg.get("tie_word_embeddings", False):
             raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
         head_source = "model.embed_tokens.weight"
+    arch = _writer_for(cfg["model_type"])
     name_map = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH[_writer_for(cfg["model_type"]).gguf_name.upper()],
+        gguf.MODEL_ARCH[arch.gguf_name.upper()],
         int(cfg["num_hidden_layers"]),
     )
     qtype = {
@@ -335,6 +570,8 @@ def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | No
     ]
     plan = []
     for hf_name in [*sources, "lm_head.weight", *extra]:
+        if arch.skip(hf_name):
+            continue
         source = head_source if hf_name == "lm_head.weight" else hf_name
         if hf_name in extra:
             gname, shape = hf_name, tuple(extra[hf_name].shape)
@@ -344,7 +581,7 @@ def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | No
                 raise AgiasiError(f"no GGUF name for tensor {hf_name!r} ({cfg['model_type']})")
             shape = sd.shape(source)
         want = output_tensor_type if gname == "output.weight" and output_tensor_type else gguf_type
-        if len(shape) <= 1 or gname.startswith("rope_factors"):
+        if len(shape) <= 1 or gname.startswith("rope_"):
             ttype = gguf.GGMLQuantizationType.F32
         elif want == "q8_0" and shape[-1] % 32 != 0:
             ttype = gguf.GGMLQuantizationType.F16

@@ -416,6 +416,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                     "an interrupted download? fetch the model again"
                 ) from None
             raise
+        if cfg.quantization == "nf4" and dtype == torch.float32:
+            _keep_nf4_in_float32(model)
         return model
 
     def _wrap_lora(self, causal_lm: nn.Module):
@@ -788,13 +790,27 @@ def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]
     return info
 
 
+def _keep_nf4_in_float32(model) -> None:
+    """bitsandbytes switches a 4-bit layer run without gradients on a CPU with AVX512-BF16 to a
+    bf16 kernel (inputs cast to bf16), whatever the compute dtype: logits then move by ~0.4 % of
+    their range between a laptop and a server, and between eval and training. float32 compute
+    must mean float32, so that path is turned off here (bitsandbytes' own switch)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _gguf_support(model_type: str) -> str:
     from agiasi.architectures import ARCHITECTURES
 
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         return "no (not in agiasi's architecture table)"
-    return f"yes ({arch.gguf})" if arch.exports_gguf else f"no ({arch.notes})"
+    if not arch.exports_gguf:
+        return f"no ({arch.notes})"
+    if arch.gguf_tied_head_only:
+        return f"yes ({arch.gguf}), --no-soul runs only ({arch.notes})"
+    return f"yes ({arch.gguf})"
 
 
 def format_info(info: dict[str, Any]) -> str:

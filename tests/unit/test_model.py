@@ -356,3 +356,21 @@ def test_gemma2_soft_capping_is_in_training_as_in_inference(tmp_path, soul):
         full = w(ids, labels=ids).task_loss
         chunked = w(ids, labels=ids, return_logits=False, loss_chunk=5).task_loss
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_nf4_without_gradients_computes_in_float32_on_every_cpu(tiny_phi3):
+    """bitsandbytes runs a 4-bit layer in eval/no-grad on an AVX512-BF16 CPU through a bf16
+    kernel; with float32 compute the layer must equal x @ dequant(W)ᵀ in float32 anyway."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    w = make_wrapper(tiny_phi3, quantization="nf4", dtype="float32").eval()
+    layer = next(m for m in w.causal_lm.modules() if type(m).__name__ == "Linear4bit")
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = layer(x)
+        weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        want = x @ weight.T.float()
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
