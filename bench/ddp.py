@@ -24,13 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(n_gpus: int, accum: int, steps: int, seq: int, base: Path, out: Path) -> list[dict]:
+def run(
+    n_gpus: int, accum: int, steps: int, seq: int, base: Path, out: Path, extra: list[str]
+) -> list[dict]:
     common = [
         "-m", "agiasi", "train", "--base-model", str(base), "--max-length", str(seq),
         "--batch-size", "1", "--max-steps", str(steps), "--save-steps", "100000",
         "--warmup-steps", "4", "--annealing-steps", "16", "--lora-dropout", "0",
         "--no-progress", "--seed", "1", "--grad-accum", str(accum), "--output-dir", str(out),
-        "--overwrite",
+        "--overwrite", *extra,
     ]  # fmt: skip
     if n_gpus == 1:
         cmd = [sys.executable, *common]
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per step on each GPU")
     ap.add_argument("--work", type=Path, default=Path("/tmp/agiasi_ddp"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compile", action="store_true", help="--compile on both sides")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     from train import make_random_model
@@ -82,11 +85,12 @@ def main() -> None:
         for f in (ROOT / "src/agiasi/assets/tiny-ja-phi3").glob("tokenizer*"):
             (base / f.name).write_bytes(f.read_bytes())
     counts = [int(x) for x in args.gpus.split(",") if int(x) > 1]
+    extra = ["--compile"] if args.compile else []
     results = {}
     for n in counts:
         k = args.accum
-        one = run(1, n * k, args.steps, args.seq, base, args.work / f"one_x{n * k}")
-        many = run(n, k, args.steps, args.seq, base, args.work / f"ddp_{n}_x{k}")
+        one = run(1, n * k, args.steps, args.seq, base, args.work / f"one_x{n * k}", extra)
+        many = run(n, k, args.steps, args.seq, base, args.work / f"ddp_{n}_x{k}", extra)
         s1, sn = summary(one), summary(many)
         dloss = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many, strict=True))
         results[n] = {"one_gpu": s1, "ddp": sn, "speedup": sn["tokens_per_s"] / s1["tokens_per_s"],

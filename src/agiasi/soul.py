@@ -133,6 +133,8 @@ class SO8BlockRotation(nn.Module):
         if init == "random":
             params.normal_(0.0, 1.0)
         self.skew_params = nn.Parameter(params)
+        # the index on the parameters' device: a CPU index costs a blocking copy every step
+        self.register_buffer("_triu", _TRIU.clone(), persistent=False)
 
     def blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The rotation blocks, (H/8, 8, 8).
@@ -143,7 +145,7 @@ class SO8BlockRotation(nn.Module):
         """
         p = self.skew_params.to(torch.float64)
         upper = p.new_zeros(self.n_blocks, _BLOCK, _BLOCK)
-        upper[:, _TRIU[0], _TRIU[1]] = p
+        upper[:, self._triu[0], self._triu[1]] = p
         return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2)).to(dtype)
 
     @property

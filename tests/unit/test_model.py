@@ -374,3 +374,23 @@ def test_nf4_without_gradients_computes_in_float32_on_every_cpu(tiny_phi3):
     assert got.dtype == torch.float32
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
+
+def test_each_local_rank_gets_its_own_block_of_cpus(monkeypatch):
+    """DDP ranks on one host are pinned to disjoint contiguous CPU blocks; a process the user
+    pinned already, or a host with too few CPUs, is left as it is."""
+    import os
+
+    from agiasi.train import pin_cpus
+
+    state = {"cpus": set(range(32))}
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(state["cpus"]))
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, c: state.update(cpus=set(c)))
+    assert pin_cpus(1, 2) == list(range(16, 32)) and state["cpus"] == set(range(16, 32))
+    state["cpus"] = set(range(32))
+    assert pin_cpus(3, 4) == list(range(24, 32))
+    state["cpus"] = {0, 1, 2, 3}  # pinned by the user: kept
+    assert pin_cpus(0, 2) == [0, 1, 2, 3] and state["cpus"] == {0, 1, 2, 3}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    state["cpus"] = {0, 1}  # too few to split
+    assert pin_cpus(0, 2) == [0, 1]
