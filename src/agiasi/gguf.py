@@ -254,7 +254,7 @@ class LlamaGGUF(GGUFArch):
         if kind not in self.rope_types:
             raise AgiasiError(
                 f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's {self.gguf_name} "
-                f"({', '.join(self.rope_types)})"
+                f"({', '.join(self.rope_types)}); export the HF folder only (--gguf '')"
             )
 
     def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
