@@ -183,7 +183,7 @@ def build_bpe_tokenizer(
         bos = specials[0]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A",
-            pair=f"{bos} $A {bos} $B",
+            pair=f"{bos} $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, tok.token_to_id(bos))],
         )
         names = {"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}
