@@ -230,13 +230,13 @@ def step_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
 # features (GQA, tied embeddings, biases, soft-capping, RoPE scaling) and a tokenizer of the kind
 # the family ships, trained on the package's sample text: no hub, no network.
 
-ZOO = ("phi3", "llama-sp", "llama-bpe", "mistral", "qwen2", "gemma2")
+ZOO = ("phi3", "llama-sp", "llama-bpe", "mistral", "qwen2", "qwen3", "gemma2")
 
 
 def _tokenizer_for(kind: str, out: Path):
     from agiasi.tokenizer import build_bpe_tokenizer, build_phi3_tokenizer
 
-    if kind in ("llama-bpe", "qwen2"):
+    if kind in ("llama-bpe", "qwen2", "qwen3"):
         style = "llama-bpe" if kind == "llama-bpe" else "qwen2"
         return build_bpe_tokenizer([sample_text()], out, style=style, vocab_size=1000)
     return build_phi3_tokenizer(
@@ -288,6 +288,9 @@ def build_tiny_arch(kind: str, out: Path, seed: int = 0) -> Path:
         cls, extra = "Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)
     elif kind == "qwen2":  # Qwen2.5-0.5B style: q/k/v biases, tied head, GQA
         cls, extra = "Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)
+    elif kind == "qwen3":  # Qwen3-0.6B style: q/k norms, head_dim != hidden / heads, tied, GQA
+        cls = "Qwen3"
+        extra = dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
     elif kind == "gemma2":  # soft-capping on attention and logits, sliding window, tied head
         cls = "Gemma2"
         extra = dict(

@@ -72,7 +72,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             "Qwen/Qwen2.5-7B-Instruct",
             "q/k/v biases; byte-level BPE (llama.cpp's qwen2 pre-tokenizer)",
         ),
-        Architecture("qwen3", _QKVO, None, ("bpe",), "Qwen/Qwen3-8B", "trains; no GGUF export yet"),
+        Architecture(
+            "qwen3",
+            _QKVO,
+            "qwen3",
+            ("bpe",),
+            "Qwen/Qwen3-8B",
+            "per-head q/k RMSNorm, head size of its own; Qwen2's byte-level BPE",
+        ),
         Architecture("gemma", _QKVO, None, ("sentencepiece",), "google/gemma-7b", "trains only"),
         Architecture(
             "gemma2",

@@ -357,7 +357,17 @@ class Qwen2GGUF(GGUFArch):
 
     def parameters(self, w, cfg: dict) -> None:
         w.add_vocab_size(int(cfg["vocab_size"]))
+        if cfg.get("head_dim"):  # Qwen3's heads are wider than hidden / heads
+            w.add_key_length(int(cfg["head_dim"]))
+            w.add_value_length(int(cfg["head_dim"]))
         _linear_rope(w, cfg)
+
+
+class Qwen3GGUF(Qwen2GGUF):
+    """Qwen3: Qwen2 without the q/k/v biases, with RMSNorm on each head's q and k (``q_norm``,
+    ``k_norm``: mapped by gguf's name table) and a head size of its own."""
+
+    gguf_name = "qwen3"
 
 
 class Gemma2GGUF(GGUFArch):
@@ -422,6 +432,7 @@ GGUF_WRITERS: dict[str, GGUFArch] = {
     "llama": LlamaGGUF(),
     "phi3": Phi3GGUF(),
     "qwen2": Qwen2GGUF(),
+    "qwen3": Qwen3GGUF(),
     "gemma2": Gemma2GGUF(),
 }
 

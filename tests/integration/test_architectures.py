@@ -28,6 +28,7 @@ ZOO_MODEL_TYPE = {
     "llama-bpe": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
     "gemma2": "gemma2",
 }
 
@@ -115,7 +116,7 @@ def test_train_export_and_run_in_llama_cpp(kind, tmp_path, capsys):
 
     model = build_tiny_arch(kind, tmp_path / "base")
     assert json.loads((model / "config.json").read_text())["model_type"] == ZOO_MODEL_TYPE[kind]
-    assert (model / "tokenizer.model").is_file() == (kind not in ("llama-bpe", "qwen2"))
+    assert (model / "tokenizer.model").is_file() == (kind not in ("llama-bpe", "qwen2", "qwen3"))
     ckpt = _train(model, tmp_path / "run")
     out = tmp_path / "out"
     if ARCHITECTURES[ZOO_MODEL_TYPE[kind]].gguf_tied_head_only:
