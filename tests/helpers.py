@@ -230,7 +230,7 @@ def step_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
 # features (GQA, tied embeddings, biases, soft-capping, RoPE scaling) and a tokenizer of the kind
 # the family ships, trained on the package's sample text: no hub, no network.
 
-ZOO = ("phi3", "llama-sp", "llama-bpe", "mistral", "qwen2", "qwen3", "gemma2")
+ZOO = ("phi3", "llama-sp", "llama-bpe", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
 def _tokenizer_for(kind: str, out: Path):
@@ -245,7 +245,7 @@ def _tokenizer_for(kind: str, out: Path):
         vocab_size=1000,
         normalization="identity",
         model_type="bpe",
-        style="gemma" if kind == "gemma2" else "phi3",
+        style="gemma" if kind.startswith("gemma") else "phi3",
     )
 
 
@@ -291,6 +291,9 @@ def build_tiny_arch(kind: str, out: Path, seed: int = 0) -> Path:
     elif kind == "qwen3":  # Qwen3-0.6B style: q/k norms, head_dim != hidden / heads, tied, GQA
         cls = "Qwen3"
         extra = dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    elif kind == "gemma":  # Gemma-1: embeddings scaled by sqrt(hidden), norms as 1 + w, tied
+        cls = "Gemma"
+        extra = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     elif kind == "gemma2":  # soft-capping on attention and logits, sliding window, tied head
         cls = "Gemma2"
         extra = dict(

@@ -80,7 +80,16 @@ ARCHITECTURES: dict[str, Architecture] = {
             "Qwen/Qwen3-8B",
             "per-head q/k RMSNorm, head size of its own; Qwen2's byte-level BPE",
         ),
-        Architecture("gemma", _QKVO, None, ("sentencepiece",), "google/gemma-7b", "trains only"),
+        Architecture(
+            "gemma",
+            _QKVO,
+            "gemma",
+            ("sentencepiece",),
+            "google/gemma-7b",
+            "llama.cpp's gemma takes its output matrix from the embedding, so a folded soul "
+            "exports to HF only (GGUF for --no-soul runs)",
+            gguf_tied_head_only=True,
+        ),
         Architecture(
             "gemma2",
             _QKVO,

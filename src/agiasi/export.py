@@ -152,7 +152,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.architectures import gguf_architecture
     from agiasi.checkpoint import check_same_base, read_manifest
     from agiasi.evaluate import eval_text
-    from agiasi.gguf import GEMMA2_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
+    from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
     from agiasi.model import ModelConfig, checkpoint_model_config, load_config
 
     check(cfg)
@@ -188,7 +188,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     if arch is not None:
         _check_gguf_writable(arch, base_dir, hf_cfg)
         if arch.gguf_tied_head_only and manifest.get("soul") is not None:
-            raise AgiasiError(GEMMA2_HEAD_MESSAGE)
+            raise AgiasiError(GEMMA_HEAD_MESSAGE)
     if cfg.merge_base == "auto":
         # Measured (report "merge_bases", docs/DESIGN.md): the LoRA learned its delta against
         # the NF4-dequantized weights; merging into those reproduces the trained model closer.

@@ -370,46 +370,26 @@ class Qwen3GGUF(Qwen2GGUF):
     gguf_name = "qwen3"
 
 
-class Gemma2GGUF(GGUFArch):
-    """Gemma-2, as llama.cpp's converter writes it: RMSNorm weights stored as 1 + w (HF keeps w
-    and adds 1 at run time), head size, both soft-caps, the sliding window. llama.cpp scales
-    the queries by 1/sqrt(head_dim) except for the 27 B shape, which is what HF's
-    ``query_pre_attn_scalar`` says for 2 B and 9 B: other values are refused.
+class GemmaGGUF(GGUFArch):
+    """Gemma, as llama.cpp's converter writes it: RMSNorm weights stored as 1 + w (HF keeps w and
+    adds 1 at run time), the head size, no space prefix on the text. llama.cpp scales the
+    embeddings by sqrt(hidden) itself, as HF does.
 
-    llama.cpp's gemma2 graph takes the output matrix from token_embd and has no output tensor,
+    llama.cpp's gemma graphs take the output matrix from token_embd and have no output tensor,
     so only a head equal to the embedding (no folded soul) can be written."""
 
-    gguf_name = "gemma2"
+    gguf_name = "gemma"
 
     def check(self, cfg: dict, sd) -> None:
-        head_dim = int(
-            cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
-        )
-        scalar = cfg.get("query_pre_attn_scalar")
-        if scalar is not None and int(cfg["num_hidden_layers"]) != 46 and float(scalar) != head_dim:
-            raise AgiasiError(
-                f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma2 "
-                "scales queries by 1/sqrt(head_dim) for every shape but the 27 B one"
-            )
         if "lm_head.weight" in sd and not torch.equal(
             sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
         ):
-            raise AgiasiError(GEMMA2_HEAD_MESSAGE)
+            raise AgiasiError(GEMMA_HEAD_MESSAGE)
 
     def parameters(self, w, cfg: dict) -> None:
-        head_dim = int(
-            cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
-        )
+        head_dim = _head_dim(cfg)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        for add, key in (
-            (w.add_attn_logit_softcapping, "attn_logit_softcapping"),
-            (w.add_final_logit_softcapping, "final_logit_softcapping"),
-        ):
-            if cfg.get(key) is not None:
-                add(float(cfg[key]))
-        if cfg.get("sliding_window"):
-            w.add_sliding_window(int(cfg["sliding_window"]))
 
     def vocabulary(self, w, hf_dir: Path, vocab: int, kind: str) -> None:
         super().vocabulary(w, hf_dir, vocab, kind)
@@ -422,10 +402,43 @@ class Gemma2GGUF(GGUFArch):
         return t.float() + 1.0 if hf_name.endswith("norm.weight") else t
 
 
-GEMMA2_HEAD_MESSAGE = (
-    "llama.cpp's gemma2 architecture takes its output matrix from the input embedding "
-    "(token_embd) and has no output tensor, so a Gemma-2 whose head carries a folded soul cannot "
-    "be written as GGUF. Export the HF folder only (--gguf ''), or export a --no-soul run"
+class Gemma2GGUF(GemmaGGUF):
+    """Gemma-2: Gemma plus both soft-caps and the sliding window. llama.cpp scales the queries
+    by 1/sqrt(head_dim) except for the 27 B shape, which is what HF's ``query_pre_attn_scalar``
+    says for 2 B and 9 B: other values are refused."""
+
+    gguf_name = "gemma2"
+
+    def check(self, cfg: dict, sd) -> None:
+        head_dim, scalar = _head_dim(cfg), cfg.get("query_pre_attn_scalar")
+        if scalar is not None and int(cfg["num_hidden_layers"]) != 46 and float(scalar) != head_dim:
+            raise AgiasiError(
+                f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma2 "
+                "scales queries by 1/sqrt(head_dim) for every shape but the 27 B one"
+            )
+        super().check(cfg, sd)
+
+    def parameters(self, w, cfg: dict) -> None:
+        super().parameters(w, cfg)
+        for add, key in (
+            (w.add_attn_logit_softcapping, "attn_logit_softcapping"),
+            (w.add_final_logit_softcapping, "final_logit_softcapping"),
+        ):
+            if cfg.get(key) is not None:
+                add(float(cfg[key]))
+        if cfg.get("sliding_window"):
+            w.add_sliding_window(int(cfg["sliding_window"]))
+
+
+def _head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+
+GEMMA_HEAD_MESSAGE = (
+    "llama.cpp's gemma and gemma2 architectures take their output matrix from the input "
+    "embedding (token_embd) and have no output tensor, so a Gemma whose head carries a folded "
+    "soul cannot be written as GGUF. Export the HF folder only (--gguf ''), or export a "
+    "--no-soul run"
 )
 
 GGUF_WRITERS: dict[str, GGUFArch] = {
@@ -433,6 +446,7 @@ GGUF_WRITERS: dict[str, GGUFArch] = {
     "phi3": Phi3GGUF(),
     "qwen2": Qwen2GGUF(),
     "qwen3": Qwen3GGUF(),
+    "gemma": GemmaGGUF(),
     "gemma2": Gemma2GGUF(),
 }
 
