@@ -217,7 +217,8 @@ def format_summary(s: dict[str, Any], fidelity: str) -> str:
     lines += ["", "generation (greedy):"]
     for k, v in s["generation"].items():
         if k != "prompt":
-            lines.append(f"  [{k}] {v}")
+            # one line per model: a generated newline would look like the next line of output
+            lines.append(f"  [{k}] " + " ⏎ ".join(line.rstrip() for line in str(v).splitlines()))
     lines += ["", "fidelity:", fidelity, "", "files:"]
     for k, v in s["files"].items():
         lines.append(f"  {k:<11} {v}")

@@ -549,7 +549,9 @@ def _sentencepiece_vocabulary(w, hf_dir: Path, vocab: int) -> None:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=vocab).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=vocab)
+    _set_added_specials(special, hf_dir)
+    special.add_to_gguf(w, quiet=True)
     if b"<|end|>" in tokens:
         w.add_eot_token_id(tokens.index(b"<|end|>"))
 
@@ -567,7 +569,25 @@ def _bpe_vocabulary(w, hf_dir: Path, vocab: int) -> None:
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab)
     if not special.merges:
         raise AgiasiError(f"{hf_dir / 'tokenizer.json'} has no BPE merges")
+    _set_added_specials(special, hf_dir)
     special.add_to_gguf(w, quiet=True)
+
+
+def _set_added_specials(special, hf_dir: Path) -> None:
+    """Whether llama.cpp puts BOS / EOS around text, set to what the HF tokenizer does by
+    default. Read from the tokenizer's behaviour: transformers 5 no longer writes
+    ``add_bos_token`` into tokenizer_config.json, and without the key llama.cpp adds BOS to every
+    sentencepiece prompt — a token a Phi-3 never saw there (Ollama's prompts included)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tok("a")["input_ids"]
+    special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [
+        tok.bos_token_id
+    ]
+    special.add_special_token["eos"] = (
+        tok.eos_token_id is not None and len(ids) > 1 and ids[-1] == tok.eos_token_id
+    )
 
 
 def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None) -> list:
