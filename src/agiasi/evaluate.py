@@ -87,8 +87,10 @@ class GGUFModel:
         n = md.get(f"{md.get('general.architecture', '')}.context_length")
         return int(n) if n else None
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids; ``add_special``: with BOS/EOS where the GGUF says llama.cpp adds them (what
+        a prompt gets in llama.cpp and Ollama)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         self.llm.reset()

@@ -337,8 +337,11 @@ def _gguf_rows(run: _Run) -> None:
         try:
             row = compare_all(run.hf_logits, [g.logits(p) for p in run.prompts])
             row["greedy_equal"] = g.greedy(run.prompts[0], 32) == run.greedy_hf
+            # the same ids as the HF tokenizer, bare and with the specials each side adds
             row["tokens_equal"] = all(
-                g.tokenize(s) == p for s, p in zip(PARITY_PROMPTS, run.prompts, strict=True)
+                g.tokenize(s) == p
+                and g.tokenize(s, add_special=True) == inp.tokenizer(s)["input_ids"]
+                for s, p in zip(PARITY_PROMPTS, run.prompts, strict=True)
             )
             row["ppl"] = perplexity(g.logits, run.ids, run.window)
         finally:

@@ -99,7 +99,7 @@ def _check_llama_cpp_equals_hf(out, hf, tok):
         ids = _ids(tok, text)
         assert f32.tokenize(text) == ids, text
         # and by default (BOS where HF adds one, none where it does not), as Ollama tokenizes
-        assert f32.llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"]
+        assert f32.tokenize(text, add_special=True) == tok(text)["input_ids"], text
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].numpy()
         got = f32.logits(ids)
