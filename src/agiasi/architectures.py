@@ -35,6 +35,13 @@ class Architecture:
     def exports_gguf(self) -> bool:
         return self.gguf is not None
 
+    @property
+    def gguf_support(self) -> str:
+        """``yes (arch)``, with the tied-head limit where there is one, or ``no``."""
+        if not self.exports_gguf:
+            return "no"
+        return f"yes ({self.gguf})" + (", --no-soul runs only" if self.gguf_tied_head_only else "")
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
@@ -145,9 +152,7 @@ def table_markdown() -> str:
         "|---|---|---|---|---|",
     ]
     for a in ARCHITECTURES.values():
-        gguf = f"yes ({a.gguf})" if a.exports_gguf else "no"
-        if a.gguf_tied_head_only:
-            gguf += ", --no-soul runs only"
+        gguf = a.gguf_support
         vocab = " / ".join(
             {"sentencepiece": "sentencepiece", "bpe": "byte-level BPE"}[v] for v in a.vocabs
         )

@@ -40,15 +40,9 @@ def parse_types(text: str | list[str]) -> list[str]:
 
 
 def rope_scaling_of(config: dict) -> dict | None:
-    """LongRoPE parameters from either spelling: transformers 4's ``rope_scaling`` (type
-    ``longrope`` or the older ``su``) or transformers 5's ``rope_parameters``."""
-    for key in ("rope_scaling", "rope_parameters"):
-        rs = config.get(key)
-        if isinstance(rs, dict):
-            kind = str(rs.get("rope_type", rs.get("type", ""))).lower()
-            if kind in ("longrope", "su") and rs.get("long_factor") is not None:
-                return rs
-    return None
+    """LongRoPE parameters (type ``longrope``, or the older ``su``), else None."""
+    kind, rp = rope_type_of(config)
+    return rp if kind in ("longrope", "su") and rp.get("long_factor") is not None else None
 
 
 def trained_context(config: dict) -> int | None:
@@ -85,7 +79,7 @@ def llama3_rope_factors(config: dict) -> torch.Tensor:
     their frequency, longer than original/low_freq_factor are divided by ``factor``, and the
     band between is interpolated."""
     _, rp = rope_type_of(config)
-    dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    dim = _head_dim(config)
     base = rope_theta_of(config)
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     factor = float(rp.get("factor", 8.0))
@@ -217,9 +211,16 @@ class GGUFArch:
     the metadata beyond the common keys, extra tensors, and per-tensor transforms."""
 
     gguf_name = "llama"
+    rope_types: tuple[str, ...] | None = None  # the RoPE variants it writes; None: not checked
 
     def check(self, cfg: dict, sd) -> None:
         """Refuse a folder this architecture cannot represent (before anything is written)."""
+        kind, _ = rope_type_of(cfg)
+        if self.rope_types is not None and kind not in self.rope_types:
+            raise AgiasiError(
+                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's {self.gguf_name} "
+                f"({', '.join(self.rope_types)}); export the HF folder only (--gguf '')"
+            )
 
     def parameters(self, w, cfg: dict) -> None:
         """Keys beyond :func:`_common_parameters`."""
@@ -249,14 +250,6 @@ class LlamaGGUF(GGUFArch):
     gguf_name = "llama"
     rope_types = ("default", "llama3", "linear")
 
-    def check(self, cfg: dict, sd) -> None:
-        kind, _ = rope_type_of(cfg)
-        if kind not in self.rope_types:
-            raise AgiasiError(
-                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's {self.gguf_name} "
-                f"({', '.join(self.rope_types)}); export the HF folder only (--gguf '')"
-            )
-
     def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
         import gguf
 
@@ -268,7 +261,7 @@ class LlamaGGUF(GGUFArch):
 
     def parameters(self, w, cfg: dict) -> None:
         n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+        head_dim = _head_dim(cfg)
         w.add_rope_dimension_count(head_dim)
         w.add_vocab_size(int(cfg["vocab_size"]))
         if cfg.get("head_dim") and head_dim != n_embd // n_head:
@@ -346,14 +339,7 @@ class Qwen2GGUF(GGUFArch):
     permutation; the head is optional in llama.cpp, so an untied (folded) head is kept."""
 
     gguf_name = "qwen2"
-
-    def check(self, cfg: dict, sd) -> None:
-        kind, _ = rope_type_of(cfg)
-        if kind not in ("default", "linear"):
-            raise AgiasiError(
-                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's qwen2 "
-                "(default, linear); export the HF folder only (--gguf '')"
-            )
+    rope_types = ("default", "linear")
 
     def parameters(self, w, cfg: dict) -> None:
         w.add_vocab_size(int(cfg["vocab_size"]))
@@ -381,6 +367,7 @@ class GemmaGGUF(GGUFArch):
     gguf_name = "gemma"
 
     def check(self, cfg: dict, sd) -> None:
+        super().check(cfg, sd)
         if "lm_head.weight" in sd and not torch.equal(
             sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
         ):
@@ -451,12 +438,6 @@ GGUF_WRITERS: dict[str, GGUFArch] = {
 }
 
 
-def _writer_for(model_type: str) -> GGUFArch:
-    from agiasi.architectures import gguf_architecture
-
-    return GGUF_WRITERS[gguf_architecture(model_type).gguf]
-
-
 # --------------------------------------------------------------------------- the writer
 
 
@@ -498,7 +479,7 @@ def write_gguf(
         arch.parameters(w, cfg)
         arch.vocabulary(w, hf_dir, int(cfg["vocab_size"]), vocabulary_kind(entry, hf_dir))
         extra = arch.extra_tensors(cfg)
-        plan = _tensor_plan(w, cfg, sd, extra, gguf_type, output_tensor_type)
+        plan = _tensor_plan(w, arch, cfg, sd, extra, gguf_type, output_tensor_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -590,7 +571,9 @@ def _set_added_specials(special, hf_dir: Path) -> None:
     )
 
 
-def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None) -> list:
+def _tensor_plan(
+    w, arch: GGUFArch, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None
+) -> list:
     """Tensor infos into the header; returns ``(hf name, source name, GGML type)`` in order."""
     import gguf
 
@@ -599,7 +582,6 @@ def _tensor_plan(w, cfg, sd, extra, gguf_type: str, output_tensor_type: str | No
         if not cfg.get("tie_word_embeddings", False):
             raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
         head_source = "model.embed_tokens.weight"
-    arch = _writer_for(cfg["model_type"])
     name_map = gguf.get_tensor_name_map(
         gguf.MODEL_ARCH[arch.gguf_name.upper()],
         int(cfg["num_hidden_layers"]),

@@ -806,11 +806,8 @@ def _gguf_support(model_type: str) -> str:
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         return "no (not in agiasi's architecture table)"
-    if not arch.exports_gguf:
-        return f"no ({arch.notes})"
-    if arch.gguf_tied_head_only:
-        return f"yes ({arch.gguf}), --no-soul runs only ({arch.notes})"
-    return f"yes ({arch.gguf})"
+    plain = arch.exports_gguf and not arch.gguf_tied_head_only
+    return arch.gguf_support if plain else f"{arch.gguf_support} ({arch.notes})"
 
 
 def format_info(info: dict[str, Any]) -> str:
