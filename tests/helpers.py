@@ -225,6 +225,25 @@ def step_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# Two runs that differ only in the order fp32 gradients are summed (ranks vs accumulation):
+# rounding (unit roundoff 6e-8) enters every step's gradient, and Adam's normalised update
+# magnifies a relative gradient error where gradients are small (LoRA A while B is near zero).
+# Across 6 steps the largest difference seen was 3e-6 of the tensor's own magnitude with AVX512
+# kernels and ~1e-5 with AVX2 ones; 1e-4 of the magnitude leaves 10x headroom. A real fault
+# (ranks seeing the wrong data, a missing reduction) moves the weights by the size of the
+# updates themselves, lr x steps ~ 5e-2 of the magnitude: 500x above the bound.
+SUM_ORDER_RTOL = 1e-4
+
+
+def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Step tensors of two runs equal up to the order of fp32 sums (see SUM_ORDER_RTOL)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = float(a[k].abs().max())
+        diff = float((a[k] - b[k]).abs().max())
+        assert diff <= SUM_ORDER_RTOL * max(scale, 1e-12), (k, diff, scale)
+
+
 # --------------------------------------------------------------------------- the architecture zoo
 # One tiny random model per row of agiasi's architecture table, each with its family's real
 # features (GQA, tied embeddings, biases, soft-capping, RoPE scaling) and a tokenizer of the kind

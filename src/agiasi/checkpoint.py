@@ -172,8 +172,14 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
     return manifest
 
 
-def write_step_files(wrapper: AGIASI_SO8T_Wrapper, folder: Path, step: int) -> None:
-    """The note's three files + ``soul.json`` into an existing folder."""
+def write_step_files(
+    wrapper: AGIASI_SO8T_Wrapper,
+    folder: Path,
+    step: int,
+    eval_record: dict[str, Any] | None = None,
+) -> None:
+    """The note's three files + ``soul.json`` (with the step's validation figures, if any)
+    into an existing folder."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -184,8 +190,11 @@ def write_step_files(wrapper: AGIASI_SO8T_Wrapper, folder: Path, step: int) -> N
     wrapper.base_model.peft_config["default"].save_pretrained(str(folder))
     if wrapper.soul is not None:
         torch.save({**wrapper.soul_state(), "step": int(step)}, folder / SOUL_PT)
+    manifest = soul_manifest(wrapper, step)
+    if eval_record is not None:
+        manifest["eval"] = dict(eval_record)
     (folder / SOUL_JSON).write_text(
-        json.dumps(soul_manifest(wrapper, step), ensure_ascii=False, indent=2) + "\n",
+        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
         encoding="utf-8",
     )
 
@@ -196,10 +205,11 @@ def write_step(
     step: int,
     trainer_state: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
+    eval_record: dict[str, Any] | None = None,
 ) -> Path:
     """One complete step folder, atomically; training adds what resume needs."""
     with atomic_folder(Path(folder)) as tmp:
-        write_step_files(wrapper, tmp, step)
+        write_step_files(wrapper, tmp, step, eval_record)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         if train_config is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from agiasi import options
 from agiasi.errors import AgiasiError, first_line
+from agiasi.process import configure_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
@@ -173,6 +175,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = build_config(EvalConfig, args)
     r = evaluate(cfg)
+    if not math.isfinite(r["perplexity"]):
+        raise AgiasiError(
+            f"perplexity of {r['model']} is {r['perplexity']} on {r['text']}: the model's "
+            "outputs are not finite (a checkpoint trained into nan/inf?)"
+        )
     if cfg.json:
         print(_json.dumps(r, ensure_ascii=False, indent=2))
     else:
@@ -202,6 +209,18 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from agiasi.generate import GenerateConfig, chat
 
     chat(build_config(GenerateConfig, args))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from agiasi.data.preview import DataConfig, format_summary, summarize
+
+    cfg = build_config(DataConfig, args)
+    options.check(cfg)
+    s = summarize(cfg)
+    print(_json.dumps(s, ensure_ascii=False, indent=2) if args.json else format_summary(s))
     return 0
 
 
@@ -283,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, GenerateConfig, positional=("model",), skip=("prompt",))
     p.set_defaults(func=_cmd_chat)
 
+    from agiasi.data.preview import DataConfig
+
+    p = sub.add_parser(
+        "data",
+        help="preview a dataset as training will see it (format, counts, one marked example)",
+        description="The detected format and file kind, examples and tokens, what --max-length "
+        "cuts, role counts, and one example through the chat template with the trained spans "
+        "marked. Reads only the first --sample records of each source.",
+    )
+    add_dataclass_args(p, DataConfig, positional=("dataset",))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_data)
+
     p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
     p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
     p.add_argument("--out", help="PNG path or folder (default: RUN/phase_transition.png)")
@@ -315,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     if not debug:
         _quiet_libraries()
+    configure_process()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

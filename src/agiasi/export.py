@@ -68,8 +68,11 @@ GGUF_BYTES_PER_PARAM = {
 class ExportConfig:
     """Flags of ``agiasi export`` (``--merge-base`` ↔ ``merge_base``)."""
 
-    checkpoint: str = option(help="a step_N folder written by `agiasi train`")
+    checkpoint: str = option(help="a step_N folder written by `agiasi train`, or its run folder")
     out: str = option(help="output folder (refused if it exists, unless --force)")
+    step: str | None = option(
+        None, "with a run folder: best (lowest validation loss), last, or a step number"
+    )
     gguf: str = option(
         "f16,q8_0,q4_k_m", "comma list of f32,f16,bf16,q8_0,q4_k_m,q5_k_m,q6_k ('' for none)"
     )
@@ -154,6 +157,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.evaluate import eval_text
     from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
     from agiasi.model import ModelConfig, checkpoint_model_config, load_config
+    from agiasi.runfolder import is_run_folder, resolve_step
 
     check(cfg)
     types = parse_types(cfg.gguf) if cfg.gguf else []
@@ -162,6 +166,9 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     if cfg.output_tensor_type:
         parse_types(cfg.output_tensor_type)
     ckpt = Path(cfg.checkpoint)
+    if cfg.step is not None or is_run_folder(ckpt):
+        ckpt = resolve_step(ckpt, cfg.step or "last")
+        log(f"export: {ckpt} (--step {cfg.step or 'last'})")
     manifest = read_manifest(ckpt)
     overrides: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.base_model:
@@ -235,6 +242,17 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     GGUF_WRITERS[arch.gguf].check(hf_cfg.to_dict(), LazyWeights(base_dir))
 
 
+def refuse_nonfinite(tensors, where: Path) -> None:
+    """A checkpoint holding nan/inf exports nothing: every figure of it would be meaningless,
+    and an argmax over NaN logits even agrees with itself (top-1 "100 %")."""
+    for name, t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AgiasiError(
+                f"{where} holds non-finite values (nan/inf) in {name}: the run diverged before "
+                "this step; export an earlier step folder (or retrain with a lower --learning-rate)"
+            )
+
+
 def merge_plan(
     ckpt: Path, manifest: dict, hf_cfg, base_dir: Path, merge_base: str, dtype: torch.dtype
 ) -> MergePlan:
@@ -249,12 +267,15 @@ def merge_plan(
         adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise AgiasiError(f"{ckpt / ADAPTER_WEIGHTS} is not readable: {e}") from None
+    refuse_nonfinite(adapter.items(), ckpt / ADAPTER_WEIGHTS)
     soul = None
     if manifest.get("soul") is not None:
         info = manifest["soul"]
         state = safe_torch_load(ckpt / SOUL_PT)
         if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
             raise AgiasiError(f"{ckpt / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
+        tensors = {"alpha": state["alpha"], **(state["so8_rotation"] or {})}
+        refuse_nonfinite(tensors.items(), ckpt / SOUL_PT)
         soul = SoulFold(
             rotation_from_state(info, state), float(state["alpha"]), info.get("mix", "residual")
         )
@@ -535,6 +556,16 @@ def finish_report(
             f"at '{e.stage}': {e.message} (see {REPORT})"
         ) from None
     status = measured.pop("measure")
+    bad = nonfinite_figures(measured)
+    if bad:
+        report.update(measured)
+        report["measure"] = {"status": "failed", "stage": bad[0], "error": "non-finite figure"}
+        _write_report_and_card(plan.out, report, plan)
+        raise AgiasiError(
+            f"the export in {plan.out} failed its fidelity measure: {', '.join(bad[:3])} "
+            f"{'is' if len(bad) == 1 else 'are'} not finite (nan/inf), so no figure of it can be "
+            f"trusted (see {REPORT})"
+        )
     report.update(measured)
     report["measure"] = {"status": "done", **status}
     _write_report_and_card(plan.out, report, plan)
@@ -543,6 +574,17 @@ def finish_report(
         log(f"export: not measured: {note}")
     log(f"export: done → {plan.out}")
     return report
+
+
+def nonfinite_figures(tree: Any, path: str = "") -> list[str]:
+    """Dotted names of every nan/inf number in a (nested) report."""
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in nonfinite_figures(v, f"{path}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [x for i, v in enumerate(tree) for x in nonfinite_figures(v, f"{path}{i}.")]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [path.rstrip(".")]
+    return []
 
 
 def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPlan) -> None:

@@ -240,4 +240,11 @@ def merged_tensor(plan: MergePlan, key: str) -> torch.Tensor:
 def merged_tensors(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
     """Final tensors one at a time, in :meth:`MergePlan.output_shapes` order."""
     for key in plan.output_shapes():
-        yield key, merged_tensor(plan, key)
+        t = merged_tensor(plan, key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # inside the export's temporary folder: nothing under the final name is written
+            raise AgiasiError(
+                f"{key} is non-finite (nan/inf) after the merge: the base model's weights or the "
+                "LoRA overflow in the export dtype; nothing was exported"
+            )
+        yield key, t

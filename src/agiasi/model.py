@@ -480,11 +480,22 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
     # ---------------------------------------------------------------- forward
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden state h (after the final norm), what the soul acts on."""
+        """Final hidden state h (after the final norm), what the soul acts on.
+
+        Packed rows (``position_ids`` restarting at 0 per example) go in without the 2-D mask:
+        transformers then reads the example boundaries from the positions and keeps attention
+        inside each example (a block-diagonal causal mask; on flash attention, varlen kernels).
+        """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if position_ids is not None:
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        else:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def forward(
@@ -494,6 +505,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
         loss_chunk: int = 1024,
+        position_ids: torch.Tensor | None = None,
     ) -> SoulOutput:
         """Logits with the soul, and loss = CE(shifted, padding ignored) + w · ‖RᵀR − I‖_F.
 
@@ -513,7 +525,9 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         input_ids = input_ids.to(self.device_, non_blocking=True)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device_, non_blocking=True)
-        h = self.hidden_states(input_ids, attention_mask)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device_, non_blocking=True)
+        h = self.hidden_states(input_ids, attention_mask, position_ids)
         # The soul acts once on the whole sequence (B·T·H is small) with one matrix_exp shared
         # with the ortho monitor; the plain head then runs on the mixed state.
         if self._soul is not None:

@@ -1,91 +1,173 @@
 """``train(config)``: the note's phase-transition training, in one visible loop.
 
-Per optimizer step: set α from the schedule (``schedule`` mode) → ``grad_accum`` micro-batches
-forward/backward → all-reduce the trainable gradients (LoRA + soul only) across ranks → clip →
-AdamW step → log → maybe checkpoint. Nothing is hidden in callbacks; the setup before the loop
-is a row of named helpers.
-
-Distributed: launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1), every rank
-holds its own (4-bit) base model; ranks start from identical trainable parameters (same seed,
-then a broadcast from rank 0), take disjoint slices of each global batch (:class:`BatchStream`),
-and average gradients by one flat all-reduce of the trainable tensors. Rank 0 writes.
+Per optimizer step (:func:`train`'s loop, each part a named function below):
+``set_schedules`` (α from its annealing, the learning rate from ``--lr-scheduler``) →
+``train_step`` (``grad_accum`` micro-batches forward/backward, one all-reduce of the trainable
+gradients across ranks, clip, AdamW) → ``log_step`` (one metrics line, the progress bar) →
+every ``--eval-steps``: ``evaluate_step`` (validation loss, split across ranks) → every
+``--save-steps``, at a new best and at the end: ``save_step``. Nothing is hidden in callbacks.
 
 Resume is exact: a step folder carries the optimizer state, the RNG states and the data
-position, so a killed run resumed with ``--resume auto`` ends bit-for-bit where an uninterrupted
-run ends (CPU, fixed seed).
+position; both schedules are functions of the step. A killed run resumed with ``--resume auto``
+ends bit-for-bit where an uninterrupted run ends (CPU, fixed seed).
 
-The output folder belongs to one run: a lock file keeps a second run out (its error names the
-holder's pid), and a folder that already holds a run is refused unless ``--resume`` continues it
-or ``--overwrite`` replaces it. Nothing in it is touched before the data and the model loaded.
+The run folder, its lock and its records live in :mod:`agiasi.runfolder`; data-parallel helpers
+in :mod:`agiasi.distributed`; process-wide settings in :mod:`agiasi.process`.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.checkpoint import (
-    TRAIN_CONFIG,
     TRAINER_STATE,
     checkpoint_problem,
-    clean_stale_temp,
     find_resume_checkpoint,
-    list_checkpoints,
     load_into,
     safe_torch_load,
     write_step,
 )
-from agiasi.data import BatchStream, Example, default_dataset, load_records, tokenize_records
+from agiasi.data import IGNORE, BatchStream, Data, Example, collate, default_dataset, load_data
+from agiasi.distributed import (
+    Dist,
+    all_gather,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    init_distributed,
+)
 from agiasi.errors import AgiasiError
 from agiasi.model import AGIASI_SO8T_Wrapper, ModelConfig
 from agiasi.options import option
-from agiasi.schedule import linear_annealing
+from agiasi.process import configure_process
+from agiasi.runfolder import (
+    METRICS,
+    RunLock,
+    check_output_dir,
+    check_output_path,
+    last_loss,
+    prepare_run_folder,
+    read_best,
+    write_best,
+)
+from agiasi.schedule import LR_SCHEDULERS, linear_annealing, lr_factor, lr_warmup_steps
 from agiasi.soul import PHI, gate_of, phase_status
 
-METRICS = "metrics.jsonl"
 GC_EVERY = 50  # steps between the collector's runs (all ranks at once)
-LOCK = ".agiasi-train.lock"
-PLOT = "phase_transition.png"
+DatasetFormat = Literal["auto", "text", "messages", "alpaca", "sharegpt", "prompt-completion"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+assert LR_SCHEDULERS == ("constant", "linear", "cosine")
 
 # Steps at α = target below which the run is warned about: measured on the shipped tiny model
 # with the residual mix (bench/soul_cost.py), 6 steps at φ end above the base's held-out
 # perplexity, 10 below. The convex mix does not scale the logits and needs no such steps.
 MIN_STEPS_AT_TARGET = 10
 
+# What a resumed run may change: how long it runs, how often it saves, validates and logs, how
+# it runs, and how the optimizer steps from here (a lower --learning-rate after a divergence is
+# the usual reason to resume). What the model, the data or the soul *are* must stay.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "learning_rate",
+        "soul_learning_rate",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "lr_warmup_ratio",
+        "min_lr_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "max_steps",
+        "save_steps",
+        "eval_steps",
+        "early_stopping_patience",
+        "progress",
+        "resume",
+        "overwrite",
+        "output_dir",
+        "device",
+        "compile",
+        "gradient_checkpointing",
+        "offload_activations",
+    }
+)
+
 
 @dataclass
 class TrainConfig(ModelConfig):
     """Every field is a flag of ``agiasi train`` (``max_steps`` ↔ ``--max-steps``) and a key of
     ``--config FILE.yaml``; the model's own options come from :class:`ModelConfig`. Defaults are
-    the design note's."""
+    the design note's; the learning-rate schedule's were measured (bench/RESULTS.md)."""
 
     dataset: str | None = option(
         None,
-        ".txt (one paragraph a line), .jsonl (text or chat messages) or a saved HF dataset "
-        "folder; default: the shipped Japanese sample",
+        "training data: .txt/.md, .jsonl, .json, .parquet, .csv/.tsv, a folder of these, a "
+        "datasets save_to_disk folder or a dataset id (hf:ID); several with commas; default: "
+        "the shipped Japanese sample",
+    )
+    dataset_format: DatasetFormat = option(
+        "auto", "record format; auto detects it per file from the first records and says so"
+    )
+    dataset_columns: str | None = option(
+        None, "rename columns FIELD=COLUMN,... (e.g. instruction=question,output=answer)"
+    )
+    eval_dataset: str | None = option(
+        None, "validation data (same kinds and formats as --dataset), scored during training"
+    )
+    eval_split: float = option(
+        0.0, "hold out this fraction of the documents for validation (by --seed)", ge=0.0, lt=1.0
+    )
+    eval_steps: int | None = option(
+        None,
+        "validate every N steps (default: at every save, when there is validation data)",
+        ge=1,
+    )
+    eval_max_tokens: int | None = option(
+        None, "score at most this many validation tokens (default: all)", ge=2
+    )
+    early_stopping_patience: int = option(
+        0, "stop after N validations without a new best (0: never; best and last are kept)", ge=0
+    )
+    packing: bool = option(
+        False, "several chat/instruction examples per row, attention kept inside each example"
     )
     output_dir: str = option("checkpoints_agiasi", "where step_N folders and metrics go")
     overwrite: bool = option(
         False, "replace the run already in --output-dir (its step folders and metrics)"
     )
     max_steps: int = option(500, "optimizer steps", ge=1)
-    warmup_steps: int = option(50, "steps at --alpha-start before the anneal", ge=0)
-    annealing_steps: int = option(400, "steps of the straight line to --alpha-target", ge=0)
+    warmup_steps: int = option(50, "alpha: steps at --alpha-start before the anneal", ge=0)
+    annealing_steps: int = option(400, "alpha: steps of the straight line to --alpha-target", ge=0)
     batch_size: int = option(1, "sequences per micro-batch (per rank)", ge=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
     max_length: int = option(512, "tokens per sequence (text is packed to this length)", ge=2)
-    learning_rate: float = option(2e-4, "AdamW learning rate of the LoRA", gt=0.0)
+    learning_rate: float = option(2e-4, "AdamW peak learning rate of the LoRA", gt=0.0)
     soul_learning_rate: float | None = option(
-        None, "learning rate of the soul (default: --learning-rate)", gt=0.0
+        None, "peak learning rate of the soul (default: --learning-rate)", gt=0.0
+    )
+    lr_scheduler: LrScheduler = option(
+        "constant",
+        "learning rate after its warm-up: constant, or linear / cosine decay (constant learnt "
+        "the training domain best in bench/lr_schedule.py; decay kept more of another domain)",
+    )
+    lr_warmup_steps: int | None = option(
+        None, "learning rate: steps of linear warm-up from 0 (overrides --lr-warmup-ratio)", ge=0
+    )
+    lr_warmup_ratio: float = option(
+        0.03, "learning rate: warm-up as a fraction of --max-steps", ge=0.0, le=1.0
+    )
+    min_lr_ratio: float = option(
+        0.0, "learning rate at the end of the decay, as a fraction of the peak", ge=0.0, le=1.0
     )
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0.0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", ge=0.0)
@@ -105,6 +187,14 @@ class TrainConfig(ModelConfig):
         """The wrapper's part of this config."""
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
+    @property
+    def validating(self) -> bool:
+        return bool(self.eval_dataset or self.eval_split)
+
+    def is_eval_step(self, done: int) -> bool:
+        every = self.eval_steps or self.save_steps
+        return self.validating and (done % every == 0 or done == self.max_steps)
+
 
 @dataclass
 class TrainResult:
@@ -113,84 +203,8 @@ class TrainResult:
     steps: int
     final_loss: float
     metrics_file: Path
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        if os.environ.get("AGIASI_CPU_AFFINITY") == "1":
-            pin_cpus(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
-
-
-def pin_cpus(local_rank: int, local_world: int) -> list[int]:
-    """Give each rank on a host its own contiguous block of the CPUs it may use (opt-in with
-    ``AGIASI_CPU_AFFINITY=1``, like accelerate's ``ACCELERATE_CPU_AFFINITY``): a launch-bound step
-    runs at the speed of the core issuing its kernels, and ranks sharing cores (or hyperthread
-    siblings, which Linux numbers half the list apart) can slow each other down. On 2 H200s
-    (bench/RESULTS.md) three pinned runs gave 9,867-11,684 tokens/s against 10,008 unpinned, the
-    ranks' spread 12-43 ms against 42 ms: inside that machine's run-to-run noise, so it is not
-    the default. A process already pinned (taskset, numactl, a scheduler) is left alone.
-    Returns the CPUs this rank keeps."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if local_world < 2 or len(cpus) < 2 * local_world or len(cpus) < (os.cpu_count() or 0):
-        return cpus
-    per = len(cpus) // local_world
-    mine = cpus[local_rank * per : (local_rank + 1) * per]
-    os.sched_setaffinity(0, mine)
-    return mine
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
-    """Average gradients of the trainable tensors across ranks with one flat all-reduce."""
-    if not d.enabled or not tensors:
-        return
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= d.world_size
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
-
-
-def _broadcast(tensors: list[torch.Tensor], d: Dist) -> None:
-    if not d.enabled:
-        return
-    import torch.distributed as dist
-
-    for t in tensors:
-        dist.broadcast(t.data, src=0)
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 # --------------------------------------------------------------------------- RNG
@@ -207,103 +221,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------- the output folder
-
-
-class RunLock:
-    """Exclusive hold on a run folder for the whole run.
-
-    ``flock`` on ``OUT/.agiasi-train.lock`` (the OS releases it if the process dies, so a killed
-    run never blocks its own ``--resume``); the file holds the pid for the error a second run
-    gets. Where ``flock`` does not exist the pid file alone is the lock.
-    """
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.path = out_dir / LOCK
-        self._fh = None
-        self._created_dir = False
-
-    def acquire(self) -> None:
-        try:
-            if not self.out_dir.exists():
-                self.out_dir.mkdir(parents=True)
-                self._created_dir = True
-            fh = open(self.path, "a+", encoding="utf-8")
-        except OSError as e:
-            raise AgiasiError(
-                f"cannot write to --output-dir {self.out_dir}: {e.strerror or e}"
-            ) from None
-        try:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise AgiasiError(
-                f"--output-dir {self.out_dir} is in use by another `agiasi train` (pid {holder}); "
-                "wait for it to finish or pick another --output-dir"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is None:
-            return
-        self.path.unlink(missing_ok=True)
-        self._fh.close()
-        self._fh = None
-        if self._created_dir and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
-            self.out_dir.rmdir()  # a run that failed at start-up leaves no empty folder behind
-
-
-def check_output_path(out_dir: Path) -> None:
-    """A folder we can create or write (checked before the lock creates anything)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AgiasiError(f"--output-dir {out_dir} is a file; pass a folder")
-    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
-    if not existing.is_dir():
-        raise AgiasiError(f"--output-dir {out_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise AgiasiError(f"--output-dir {out_dir}: {existing} is not writable")
-
-
-def check_output_dir(out_dir: Path, cfg: TrainConfig) -> None:
-    """Not another run's folder, unless this run continues or replaces it (under the lock)."""
-    if cfg.resume or cfg.overwrite or not out_dir.is_dir():
-        return
-    taken = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
-    if taken:
-        shown = ", ".join(taken[:3]) + (", …" if len(taken) > 3 else "")
-        raise AgiasiError(
-            f"--output-dir {out_dir} already holds a run ({shown}); pass --resume auto to "
-            "continue it, --overwrite to replace it, or another --output-dir"
-        )
-
-
-def replace_previous_run(out_dir: Path, say) -> None:
-    """``--overwrite``: remove what an earlier run wrote (only agiasi's own files)."""
-    removed = 0
-    for _, folder in list_checkpoints(out_dir):
-        import shutil
-
-        shutil.rmtree(folder)
-        removed += 1
-    for name in (METRICS, TRAIN_CONFIG, PLOT):
-        if (out_dir / name).is_file():
-            (out_dir / name).unlink()
-            removed += 1
-    if removed:
-        say(f"overwrite: removed the previous run in {out_dir} ({removed} entries)")
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -337,9 +254,10 @@ def resolve_resume(cfg: TrainConfig, out_dir: Path, say) -> Path | None:
     return Path(cfg.resume)
 
 
-def _check_resume_base(cfg: TrainConfig, resume_from: Path) -> None:
-    """The checkpoint must come from this base model (read from configs only, no weights)."""
-    from agiasi.checkpoint import check_same_base, read_manifest
+def check_resume(cfg: TrainConfig, resume_from: Path) -> None:
+    """The checkpoint must come from this base model (configs only, no weights) and from a run
+    with the same settings, except those in :data:`RESUMABLE_FIELDS`."""
+    from agiasi.checkpoint import TRAIN_CONFIG, check_same_base, read_manifest
     from agiasi.model import load_config
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
@@ -351,12 +269,42 @@ def _check_resume_base(cfg: TrainConfig, resume_from: Path) -> None:
         getattr(hf, "hidden_size", None),
         getattr(hf, "vocab_size", None),
     )
+    try:
+        saved = json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AgiasiError(
+            f"cannot resume from {resume_from}: its {TRAIN_CONFIG} is unreadable ({e})"
+        ) from None
+    now = asdict(cfg)
+    differ = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} → {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE_FIELDS and k in saved and saved[k] != v
+    ]
+    if differ:
+        raise AgiasiError(
+            f"cannot resume from {resume_from}: this run's settings differ from the checkpoint's "
+            f"({'; '.join(differ)}). A resume may change how long, how often and where the run "
+            "goes and the optimizer's rates; start a new run (another --output-dir) for the rest"
+        )
 
 
-def load_data(cfg: TrainConfig, say) -> tuple[list[Example], int]:
-    """Tokenized examples and the pad id; a bad --base-model or --max-length fails first."""
+def _tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(
+            cfg.base_model, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise AgiasiError(
+            f"could not load the tokenizer of {cfg.base_model!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
+    """Training and validation examples and the pad id; a bad --base-model or --max-length
+    fails first."""
     from agiasi.model import load_config
 
     hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
@@ -365,32 +313,46 @@ def load_data(cfg: TrainConfig, say) -> tuple[list[Example], int]:
         raise AgiasiError(
             f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
         )
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise AgiasiError(
-            f"could not load the tokenizer of {cfg.base_model!r}: {str(e).splitlines()[0]}"
-        ) from None
+    tok = _tokenizer(cfg)
     dataset = cfg.dataset or str(default_dataset())
-    examples = tokenize_records(load_records(dataset), tok, cfg.max_length, log=say)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    n_tokens = sum(len(e.input_ids) for e in examples)
-    say(
-        f"data: {dataset}: {len(examples)} examples, {n_tokens:,} tokens (max length {cfg.max_length})"
+    data = load_data(
+        dataset,
+        tok,
+        cfg.max_length,
+        dataset_format=cfg.dataset_format,
+        dataset_columns=cfg.dataset_columns,
+        eval_dataset=cfg.eval_dataset,
+        eval_split=cfg.eval_split,
+        eval_max_tokens=cfg.eval_max_tokens,
+        seed=cfg.seed,
+        packing=cfg.packing,
+        say=say,
     )
-    return examples, pad_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    packed = f", packed from {data.packed_from} examples" if data.packed_from else ""
+    say(
+        f"data: {dataset}: {len(data.train)} rows{packed}, {data.train_tokens:,} tokens "
+        f"(max length {cfg.max_length})"
+    )
+    if data.eval:
+        where = cfg.eval_dataset or f"{data.n_eval_docs} held-out documents (--eval-split)"
+        say(f"validation: {where}: {len(data.eval)} examples, {data.eval_tokens:,} tokens")
+    return data, pad_id
 
 
 def build_optimizer(
     cfg: TrainConfig, wrapper: AGIASI_SO8T_Wrapper
 ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter], list[dict[str, Any]]]:
-    """AdamW over LoRA (``--learning-rate``) and soul (``--soul-learning-rate``) groups."""
+    """AdamW over LoRA (``--learning-rate``) and soul (``--soul-learning-rate``) groups; each
+    group's ``peak_lr`` is what the schedule scales."""
     params = [p for p in wrapper.parameters() if p.requires_grad]
     soul_ids = {id(p) for p in wrapper.soul.parameters()} if wrapper.soul is not None else set()
     groups = [{"params": [p for p in params if id(p) not in soul_ids], "lr": cfg.learning_rate}]
     soul_params = [p for p in params if id(p) in soul_ids]
     if soul_params:
         groups.append({"params": soul_params, "lr": cfg.soul_learning_rate or cfg.learning_rate})
+    for g in groups:
+        g["peak_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return optimizer, params, groups
 
@@ -412,7 +374,7 @@ def restore(
         say("warning: resuming with another global batch size; the data order shifts")
     optimizer.load_state_dict(state["optimizer"])
     for group, want in zip(optimizer.param_groups, groups, strict=True):
-        group["lr"] = want["lr"]  # the flags of this run win over the saved ones
+        group["peak_lr"] = want["peak_lr"]  # the flags of this run win over the saved ones
         group["weight_decay"] = cfg.weight_decay
     stream.position = int(state["data_position"])
     rng = state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"]
@@ -450,85 +412,12 @@ def schedule_warning(cfg: TrainConfig) -> str | None:
     return None
 
 
-def save_step(
-    wrapper: AGIASI_SO8T_Wrapper,
-    optimizer: torch.optim.Optimizer,
-    stream: BatchStream,
-    cfg: TrainConfig,
-    d: Dist,
-    step: int,
-) -> Path:
-    """A step folder with what resume needs (every rank's RNG); rank 0 writes."""
-    rng_all: Any = _rng_state()
-    if d.enabled:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * d.world_size
-        dist.all_gather_object(gathered, rng_all)
-        rng_all = gathered
-    folder = Path(cfg.output_dir) / f"step_{step}"
-    if d.main:
-        trainer_state = {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "data_position": stream.position,
-            "rng": rng_all,
-            "world_size": d.world_size,
-            "batch_size": cfg.batch_size,
-        }
-        write_step(wrapper, folder, step, trainer_state=trainer_state, train_config=asdict(cfg))
-    if d.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return folder
-
-
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-
-
-def _trim_metrics(path: Path, keep_upto: int) -> None:
-    """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= keep_upto:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-
-
-def _last_loss(path: Path, step: int) -> float:
-    if path.is_file():
-        for line in reversed(path.read_text(encoding="utf-8").splitlines()):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step") == step and isinstance(rec.get("loss"), (int, float)):
-                return float(rec["loss"])
-    return float("nan")
-
-
-def _prepare_run_folder(out_dir: Path, cfg: TrainConfig, start_step: int, say) -> None:
-    """The first writes of the run, after everything that can fail at start-up has passed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        replace_previous_run(out_dir, say)
-    for stale in clean_stale_temp(out_dir / "step_0", pattern=".step_*.*-*"):
-        say(f"resume: removed {stale.name}, a step folder a killed run left half-written")
-    _trim_metrics(out_dir / METRICS, start_step)
-    (out_dir / TRAIN_CONFIG).write_text(
-        json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
 
 
 class StepTimer:
@@ -561,23 +450,237 @@ class StepTimer:
         return self._last
 
 
+# --------------------------------------------------------------------------- the loop's steps
+
+
+def set_schedules(
+    step: int, cfg: TrainConfig, soul, optimizer: torch.optim.Optimizer, warmup: int
+) -> float:
+    """α (``schedule`` mode) and every group's learning rate for 0-based ``step``; returns the
+    LoRA group's rate."""
+    if soul is not None and cfg.alpha_mode == "schedule":
+        with torch.no_grad():
+            soul.alpha.fill_(
+                linear_annealing(
+                    step, cfg.warmup_steps, cfg.annealing_steps, cfg.alpha_start, cfg.alpha_target
+                )
+            )
+    factor = lr_factor(step, cfg.lr_scheduler, warmup, cfg.max_steps, cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def train_step(
+    wrapper: AGIASI_SO8T_Wrapper,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    stream: BatchStream,
+    cfg: TrainConfig,
+    d: Dist,
+    device: torch.device,
+    timer: StepTimer,
+) -> tuple[dict[str, float], int]:
+    """``grad_accum`` micro-batches, one all-reduce, clip, AdamW; the logged values (after the
+    step's one host sync) and the tokens this rank saw."""
+    soul = wrapper.soul
+    # Kept on the device: no host sync inside the micro-batch loop.
+    totals = {k: torch.zeros((), device=device) for k in ("loss", "task_loss", "ortho_loss")}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    tokens = 0
+    maybe_crash("step_start")
+    for _ in range(cfg.grad_accum):
+        batch = stream.next()
+        out = wrapper(**batch, return_logits=False)
+        nonfinite |= ~torch.isfinite(out.loss.detach())
+        (out.loss / cfg.grad_accum).backward()
+        maybe_crash("after_backward")
+        for k in totals:
+            totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+    timer.computed()
+    # One collective a step: the trainable gradients, the logged losses, the non-finite flag
+    # and this rank's compute time of the previous step (mean and mean square: the spread
+    # across ranks) travel in the same flat all-reduce.
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    prev = timer.previous_compute_s()
+    extra = torch.stack(
+        [
+            *totals.values(),
+            nonfinite.float(),
+            torch.full((), prev, device=device),  # a fill kernel, not an H2D copy
+            torch.full((), prev * prev, device=device),
+        ]
+    )
+    all_reduce_mean([*grads, extra], d)
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0
+        else torch.full((), float("nan"), device=device)
+    )
+    # Stepped before the check: a non-finite step is caught by the caller, before anything is
+    # saved, and the run stops (the in-memory weights are then discarded).
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    zero = extra[0] * 0
+    # The one host sync of the step: everything logged comes back in one transfer.
+    logged = torch.stack(
+        [
+            *extra,
+            grad_norm.float().reshape(()),
+            soul.alpha.detach().float() if soul is not None else zero,
+            soul.rotation_distance_tensor().float() if soul is not None else zero,
+        ]
+    )
+    t_wait = time.perf_counter()
+    values = logged.tolist()
+    t_wait = time.perf_counter() - t_wait
+    names = ("loss", "task_loss", "ortho_loss", "nonfinite", "c_mean", "c_sq", "grad_norm")
+    out_values = dict(zip(names + ("alpha", "rotation_distance"), values, strict=True))
+    out_values["sync_wait_s"] = t_wait
+    return out_values, tokens
+
+
+@torch.no_grad()
+def evaluate_step(
+    wrapper: AGIASI_SO8T_Wrapper,
+    examples: list[Example],
+    pad_id: int,
+    cfg: TrainConfig,
+    d: Dist,
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation loss: the token-weighted mean cross-entropy over every validation example (no
+    dropout, no RNG drawn, so resume stays exact). Ranks take interleaved slices and their sums
+    are added in float64, so N ranks give one process's number."""
+    was_training = wrapper.training
+    wrapper.eval()
+    total, count = 0.0, 0
+    mine = examples[d.rank :: d.world_size]
+    try:
+        for i in range(0, len(mine), cfg.batch_size):
+            batch = collate(mine[i : i + cfg.batch_size], pad_id)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            if n == 0:
+                continue
+            out = wrapper(**batch, return_logits=False)
+            total += float(out.task_loss) * n
+            count += n
+    finally:
+        wrapper.train(was_training)
+    total, count = all_reduce_sum([total, float(count)], d, device)
+    loss = total / count if count else float("nan")
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(loss) if loss < 700 else float("inf"),
+        "eval_tokens": int(count),
+    }
+
+
+def log_step(record: dict[str, Any], metrics_fh, bar, soul) -> None:
+    """One metrics line (flushed: a crash loses at most the step in flight) and the bar."""
+    if metrics_fh is not None:
+        metrics_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        metrics_fh.flush()
+        maybe_crash("metrics_written")
+    if bar is not None:
+        post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+        if "eval_loss" in record:
+            post["eval"] = f"{record['eval_loss']:.4f}"
+        if soul is not None:
+            post.update(
+                α=f"{record['alpha']:.3f}", gate=f"{record['gate']:.3f}", phase=record["phase"]
+            )
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+
+
+def _finite(wrapper: AGIASI_SO8T_Wrapper, optimizer: torch.optim.Optimizer) -> bool:
+    """Every trainable tensor and every optimizer moment is finite (one host sync)."""
+    tensors = [p for p in wrapper.parameters() if p.requires_grad]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    flags = [torch.isfinite(t).all() for t in tensors]
+    # one host sync per device (Adam keeps its step counts on the CPU)
+    return all(
+        bool(torch.stack([f for f in flags if f.device == dev]).all())
+        for dev in {f.device for f in flags}
+    )
+
+
+def save_step(
+    wrapper: AGIASI_SO8T_Wrapper,
+    optimizer: torch.optim.Optimizer,
+    stream: BatchStream,
+    cfg: TrainConfig,
+    d: Dist,
+    step: int,
+    last_saved: Path | None,
+    eval_record: dict[str, Any] | None = None,
+) -> Path:
+    """A step folder with what resume needs (every rank's RNG); rank 0 writes. Never one holding
+    a non-finite weight or optimizer moment: the run stops and names the last finite folder."""
+    if not _finite(wrapper, optimizer):
+        raise AgiasiError(
+            f"weights became non-finite (nan/inf) by step {step}; stopped without saving. Last "
+            f"good checkpoint: {last_saved or 'none yet'}. Try a lower --learning-rate."
+        )
+    rng_all = all_gather(_rng_state(), d)
+    folder = Path(cfg.output_dir) / f"step_{step}"
+    if d.main:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "data_position": stream.position,
+            "rng": rng_all,
+            "world_size": d.world_size,
+            "batch_size": cfg.batch_size,
+        }
+        write_step(
+            wrapper,
+            folder,
+            step,
+            trainer_state=trainer_state,
+            train_config=asdict(cfg),
+            eval_record=eval_record,
+        )
+    barrier(d)
+    return folder
+
+
+def _evals_since_best(out_dir: Path, best: dict[str, Any] | None) -> int:
+    """Validations after the best one (for early stopping across a resume)."""
+    path = out_dir / METRICS
+    if best is None or not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "eval_loss" in rec and rec.get("step", 0) > best["step"]:
+            n += 1
+    return n
+
+
 # --------------------------------------------------------------------------- the loop
 
 
 def train(cfg: TrainConfig, log=None) -> TrainResult:
     """Train LoRA + soul (or LoRA alone with ``soul=False``) and write step folders."""
-    # Fewer reserved-but-unused bytes in PyTorch's CUDA allocator: on a 12 GB card that headroom
-    # is the difference between fitting and not. Read at the first CUDA allocation (so set here,
-    # before the model loads); a value the user set is kept.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # On H100/H200 PyTorch prefers cuDNN's attention, which spends 2-3 ms of host time a call
-    # (torch.profiler, bench/RESULTS.md). Alone a GPU hides that; under DDP each rank's
-    # micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave 1.58-1.70x one.
-    # With flash attention (same math) the ranks run as fast as a lone GPU: 1.93-2.01x.
-    # PyTorch picks cuDNN on those cards only; AGIASI_CUDNN_SDPA=1 keeps it.
-    if torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    configure_process(training=True)
     cfg.validate()
+    if cfg.eval_dataset and cfg.eval_split:
+        raise AgiasiError("pass either --eval-dataset or --eval-split, not both")
+    if cfg.early_stopping_patience and not cfg.validating:
+        raise AgiasiError(
+            "--early-stopping-patience needs validation data: --eval-dataset or --eval-split"
+        )
     d = init_distributed()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not d.main:
@@ -590,7 +693,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         lock.acquire()
     try:
         if d.main:
-            check_output_dir(out_dir, cfg)
+            check_output_dir(out_dir, bool(cfg.resume), cfg.overwrite)
         return _train(cfg, d, device, out_dir, say)
     finally:
         lock.release()
@@ -600,7 +703,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
     resume_from = resolve_resume(cfg, out_dir, say)
     state = None
     if resume_from is not None:
-        _check_resume_base(cfg, resume_from)
+        check_resume(cfg, resume_from)
         state = safe_torch_load(resume_from / TRAINER_STATE)
     if state is not None and int(state["step"]) >= cfg.max_steps:
         done = int(state["step"])
@@ -611,17 +714,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             )
         say(f"done: {resume_from} is already at --max-steps {cfg.max_steps}; nothing to train")
         return TrainResult(
-            out_dir, resume_from, done, _last_loss(out_dir / METRICS, done), out_dir / METRICS
+            out_dir, resume_from, done, last_loss(out_dir / METRICS, done), out_dir / METRICS
         )
 
     torch.manual_seed(cfg.seed)
-    examples, pad_id = load_data(cfg, say)
-
+    data, pad_id = prepare_data(cfg, say)
     torch.manual_seed(cfg.seed)
     wrapper = AGIASI_SO8T_Wrapper(config=cfg.model_config(), device=device)
     wrapper.train()
     optimizer, params, groups = build_optimizer(cfg, wrapper)
-    _broadcast(params, d)
+    broadcast(params, d)
     counts = wrapper.trainable_parameters()
     say(
         f"model: {cfg.base_model} ({wrapper.hf_config.model_type}, H={wrapper.hidden_size}, "
@@ -630,7 +732,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
         + (f"; {d.world_size} ranks" if d.enabled else "")
     )
     stream = BatchStream(
-        examples,
+        data.train,
         cfg.batch_size,
         pad_id,
         cfg.seed,
@@ -642,10 +744,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
     if state is not None:
         start_step = restore(state, resume_from, wrapper, optimizer, groups, stream, cfg, d, say)
     if d.main:
-        _prepare_run_folder(out_dir, cfg, start_step, say)
+        prepare_run_folder(out_dir, asdict(cfg), start_step, cfg.overwrite and not cfg.resume, say)
     warning = schedule_warning(cfg)
     if warning:
         say(warning)
+    warmup = lr_warmup_steps(cfg.max_steps, cfg.lr_warmup_steps, cfg.lr_warmup_ratio)
+    say(
+        f"learning rate: {cfg.lr_scheduler}, peak {cfg.learning_rate:g}, warm-up {warmup} "
+        f"step(s), floor {cfg.min_lr_ratio:g}× (alpha's schedule is separate)"
+    )
 
     soul = wrapper.soul
     bar = None
@@ -656,6 +763,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
     last_saved = resume_from
+    best = read_best(out_dir) if d.main and start_step else None
+    stale_evals = _evals_since_best(out_dir, best) if d.main else 0
+    if d.enabled:  # every rank must stop early at the same step
+        best, stale_evals = all_gather((best, stale_evals), d)[0]
+    stopped_early = False
     loss_value = float("nan")
     metrics_fh = open(out_dir / METRICS, "a", encoding="utf-8") if d.main else None
     timer = StepTimer(device)
@@ -667,120 +779,64 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
             timer.start()
-            if soul is not None and cfg.alpha_mode == "schedule":
-                with torch.no_grad():
-                    soul.alpha.fill_(
-                        linear_annealing(
-                            step,
-                            cfg.warmup_steps,
-                            cfg.annealing_steps,
-                            cfg.alpha_start,
-                            cfg.alpha_target,
-                        )
-                    )
-            # Kept on the device: no host sync inside the micro-batch loop.
-            totals = {
-                k: torch.zeros((), device=device) for k in ("loss", "task_loss", "ortho_loss")
-            }
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            tokens = 0
-            maybe_crash("step_start")
-            for _ in range(cfg.grad_accum):
-                batch = stream.next()
-                out = wrapper(**batch, return_logits=False)
-                nonfinite |= ~torch.isfinite(out.loss.detach())
-                (out.loss / cfg.grad_accum).backward()
-                maybe_crash("after_backward")
-                for k in totals:
-                    totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
-                tokens += int(batch["attention_mask"].sum())
-            timer.computed()
-            # One collective a step: the trainable gradients, the logged losses, the non-finite
-            # flag and this rank's compute time of the previous step (mean and mean square:
-            # the spread across ranks) travel in the same flat all-reduce.
-            grads = []
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            prev = timer.previous_compute_s()
-            extra = torch.stack(
-                [
-                    *totals.values(),
-                    nonfinite.float(),
-                    torch.full((), prev, device=device),  # a fill kernel, not an H2D copy
-                    torch.full((), prev * prev, device=device),
-                ]
-            )
-            _all_reduce_mean([*grads, extra], d)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0
-                else torch.full((), float("nan"), device=device)
-            )
-            # Stepped before the check: a non-finite step is caught below, before anything is
-            # saved, and the run stops (the in-memory weights are then discarded).
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # The one host sync of the step: everything logged comes back in one transfer.
-            logged = torch.stack(
-                [
-                    *extra,
-                    grad_norm.float().reshape(()),
-                    soul.alpha.detach().float() if soul is not None else extra[0] * 0,
-                    soul.rotation_distance_tensor().float() if soul is not None else extra[0] * 0,
-                ]
-            )
-            t_wait = time.perf_counter()
-            values = logged.tolist()
-            t_wait = time.perf_counter() - t_wait
-            loss_v, task_v, ortho_v, bad, c_mean, c_sq, gnorm, alpha_v, rdist = values
-            if bad > 0:
-                good = f"{last_saved}" if last_saved else "none yet"
+            lr = set_schedules(step, cfg, soul, optimizer, warmup)
+            v, tokens = train_step(wrapper, optimizer, params, stream, cfg, d, device, timer)
+            if v["nonfinite"] > 0:
                 raise AgiasiError(
-                    f"loss became non-finite (nan/inf) at step {step + 1}; stopped without saving. "
-                    f"Last good checkpoint: {good}. Try a lower --learning-rate."
+                    f"loss became non-finite (nan/inf) at step {step + 1}; stopped without "
+                    f"saving. Last good checkpoint: {last_saved or 'none yet'}. "
+                    "Try a lower --learning-rate."
                 )
             done = step + 1
             dt = time.perf_counter() - t0
-            loss_value = loss_v
-            record = {
+            loss_value = v["loss"]
+            record: dict[str, Any] = {
                 "step": done,
-                "loss": loss_v,
-                "task_loss": task_v,
-                "ortho_loss": ortho_v,
-                "alpha": alpha_v if soul is not None else None,
-                "gate": float(gate_of(alpha_v)) if soul is not None else None,
-                "phase": phase_status(alpha_v) if soul is not None else None,
-                "rotation_distance": rdist if soul is not None else None,
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": gnorm,
+                "loss": v["loss"],
+                "task_loss": v["task_loss"],
+                "ortho_loss": v["ortho_loss"],
+                "alpha": v["alpha"] if soul is not None else None,
+                "gate": float(gate_of(v["alpha"])) if soul is not None else None,
+                "phase": phase_status(v["alpha"]) if soul is not None else None,
+                "rotation_distance": v["rotation_distance"] if soul is not None else None,
+                "lr": lr,
+                "grad_norm": v["grad_norm"],
                 "tokens": tokens * d.world_size,
                 "tokens_per_s": tokens * d.world_size / dt if dt > 0 else None,
                 "step_time_s": dt,
-                "sync_wait_s": t_wait,
+                "sync_wait_s": v["sync_wait_s"],
                 "peak_mem_gib": _peak_memory_gib(device),
             }
             if timer.enabled and step > start_step:
                 # previous step's forward+backward GPU time: mean over ranks and its spread
-                record["compute_s_prev"] = c_mean
-                record["compute_s_prev_rank_std"] = max(0.0, c_sq - c_mean * c_mean) ** 0.5
-            if metrics_fh is not None:
-                metrics_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                metrics_fh.flush()
-                maybe_crash("metrics_written")
-            if bar is not None:
-                post = {"loss": f"{loss_value:.4f}"}
-                if soul is not None:
-                    post.update(
-                        α=f"{record['alpha']:.3f}",
-                        gate=f"{record['gate']:.3f}",
-                        phase=record["phase"],
-                    )
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if done % cfg.save_steps == 0 or done == cfg.max_steps:
-                last_saved = save_step(wrapper, optimizer, stream, cfg, d, done)
+                record["compute_s_prev"] = v["c_mean"]
+                record["compute_s_prev_rank_std"] = max(0.0, v["c_sq"] - v["c_mean"] ** 2) ** 0.5
+            evaluated = None
+            new_best = False
+            if cfg.is_eval_step(done):
+                evaluated = evaluate_step(wrapper, data.eval, pad_id, cfg, d, device)
+                record.update(evaluated)
+                new_best = best is None or evaluated["eval_loss"] < best["eval_loss"]
+                stale_evals = 0 if new_best else stale_evals + 1
+            log_step(record, metrics_fh, bar, soul)
+            patience_out = bool(
+                cfg.early_stopping_patience and stale_evals >= cfg.early_stopping_patience
+            )
+            if done % cfg.save_steps == 0 or done == cfg.max_steps or new_best or patience_out:
+                last_saved = save_step(
+                    wrapper, optimizer, stream, cfg, d, done, last_saved, evaluated
+                )
+            if new_best:
+                best = {"step": done, **evaluated, "folder": last_saved.name}
+                if d.main:
+                    write_best(out_dir, best)
+            if patience_out:
+                stopped_early = True
+                say(
+                    f"early stopping: {stale_evals} validation(s) without a new best; best "
+                    f"step_{best['step']} (eval loss {best['eval_loss']:.4f}), last step_{done}"
+                )
+                break
             if done % GC_EVERY == 0:
                 gc.collect(1)
     finally:
@@ -790,7 +846,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             bar.close()
         if metrics_fh is not None:
             metrics_fh.close()
-    final = out_dir / f"step_{cfg.max_steps}"
+    final = last_saved if stopped_early else out_dir / f"step_{cfg.max_steps}"
     if d.main:
         try:
             from agiasi.plot import plot_run
@@ -799,5 +855,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             say(f"plot: {png}")
         except AgiasiError as e:
             say(f"plot skipped: {e}")
-        say(f"done: {cfg.max_steps} steps, final loss {loss_value:.4f}, checkpoint {final}")
-    return TrainResult(out_dir, final, cfg.max_steps, loss_value, out_dir / METRICS)
+        steps_done = int(final.name.removeprefix("step_"))
+        best_note = (
+            f", best step_{best['step']} (eval loss {best['eval_loss']:.4f})" if best else ""
+        )
+        say(f"done: {steps_done} steps, final loss {loss_value:.4f}, checkpoint {final}{best_note}")
+    return TrainResult(
+        out_dir,
+        final,
+        int(final.name.removeprefix("step_")),
+        loss_value,
+        out_dir / METRICS,
+        best["step"] if best else None,
+        stopped_early,
+    )

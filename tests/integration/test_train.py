@@ -14,7 +14,7 @@ import torch
 from agiasi.cli import main
 from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
-from tests.helpers import TRAINED_STEP_FILES, cli_args, cli_cmd, step_tensors
+from tests.helpers import TRAINED_STEP_FILES, assert_same_training, cli_args, cli_cmd, step_tensors
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +117,8 @@ def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
             "1e-2",
             "--soul-mix",
             "residual",
+            "--lr-warmup-ratio",  # a warm-up's first step has rate 0: α would not move in it
+            "0",
         )
         == 0
     )
@@ -129,6 +131,7 @@ def test_learned_alpha_is_optimized(tiny_phi3_tok, tmp_path):
     # first moves once the rotation has
     run = tmp_path / "convex"
     args = ("--alpha-mode", "learned", "--alpha-start", "0.5", "--learning-rate", "1e-2")
+    args += ("--lr-warmup-ratio", "0")
     assert train_cli(tiny_phi3_tok, run, 5, *args) == 0
     rows = metrics(run)
     assert rows[0]["alpha"] == pytest.approx(0.5, abs=1e-7) and rows[0]["rotation_distance"] > 0
@@ -375,7 +378,8 @@ def _distributed_flags(model, steps: int) -> list[str]:
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks):
-    """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter ≤ 1e-6),
+    """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter equal up to
+    the order of fp32 sums: :data:`tests.helpers.SUM_ORDER_RTOL`),
     and the logged loss is the global batch's, so the curves match too."""
     common = _distributed_flags(tiny_phi3_tok, steps=6)
     one = tmp_path / "one"
@@ -405,12 +409,12 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
     )
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = step_tensors(one / "step_6"), step_tensors(many / "step_6")
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    assert_same_training(a, b)
     la = [r["loss"] for r in metrics(one)]
     lb = [r["loss"] for r in metrics(many)]
     assert len(lb) == 6
-    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
+    # the forward of the same weights: rounding only, relative to the loss itself
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb, strict=True)), (la, lb)
     # only rank 0 wrote: one set of step folders, no stray files
     assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
 
@@ -478,9 +482,9 @@ def test_two_node_launch_equals_one_process(tiny_phi3_tok, tmp_path):
     for a, (_, err) in zip(agents, outs, strict=True):
         assert a.returncode == 0, err[-3000:]
     a, b = step_tensors(one / "step_4"), step_tensors(nodes / "step_4")
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    assert_same_training(a, b)
     la = [r["loss"] for r in metrics(one)]
     lb = [r["loss"] for r in metrics(nodes)]
-    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
+    # the forward of the same weights: rounding only, relative to the loss itself
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb, strict=True)), (la, lb)
     assert sorted(p.name for p in nodes.iterdir()) == sorted(p.name for p in one.iterdir())

@@ -160,11 +160,12 @@ def test_a_new_run_over_a_finished_one_is_refused_and_touches_nothing(
     before = snapshot(run)
     line = one_error(capsys, main(train_argv(tiny_phi3_tok, run, 4)))
     assert "already holds a run" in line and "--resume auto" in line and "--overwrite" in line
-    # a resumed run that fails at start-up (bad dataset) leaves the old run as it was
+    # a resumed run that fails at start-up (another dataset: refused) leaves the old run as it was
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     argv = train_argv(tiny_phi3_tok, run, 4, "--resume", "auto", "--dataset", str(bad))
-    assert "line 1 is not valid JSON" in one_error(capsys, main(argv))
+    line = one_error(capsys, main(argv))
+    assert "settings differ" in line and f"--dataset None → {str(bad)!r}" in line
     assert snapshot(run) == before
 
 

@@ -380,7 +380,7 @@ def test_each_local_rank_gets_its_own_block_of_cpus(monkeypatch):
     pinned already, or a host with too few CPUs, is left as it is."""
     import os
 
-    from agiasi.train import pin_cpus
+    from agiasi.distributed import pin_cpus
 
     state = {"cpus": set(range(32))}
     monkeypatch.setattr(os, "cpu_count", lambda: 32)

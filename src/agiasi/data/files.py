@@ -1,0 +1,312 @@
+"""File kinds → rows: every dataset source a user passes to ``--dataset``, read as plain records.
+
+One :class:`Row` per record, with where it came from (``FILE: line N`` / ``FILE: row N``) for
+the error messages further down. What each row *means* (text, chat, Alpaca, …) is decided in
+:mod:`agiasi.data.formats`; this module only reads.
+
+Kinds: ``.txt``/``.md`` (documents separated by blank lines), ``.jsonl``, ``.json`` (an array of
+records), ``.parquet``, ``.csv``/``.tsv``, a folder of such files, a ``datasets``
+``save_to_disk`` folder, and any other string is handed to ``datasets.load_dataset`` (a Hub id
+where there is network, or a local dataset folder; ``hf:NAME`` forces that path).
+
+Text is read line by line and a file is sniffed only at its start, so a huge or endless input
+never has to fit in memory to be called what it is; devices, pipes and sockets are refused
+(``/dev/zero`` would otherwise grow without bound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agiasi.errors import AgiasiError, first_line
+
+SNIFF_BYTES = 8192
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+FILE_KINDS = {
+    **{s: "text" for s in TEXT_SUFFIXES},
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+HF_PREFIX = "hf:"  # `hf:NAME` always goes to datasets.load_dataset (an id that is also a path)
+ACCEPTED = ".txt/.md, .jsonl, .json (an array), .parquet, .csv/.tsv, a folder of these, a `datasets` save_to_disk folder, or a dataset id"
+
+
+@dataclass(frozen=True)
+class Row:
+    where: str
+    record: dict[str, Any]
+
+
+def source_kind(source: str) -> str:
+    """``text``, ``jsonl``, ``json``, ``parquet``, ``csv``, ``tsv``, ``folder``, ``hf-disk`` or
+    ``hf-id`` (what :func:`read_rows` will do with it)."""
+    if source.startswith(HF_PREFIX):
+        return "hf-id"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hf-disk" if any((path / m).exists() for m in HF_DISK_MARKERS) else "folder"
+    if path.exists() or path.is_symlink():
+        if path.suffix.lower() == "" and _is_regular(path):
+            return "text"
+        kind = FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise AgiasiError(f"unsupported dataset file {path.name!r}: use {ACCEPTED}")
+        return kind
+    if "/" in source and not source.startswith((".", "/", "~")) and path.suffix == "":
+        return "hf-id"  # owner/name: only load_dataset can say whether it exists
+    raise AgiasiError(f"dataset not found: {source!r}")
+
+
+def read_rows(source: str) -> Iterator[Row]:
+    """The rows of one source, in file order (a folder: its files sorted by path)."""
+    kind = source_kind(source)
+    path = Path(source).expanduser()
+    if kind == "folder":
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in FILE_KINDS and not any(x.startswith(".") for x in p.parts)
+        )
+        if not files:
+            raise AgiasiError(f"dataset folder {path} has no dataset files ({ACCEPTED})")
+        for f in files:
+            yield from read_rows(str(f))
+        return
+    if kind == "hf-disk":
+        yield from _hf_rows(_load_from_disk(path), str(path))
+        return
+    if kind == "hf-id":
+        yield from _hf_rows(load_dataset_id(source.removeprefix(HF_PREFIX)), source)
+        return
+    _check_regular(path)
+    yield from _READERS[kind](path)
+
+
+# --------------------------------------------------------------------------- plain files
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise AgiasiError(f"dataset {path} cannot be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise AgiasiError(
+            f"dataset {path} is not a regular file (a device, pipe or socket); pass a file"
+        )
+
+
+def _sniff(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        raise AgiasiError(f"dataset {path} looks binary (NUL bytes); expected UTF-8 text")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` decoded one line at a time (a leading BOM dropped)."""
+    _sniff(path)
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if b"\x00" in raw:
+                raise AgiasiError(
+                    f"dataset {path}: line {lineno} holds NUL bytes; expected UTF-8 text"
+                )
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise AgiasiError(
+                    f"dataset {path} is not UTF-8 text (line {lineno}, byte {e.start})"
+                ) from None
+
+
+def _text_rows(path: Path) -> Iterator[Row]:
+    """Documents: blocks of lines separated by blank lines."""
+    block: list[str] = []
+    start = 1
+    for lineno, line in _lines(path):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line.rstrip())
+        elif block:
+            yield Row(f"{path}: line {start}", {"text": "\n".join(block).strip()})
+            block = []
+    if block:
+        yield Row(f"{path}: line {start}", {"text": "\n".join(block).strip()})
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        yield Row(
+            f"{path}: line {lineno}", _as_record(_parse_json(line, path, lineno), path, lineno)
+        )
+
+
+def _parse_json(text: str, path: Path, lineno: int | None) -> Any:
+    at = f"line {lineno}" if lineno is not None else "the file"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {lineno}" if lineno is not None else f"line {e.lineno}"
+        raise AgiasiError(f"{path}: {where} is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise AgiasiError(f"{path}: {at} is nested too deeply to be a record") from None
+
+
+def _as_record(value: Any, path: Path, lineno: int | None, label: str = "line") -> dict:
+    if not isinstance(value, dict):
+        at = f"{label} {lineno}" if lineno is not None else "the file"
+        raise AgiasiError(
+            f"{path}: {at} is a JSON {type(value).__name__}, not a record (an object of fields)"
+        )
+    return value
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    """A JSON array of records (the Hub's ``.json`` files; read whole, as json has no stream)."""
+    _sniff(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AgiasiError(f"dataset {path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        return
+    value = _parse_json(text, path, None)
+    if not isinstance(value, list):
+        raise AgiasiError(
+            f"{path} holds a JSON {type(value).__name__}; a .json dataset is an array of records "
+            "(use .jsonl for one record a line)"
+        )
+    for i, rec in enumerate(value, start=1):
+        yield Row(f"{path}: record {i}", _as_record(rec, path, i, "record"))
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    pq = _pyarrow("parquet", path)
+    try:
+        pf = pq.ParquetFile(str(path))
+        batches = pf.iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                row += 1
+                yield Row(f"{path}: row {row}", rec)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise AgiasiError(
+            f"dataset {path} is not a readable parquet file: {first_line(e)}"
+        ) from None
+
+
+def _delimited_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    _sniff(path)
+    pa_csv = _pyarrow("csv", path)
+    import pyarrow as pa
+
+    try:
+        table = pa_csv.read_csv(
+            str(path),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(strings_can_be_null=False),
+        )
+    except (OSError, ValueError) as e:
+        raise AgiasiError(
+            f"dataset {path} is not readable as {delimiter!r}-separated values: {first_line(e)}"
+        ) from None
+    # Every column as text: "42" stays an answer, not a number the formats then refuse.
+    table = table.cast(pa.schema([pa.field(n, pa.string()) for n in table.column_names]))
+    for i, rec in enumerate(table.to_pylist(), start=1):
+        yield Row(f"{path}: row {i}", rec)
+
+
+def _pyarrow(module: str, path: Path):
+    try:
+        import importlib
+
+        return importlib.import_module(f"pyarrow.{module}")
+    except ImportError:
+        raise AgiasiError(
+            f"reading {path.name} needs pyarrow: pip install 'agiasi[datasets]'"
+        ) from None
+
+
+_READERS = {
+    "text": _text_rows,
+    "jsonl": _jsonl_rows,
+    "json": _json_rows,
+    "parquet": _parquet_rows,
+    "csv": lambda p: _delimited_rows(p, ","),
+    "tsv": lambda p: _delimited_rows(p, "\t"),
+}
+
+
+# --------------------------------------------------------------------------- `datasets`
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise AgiasiError("this dataset needs the datasets library: pip install datasets") from None
+    return datasets
+
+
+def _train_split(ds, name: str):
+    datasets = _datasets()
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        if "train" not in ds:
+            raise AgiasiError(f"dataset {name} has splits {list(ds)} but no 'train' split")
+        ds = ds["train"]
+    return ds
+
+
+def _load_from_disk(path: Path):
+    datasets = _datasets()
+    try:
+        return _train_split(datasets.load_from_disk(str(path)), str(path))
+    except AgiasiError:
+        raise
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, JSON errors, …
+        raise AgiasiError(
+            f"dataset folder {path} is not a readable `datasets` folder: {first_line(e)}"
+        ) from None
+
+
+def load_dataset_id(source: str):
+    """``datasets.load_dataset(source, split="train")``: a Hub id, or a local dataset folder."""
+    datasets = _datasets()
+    try:
+        return _train_split(datasets.load_dataset(source, split="train"), source)
+    except AgiasiError:
+        raise
+    except Exception as e:
+        raise AgiasiError(
+            f"dataset not found: {source!r} is neither a file nor a folder, and "
+            f"datasets.load_dataset could not load it ({first_line(e)})"
+        ) from None
+
+
+def _hf_rows(ds, name: str) -> Iterator[Row]:
+    for i, rec in enumerate(ds, start=1):
+        yield Row(f"{name}: row {i}", dict(rec))

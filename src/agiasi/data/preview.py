@@ -1,0 +1,148 @@
+"""``preview(config)``: what ``agiasi data`` prints — what training will see, before GPU hours.
+
+Per source: the file kind and the detected (or given) format; then the examples and tokens,
+how many chat examples ``--max-length`` would cut, the role counts, and one example rendered
+through the chat template with the trained spans marked ⟦like this⟧. Only the first
+``--sample`` records of each source are read, so a 1 GB file is sampled, not loaded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import groupby, islice
+from typing import Any
+
+from agiasi.data.files import read_rows, source_kind
+from agiasi.data.formats import convert, parse_columns
+from agiasi.data.load import split_sources
+from agiasi.data.tokenize import IGNORE, WHERE, tokenize_records
+from agiasi.errors import AgiasiError
+from agiasi.options import option
+
+OPEN, CLOSE = "⟦", "⟧"
+
+
+@dataclass
+class DataConfig:
+    """Flags of ``agiasi data``."""
+
+    dataset: str = option(help="what --dataset of `agiasi train` would get (commas for several)")
+    base_model: str | None = option(
+        None, "whose tokenizer and chat template to use (default: the shipped tiny model)"
+    )
+    dataset_format: str = option("auto", "as for `agiasi train`")
+    dataset_columns: str | None = option(None, "as for `agiasi train`")
+    max_length: int = option(512, "the training --max-length, to count what it would cut", ge=2)
+    sample: int = option(1000, "records read per source (the rest is not read)", ge=1)
+    trust_remote_code: bool = option(False, "allow a tokenizer that runs its own code")
+
+
+def _tokenizer(cfg: DataConfig):
+    from transformers import AutoTokenizer
+
+    from agiasi.demo import tiny_model_path
+
+    base = cfg.base_model or str(tiny_model_path())
+    try:
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code), base
+    except (OSError, ValueError) as e:
+        raise AgiasiError(
+            f"could not load the tokenizer of {base!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def marked(ids: list[int], labels: list[int], tokenizer) -> str:
+    """The example's text with every trained span between ⟦ and ⟧."""
+    out, span, trained = [], [], None
+    for t, y in zip(ids, labels, strict=True):
+        now = y != IGNORE
+        if trained is not None and now != trained:
+            text = tokenizer.decode(span)
+            out.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+            span = []
+        trained = now
+        span.append(t)
+    if span:
+        text = tokenizer.decode(span)
+        out.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+    return "".join(out)
+
+
+def summarize(cfg: DataConfig) -> dict[str, Any]:
+    """The figures ``agiasi data`` prints, as a dict (``--json`` shape)."""
+    tok, base = _tokenizer(cfg)
+    columns = parse_columns(cfg.dataset_columns)
+    sources = []
+    notes: list[str] = []
+    for source in split_sources(cfg.dataset):
+        kind = source_kind(source)
+        rows = list(islice(read_rows(source), cfg.sample + 1))
+        sampled = len(rows) > cfg.sample
+        rows = rows[: cfg.sample]
+        records, formats = [], []
+        for _, file_rows in groupby(rows, key=lambda r: r.where.rsplit(": ", 1)[0]):
+            said: list[str] = []
+            for row in convert(file_rows, cfg.dataset_format, columns, said.append):
+                records.append({**row.record, WHERE: row.where})
+            formats.append(said[0].split("format ", 1)[1] if said else cfg.dataset_format)
+        if not records:
+            raise AgiasiError(f"{source}: the dataset is empty: no documents or records found")
+        chat = [r for r in records if "messages" in r]
+        roles = Counter(m["role"] for r in chat for m in r["messages"])
+        full = tokenize_records(records, tok, 10**9, log=notes.append)
+        lengths = [len(e.input_ids) for e in full]
+        cut = sum(n > cfg.max_length for n in lengths[: len(chat)]) if chat else 0
+        example = None
+        if chat:
+            ex = full[0]
+            example = marked(ex.input_ids, ex.labels, tok)
+        sources.append(
+            {
+                "source": source,
+                "kind": kind,
+                "formats": sorted(set(formats)),
+                "records": len(records),
+                "sampled": sampled,
+                "chat_examples": len(chat),
+                "tokens": sum(lengths),
+                "trained_tokens": sum(sum(y != IGNORE for y in e.labels[1:]) for e in full),
+                "truncated": cut,
+                "longest": max(lengths),
+                "roles": dict(roles),
+                "example": example,
+                "text_example": None if chat else records[0]["text"][:300],
+            }
+        )
+    return {"base_model": base, "max_length": cfg.max_length, "sources": sources, "notes": notes}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"tokenizer: {s['base_model']}"]
+    for src in s["sources"]:
+        sample = f" (first {src['records']} records: sampled)" if src["sampled"] else ""
+        lines += [
+            "",
+            f"{src['source']}",
+            f"  kind     {src['kind']}; format {', '.join(src['formats'])}",
+            f"  records  {src['records']:,}{sample}",
+            f"  tokens   {src['tokens']:,} ({src['trained_tokens']:,} trained), longest {src['longest']:,}",
+        ]
+        if src["chat_examples"]:
+            lines.append(
+                f"  --max-length {s['max_length']}: {src['truncated']:,} of "
+                f"{src['chat_examples']:,} conversations would be cut"
+            )
+            lines.append(
+                "  roles    " + ", ".join(f"{r} {n:,}" for r, n in sorted(src["roles"].items()))
+            )
+            lines += ["", f"  first example, trained spans between {OPEN} and {CLOSE}:", ""]
+            lines += ["    " + x for x in src["example"].splitlines()]
+        else:
+            blocks = -(-src["tokens"] // s["max_length"])
+            lines.append(
+                f"  --max-length {s['max_length']}: packed into {blocks:,} blocks (every token trained)"
+            )
+            lines += ["", "  first document:", "    " + src["text_example"].replace("\n", "\n    ")]
+    lines += [f"note: {n}" for n in s["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Records → token examples: text packed into blocks, chat rendered with the model's template.
+
+Chat records are rendered with the tokenizer's own chat template, loss only on the assistant
+turns; text documents are tokenized, joined with EOS and cut into ``max_length`` blocks (the
+usual causal-LM packing; every token is a target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agiasi.errors import AgiasiError
+
+IGNORE = -100
+WHERE = "_where"  # "FILE: line N" of a record, for errors found while tokenizing
+
+
+@dataclass
+class Example:
+    """One training row. ``position_ids`` is set only for packed rows, where it restarts at 0 at
+    each example's first token: that is how attention is kept inside each example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+
+def tokenize_records(
+    records: list[dict[str, Any]], tokenizer, max_length: int, log=None
+) -> list[Example]:
+    """Records → examples of at most ``max_length`` tokens.
+
+    Chat records are checked against the tokenizer's own template first: a turn whose role the
+    template does not render (``"User"``, ``"hacker"``) would silently vanish and leave the
+    answer to train without its question, so it is an error naming the line.
+    """
+    if max_length < 2:
+        raise AgiasiError(
+            f"--max-length must be at least 2 (one token to predict), got {max_length}"
+        )
+    if not records:
+        raise AgiasiError("the dataset is empty: no documents or records found")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise AgiasiError("the tokenizer has no EOS token; cannot separate documents")
+    stream: list[int] = []
+    examples: list[Example] = []
+    roles = _RoleCheck(tokenizer)
+    empty_answers: list[str] = []
+    for i, rec in enumerate(records):
+        if "messages" in rec:
+            where = rec.get(WHERE, f"record {i + 1}")
+            for m in rec["messages"]:
+                roles.check(m["role"], where)
+                if m["role"] == "assistant" and not m["content"].strip():
+                    empty_answers.append(where)
+            ex = _chat_example(rec["messages"], tokenizer, max_length)
+            if any(t != IGNORE for t in ex.labels[1:]):
+                examples.append(ex)  # else the answer was cut off by --max-length: skip it
+        else:
+            ids = tokenizer(rec["text"], add_special_tokens=False, verbose=False)["input_ids"]
+            if ids:
+                stream.extend(ids + [eos])
+    for start in range(0, len(stream), max_length):
+        block = stream[start : start + max_length]
+        if len(block) >= 2:
+            examples.append(Example(block, list(block)))
+    if empty_answers and log is not None:
+        more = f" and {len(empty_answers) - 1} more" if len(empty_answers) > 1 else ""
+        log(
+            f"warning: empty assistant turn at {empty_answers[0]}{more}: the model learns to "
+            "answer with nothing there"
+        )
+    if not examples:
+        raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
+    return examples
+
+
+class _RoleCheck:
+    """Which roles the tokenizer's chat template renders (asked once per role)."""
+
+    _PROBE = "agiasi-role-probe-7f3a"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.known: dict[str, bool] = {}
+
+    def check(self, role: str, where: str) -> None:
+        if role not in self.known:
+            self.known[role] = self._renders(role)
+        if not self.known[role]:
+            seen = sorted(r for r, ok in self.known.items() if ok) or ["user", "assistant"]
+            raise AgiasiError(
+                f"{where}: role {role!r} is not one this tokenizer's chat template knows (it "
+                f"would be dropped silently); use one of {', '.join(seen)}"
+            )
+
+    def _renders(self, role: str) -> bool:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return True  # _chat_example says what is missing
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": self._PROBE}], tokenize=False
+            )
+        except Exception:  # templates that raise_exception() on a role they do not know
+            return False
+        return self._PROBE in text
+
+
+def _chat_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> Example:
+    """Render with the tokenizer's chat template; labels only on assistant tokens.
+
+    Assistant spans come from rendering growing prefixes: tokens between the prompt for turn i
+    (``add_generation_prompt=True``) and the conversation up to turn i are that turn's answer.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise AgiasiError(
+            'chat "messages" need a tokenizer with a chat template; this one has none'
+        )
+
+    def render(msgs, gen=False) -> list[int]:
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    ids = render(messages)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], gen=True))
+        upto = render(messages[: i + 1])
+        end = 0  # common prefix with the whole conversation (templates may close with EOS)
+        while end < min(len(upto), len(ids)) and upto[end] == ids[end]:
+            end += 1
+        for j in range(start, end):
+            labels[j] = ids[j]
+    ids, labels = ids[:max_length], labels[:max_length]
+    return Example(ids, labels)

@@ -1,0 +1,140 @@
+"""Third reliability round: poisoned weights are never called good, exports and evals of
+non-finite models fail, a resume cannot silently mix settings."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from agiasi.cli import main
+from tests.helpers import cli_args
+
+pytestmark = pytest.mark.slow
+FAST = ["--quantization", "none", "--max-length", "32", "--lora-dropout", "0", "--no-progress"]
+
+
+def train(model, run, steps, *extra, save=None):
+    args = cli_args("train", base_model=model, output_dir=run, max_steps=steps)
+    return main([*args, "--save-steps", str(save or steps), *FAST, *extra])
+
+
+def last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("agiasi: error: "), lines[-5:]
+    return lines[-1]
+
+
+def _all_finite(folder) -> bool:
+    tensors = list(load_file(folder / "adapter_model.safetensors").values())
+    soul = torch.load(folder / "soul.pt", weights_only=True)
+    tensors += [soul["alpha"], *soul["so8_rotation"].values()]
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    for s in state["optimizer"]["state"].values():
+        tensors += [v for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_a_diverging_run_never_writes_or_names_a_poisoned_folder(tmp_path, capsys):
+    """The issue's case: the shipped model in NF4 at a learning rate of 1e8. Its loss stays
+    finite one step longer than its weights (step 2's update makes them nan), so checking only
+    the loss saved step_2 poisoned and called it the last good one."""
+    from agiasi.demo import tiny_model_path
+
+    run = tmp_path / "run"
+    args = cli_args("train", base_model=tiny_model_path(), output_dir=run, max_steps=6)
+    rc = main([*args, "--save-steps", "1", "--learning-rate", "1e8", "--max-length", "64",
+               "--no-progress"])  # fmt: skip
+    assert rc == 2
+    line = last_error(capsys)
+    assert "non-finite (nan/inf)" in line and "Last good checkpoint:" in line
+    folders = sorted(p for p in run.iterdir() if p.name.startswith("step_"))
+    for f in folders:
+        assert _all_finite(f), f"{f.name} holds nan/inf"
+    named = line.split("Last good checkpoint: ")[1].split(". ")[0]
+    if folders:
+        assert named == str(folders[-1])
+    else:
+        assert named == "none yet"
+
+
+@pytest.fixture()
+def poisoned(tiny_phi3_tok, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny_phi3_tok, run, 2) == 0
+    step = run / "step_2"
+    adapter = load_file(step / "adapter_model.safetensors")
+    key = sorted(adapter)[0]
+    adapter[key] = adapter[key].clone()
+    adapter[key][0, 0] = float("nan")
+    save_file(adapter, step / "adapter_model.safetensors")
+    return step, key
+
+
+@pytest.mark.parametrize("measure", ["--measure", "--no-measure"])
+def test_export_refuses_a_checkpoint_with_nan_before_writing(poisoned, tmp_path, capsys, measure):
+    step, key = poisoned
+    out = tmp_path / "export"
+    rc = main(["export", str(step), "--out", str(out), "--gguf", "f32", measure])
+    assert rc == 2
+    line = last_error(capsys)
+    assert "non-finite values (nan/inf)" in line and key in line
+    assert not out.exists() and not any(p.name.startswith(".export") for p in tmp_path.iterdir())
+
+
+def test_eval_of_a_nan_model_exits_non_zero(poisoned, capsys):
+    step, _ = poisoned
+    assert main(["eval", str(step), "--max-tokens", "64"]) == 2
+    line = last_error(capsys)
+    assert "perplexity of" in line and "is nan" in line and "not finite" in line
+
+
+def test_nonfinite_figures_are_found_anywhere_in_a_report():
+    from agiasi.export import nonfinite_figures
+
+    report = {"parity": {"hf": {"ppl": float("nan"), "top1": 1.0}, "q8": [0.1, float("inf")]}}
+    assert nonfinite_figures(report) == ["parity.hf.ppl", "parity.q8.1"]
+    assert nonfinite_figures({"a": {"b": 1.0, "c": "nan"}}) == []
+
+
+CHANGED = {
+    "lora_alpha": (("--lora-alpha", "64"), "--lora-alpha 32 → 64"),
+    "soul_mix": (("--soul-mix", "residual"), "--soul-mix 'convex' → 'residual'"),
+    "seed": (("--seed", "7"), "--seed 42 → 7"),
+    "max_length": (("--max-length", "48"), "--max-length 32 → 48"),
+    "quantization": (("--quantization", "nf4"), "--quantization 'none' → 'nf4'"),
+    "batch_size": (("--batch-size", "2"), "--batch-size 1 → 2"),
+    "no_soul": (("--no-soul",), "--soul True → False"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_phi3_tok, tmp_path_factory):
+    run = tmp_path_factory.mktemp("resume") / "run"
+    assert train(tiny_phi3_tok, run, 2) == 0
+    return run
+
+
+@pytest.mark.parametrize("case", CHANGED)
+def test_resume_refuses_changed_settings_with_what_differs(finished, tiny_phi3_tok, capsys, case):
+    flags, shown = CHANGED[case]
+    before = (finished / "train_config.json").read_text()
+    assert train(tiny_phi3_tok, finished, 4, "--resume", "auto", *flags) == 2
+    line = last_error(capsys)
+    assert "settings differ from the checkpoint's" in line and shown in line, line
+    assert (finished / "train_config.json").read_text() == before  # nothing rewritten
+    assert not (finished / "step_4").exists()
+
+
+def test_resume_may_change_length_and_cadence(finished, tiny_phi3_tok, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    assert train(tiny_phi3_tok, run, 4, "--resume", "auto", save=1) == 0
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 4
+    assert {p.name for p in run.iterdir() if p.name.startswith("step_")} == {
+        "step_2",
+        "step_3",
+        "step_4",
+    }
