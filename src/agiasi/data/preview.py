@@ -126,8 +126,14 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{src['source']}",
             f"  kind     {src['kind']}; format {', '.join(src['formats'])}",
             f"  records  {src['records']:,}{sample}",
-            f"  tokens   {src['tokens']:,} ({src['trained_tokens']:,} trained), longest {src['longest']:,}",
         ]
+        if src["chat_examples"]:
+            lines.append(
+                f"  tokens   {src['tokens']:,} ({src['trained_tokens']:,} trained), "
+                f"longest conversation {src['longest']:,}"
+            )
+        else:
+            lines.append(f"  tokens   {src['tokens']:,} (every one trained)")
         if src["chat_examples"]:
             lines.append(
                 f"  --max-length {s['max_length']}: {src['truncated']:,} of "
