@@ -381,7 +381,11 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
     """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter equal up to
     the order of fp32 sums: :data:`tests.helpers.SUM_ORDER_RTOL`),
     and the logged loss is the global batch's, so the curves match too."""
+    from agiasi.data import default_heldout
+
     common = _distributed_flags(tiny_phi3_tok, steps=6)
+    # validation too: split across the ranks, it must give one process's number
+    common += ["--eval-dataset", str(default_heldout()), "--eval-max-tokens", "2000"]
     one = tmp_path / "one"
     assert main(["train", *common, "--output-dir", str(one), "--grad-accum", str(ranks)]) == 0
     many = tmp_path / "many"
@@ -415,6 +419,10 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
     assert len(lb) == 6
     # the forward of the same weights: rounding only, relative to the loss itself
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb, strict=True)), (la, lb)
+    ea, eb = metrics(one)[-1], metrics(many)[-1]
+    assert ea["eval_tokens"] == eb["eval_tokens"] > 1500
+    # the same weights (up to sum order) scored on the same tokens in other batches
+    assert abs(ea["eval_loss"] - eb["eval_loss"]) <= 1e-5 * ea["eval_loss"]
     # only rank 0 wrote: one set of step folders, no stray files
     assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
 
