@@ -26,7 +26,8 @@ LOCK = ".agiasi-train.lock"
 PID = ".agiasi-train.pid"
 PLOT = "phase_transition.png"
 BEST = "best.json"
-OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST)
+RUN = "run.json"  # the run's identity: {"run_id"}, written at its first start
+OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST, RUN)
 
 
 class RunLock:
@@ -140,12 +141,14 @@ def last_loss(path: Path, step: int) -> float:
 
 
 def prepare_run_folder(
-    out_dir: Path, config: dict[str, Any], start_step: int, overwrite: bool, say
+    out_dir: Path, config: dict[str, Any], start_step: int, overwrite: bool, run_id: str, say
 ) -> None:
     """The first writes of the run, after everything that can fail at start-up has passed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
         replace_previous_run(out_dir, say)
+    if read_run_id(out_dir) != run_id:
+        _write_json_atomic(out_dir / RUN, {"run_id": run_id})
     for stale in clean_stale_temp(out_dir / "step_0", pattern=".step_*.*-*"):
         say(f"resume: removed {stale.name}, a step folder a killed run left half-written")
     trim_metrics(out_dir / METRICS, start_step)
@@ -172,10 +175,52 @@ def read_best(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_best(out_dir: Path, record: dict[str, Any]) -> None:
-    """Atomically: a reader never sees half a ``best.json``."""
-    tmp = Path(out_dir) / f".{BEST}.tmp-{os.getpid()}"
+    _write_json_atomic(Path(out_dir) / BEST, record)
+
+
+def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    """A reader never sees half a file (and a link in its place is replaced, not followed)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, Path(out_dir) / BEST)
+    os.replace(tmp, path)
+
+
+def read_run_id(out_dir: Path) -> str | None:
+    path = Path(out_dir) / RUN
+    try:
+        rid = json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
+def run_identity(out_dir: Path, resume_from: Path | None, ckpt_run_id: str | None) -> str:
+    """The id this run goes on under. A fresh run gets a new one; a resume keeps its
+    checkpoint's. A folder holding another run is never resumed into: that would mix two
+    runs' step folders and metrics, and a later ``--resume auto`` would continue the wrong one."""
+    import uuid
+
+    if resume_from is None:
+        return uuid.uuid4().hex
+    folder_id = read_run_id(out_dir)
+    inside = Path(resume_from).resolve().parent == Path(out_dir).resolve()
+    holds_run = (
+        Path(out_dir).is_dir()
+        and any((Path(out_dir) / n).exists() for n in (METRICS, TRAIN_CONFIG))
+        or bool(list_checkpoints(out_dir))
+    )
+    foreign = (
+        (folder_id is not None and ckpt_run_id is not None and folder_id != ckpt_run_id)
+        or (folder_id is not None and ckpt_run_id is None and not inside)
+        or (folder_id is None and holds_run and not inside)
+    )
+    if foreign:
+        raise AgiasiError(
+            f"--output-dir {out_dir} holds another run than the one {resume_from} belongs to; "
+            "resuming into it would mix the two. Resume into that checkpoint's own run folder or "
+            "into a new --output-dir"
+        )
+    return ckpt_run_id or folder_id or uuid.uuid4().hex
 
 
 def is_run_folder(path: Path) -> bool:

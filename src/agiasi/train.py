@@ -59,6 +59,7 @@ from agiasi.runfolder import (
     last_loss,
     prepare_run_folder,
     read_best,
+    run_identity,
     write_best,
 )
 from agiasi.schedule import LR_SCHEDULERS, linear_annealing, lr_factor, lr_warmup_steps
@@ -620,6 +621,7 @@ def save_step(
     d: Dist,
     step: int,
     last_saved: Path | None,
+    run_id: str,
     eval_record: dict[str, Any] | None = None,
 ) -> Path:
     """A step folder with what resume needs (every rank's RNG); rank 0 writes. Never one holding
@@ -639,6 +641,7 @@ def save_step(
             "rng": rng_all,
             "world_size": d.world_size,
             "batch_size": cfg.batch_size,
+            "run_id": run_id,
         }
         write_step(
             wrapper,
@@ -705,6 +708,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
     if resume_from is not None:
         check_resume(cfg, resume_from)
         state = safe_torch_load(resume_from / TRAINER_STATE)
+    run_id = run_identity(out_dir, resume_from, state.get("run_id") if state else None)
     if state is not None and int(state["step"]) >= cfg.max_steps:
         done = int(state["step"])
         if done > cfg.max_steps:
@@ -744,7 +748,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
     if state is not None:
         start_step = restore(state, resume_from, wrapper, optimizer, groups, stream, cfg, d, say)
     if d.main:
-        prepare_run_folder(out_dir, asdict(cfg), start_step, cfg.overwrite and not cfg.resume, say)
+        prepare_run_folder(
+            out_dir, asdict(cfg), start_step, cfg.overwrite and not cfg.resume, run_id, say
+        )
     warning = schedule_warning(cfg)
     if warning:
         say(warning)
@@ -824,7 +830,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             )
             if done % cfg.save_steps == 0 or done == cfg.max_steps or new_best or patience_out:
                 last_saved = save_step(
-                    wrapper, optimizer, stream, cfg, d, done, last_saved, evaluated
+                    wrapper, optimizer, stream, cfg, d, done, last_saved, run_id, evaluated
                 )
             if new_best:
                 best = {"step": done, **evaluated, "folder": last_saved.name}

@@ -39,6 +39,7 @@ def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
     assert sorted(os.listdir(run)) == [
         "metrics.jsonl",
         "phase_transition.png",
+        "run.json",
         "step_12",
         "step_4",
         "step_8",

@@ -138,3 +138,24 @@ def test_resume_may_change_length_and_cadence(finished, tiny_phi3_tok, tmp_path)
         "step_3",
         "step_4",
     }
+
+
+def test_resume_into_a_folder_of_another_run_is_refused(finished, tiny_phi3_tok, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert train(tiny_phi3_tok, other, 2) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in other.rglob("*")}
+    capsys.readouterr()
+    rc = train(tiny_phi3_tok, other, 4, "--resume", str(finished / "step_2"))
+    assert rc == 2
+    line = last_error(capsys)
+    assert f"--output-dir {other} holds another run" in line
+    assert {p.name: p.stat().st_mtime_ns for p in other.rglob("*")} == before
+    # into a new folder the checkpoint's run goes on, under its own identity
+    new = tmp_path / "new"
+    assert train(tiny_phi3_tok, new, 3, "--resume", str(finished / "step_2")) == 0
+    run_id = json.loads((finished / "run.json").read_text())["run_id"]
+    assert json.loads((new / "run.json").read_text())["run_id"] == run_id
+    state = torch.load(new / "step_3" / "trainer_state.pt", weights_only=True)
+    assert state["run_id"] == run_id
+    # and a later --resume auto there continues that run, not a foreign one
+    assert train(tiny_phi3_tok, new, 4, "--resume", "auto") == 0
