@@ -25,8 +25,10 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -36,6 +38,7 @@ import torch
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 from agiasi.merge import (
+    HEAD_KEY,
     MergePlan,
     SoulFold,
     check_plain,
@@ -132,9 +135,37 @@ def _say(msg: str) -> None:
 
 def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     """Merge, fold, write HF + GGUF + Modelfile + card + report into ``cfg.out``."""
-    from agiasi.checkpoint import atomic_folder, clean_stale_temp
 
     plan = plan_export(cfg, log)
+    with _output_lock(plan.out):
+        return _export(plan, cfg, log)
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """One export into a folder at a time (two at once left one's model with the other's
+    report); the lock sits beside the folder, since the folder itself is renamed into place."""
+    from filelock import FileLock, Timeout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.export.lock"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise AgiasiError(
+            f"another `agiasi export` is writing {out}; wait for it or pick another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        path.unlink(missing_ok=True)
+
+
+def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
+    from agiasi.checkpoint import atomic_folder, clean_stale_temp
+
     for stale in clean_stale_temp(plan.out):
         log(f"export: removed {stale.name}, left half-written by a killed export")
     with atomic_folder(plan.out) as tmp:
@@ -143,6 +174,11 @@ def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
         report = base_report(plan, ggufs)
         (tmp / "Modelfile").write_text(modelfile(tok, ggufs, plan.cfg.num_ctx), encoding="utf-8")
         _write_report_and_card(tmp, report, plan)
+        if plan.out.exists() and not cfg.force:  # something else made it since the plan
+            raise AgiasiError(
+                f"{plan.out} appeared while this export ran; nothing was replaced (pass --force "
+                "to replace an earlier export)"
+            )
     ggufs = {t: plan.out / p.name for t, p in ggufs.items()}
     return finish_report(plan, report, ggufs, tok, log)
 
@@ -176,7 +212,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     mcfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt, overrides))
     base_id = mcfg.base_model
     out = Path(cfg.out)
-    check_output_path(out, ckpt, base_id, cfg.force)
+    check_output_path(out, ckpt, base_id, cfg.force, cfg.text)
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
     check_same_base(
         manifest,
@@ -212,7 +248,8 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     _check_keys_fit(shapes, exported_config(hf_cfg, dtype))
     n_params = sum(math.prod(s) for s in shapes.values())
     check_free_disk(out, n_params, dtype, types)
-    return ExportPlan(
+    check_special_ids(hf_cfg, shapes)
+    plan = ExportPlan(
         cfg=cfg,
         checkpoint=ckpt,
         manifest=manifest,
@@ -228,6 +265,25 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         n_params=n_params,
         run_ggufs=run_ggufs,
     )
+    for t in types:  # the GGUF file names go into the Modelfile's FROM line
+        modelfile_value(f"./{plan.stem}-{t}.gguf", "the GGUF file name", bare=True)
+    return plan
+
+
+def check_special_ids(hf_cfg, shapes: dict[str, tuple[int, ...]]) -> None:
+    """BOS/EOS/PAD ids inside the vocabulary: llama.cpp and generate() index with them."""
+    vocab = shapes[HEAD_KEY][0] if HEAD_KEY in shapes else None
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf_cfg, name, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        for i in ids:
+            if i is None:
+                continue
+            if not isinstance(i, int) or i < 0 or (vocab is not None and i >= vocab):
+                raise AgiasiError(
+                    f"the base model's {name} {i!r} is not a token id of its vocabulary "
+                    f"(0 … {vocab - 1 if vocab else '?'}); fix its config.json"
+                )
 
 
 def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
@@ -294,10 +350,20 @@ def merge_plan(
     )
 
 
-def check_output_path(out: Path, ckpt: Path, base_id: str, force: bool) -> None:
-    """Refuse an --out that would destroy what the export reads, or that cannot be written."""
+# What an export writes at its top level: --force replaces a folder holding only these (and
+# its report), never a folder of the user's own files.
+EXPORT_ENTRIES = ("hf", "Modelfile", "README.md", REPORT, "imatrix.gguf")
+
+
+def check_output_path(
+    out: Path, ckpt: Path, base_id: str, force: bool, text: str | None = None
+) -> None:
+    """Refuse an --out that would destroy what the export reads, or that cannot be written;
+    ``--force`` replaces only an earlier export."""
     target = out.resolve()
     protected = {"the checkpoint": ckpt.resolve()}
+    if text:
+        protected["the --text file"] = Path(text).expanduser().resolve()
     run = ckpt.resolve().parent
     if any((run / n).exists() for n in ("train_config.json", "metrics.jsonl")):
         protected["the checkpoint's run folder"] = run
@@ -313,6 +379,16 @@ def check_output_path(out: Path, ckpt: Path, base_id: str, force: bool) -> None:
         raise AgiasiError(f"--out {out} is a file; pass a folder path")
     if out.exists() and not force:
         raise AgiasiError(f"{out} already exists; pass --force to replace it")
+    if out.exists():
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in EXPORT_ENTRIES and not n.endswith(".gguf")]
+        if REPORT not in names or foreign or out.is_symlink():
+            found = ", ".join(foreign[:4] or names[:4]) or "nothing"
+            raise AgiasiError(
+                f"--force replaces only an earlier export, and {out} is not one (no {REPORT}"
+                f"{'' if REPORT not in names or not foreign else ' alone'}; it holds {found}); "
+                "pick another --out or remove it yourself"
+            )
     existing = next(p for p in [target, *target.parents] if p.exists())
     if not existing.is_dir():
         raise AgiasiError(f"--out {out}: {existing} is a file, not a folder")
@@ -600,11 +676,30 @@ def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPla
 # --------------------------------------------------------------------------- Modelfile & card
 
 
+# What may stand inside an Ollama Modelfile value: its parser ends a quoted value at `"`, a
+# line at a newline, and gives `\` meaning; a token or a folder name from a model's files that
+# holds one of them could add directives (ADAPTER, SYSTEM …) of its own.
+_MODELFILE_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def modelfile_value(value: str, what: str, bare: bool = False) -> str:
+    """``value`` as it may stand in a Modelfile (quoted, or ``bare`` for FROM), or one error."""
+    if not value or _MODELFILE_UNSAFE.search(value) or (bare and any(c.isspace() for c in value)):
+        raise AgiasiError(
+            f"{what} {value!r} cannot be written into an Ollama Modelfile safely (it is empty or "
+            "holds a quote, a backslash, whitespace or a control character); fix the model's files"
+            + (" or pick a folder name without them" if bare else "")
+        )
+    return value if bare else f'"{value}"'
+
+
 def modelfile(tok, ggufs: dict[str, Path], num_ctx: int) -> str:
-    """Ollama Modelfile from the tokenizer's own chat template and stop tokens."""
+    """Ollama Modelfile from the tokenizer's own chat template and stop tokens; every value
+    from the model's files goes through :func:`modelfile_value`."""
     pick = next((t for t in ("q4_k_m", "q8_0", "f16", "bf16", "f32") if t in ggufs), None)
     lines = ["# Generated by agiasi export."]
-    lines.append(f"FROM ./{ggufs[pick].name}" if pick else "FROM ./hf")
+    source = f"./{ggufs[pick].name}" if pick else "./hf"
+    lines.append(f"FROM {modelfile_value(source, 'the GGUF file name', bare=True)}")
     stops = [s for s in ("<|end|>", "<|endoftext|>", "<|user|>") if s in tok.get_vocab()]
     if getattr(tok, "eos_token", None) and tok.eos_token not in stops:
         stops.append(tok.eos_token)
@@ -615,7 +710,7 @@ def modelfile(tok, ggufs: dict[str, Path], num_ctx: int) -> str:
             '{{ .Response }}<|end|>\n"""'
         )
     for s in stops:
-        lines.append(f'PARAMETER stop "{s}"')
+        lines.append(f"PARAMETER stop {modelfile_value(s, 'the stop token')}")
     lines.append(
         f"# num_ctx {num_ctx}: llama.cpp picks LongRoPE's long or short factors from the context "
         "size, HF from the sequence length; a context within the original window keeps HF behaviour."

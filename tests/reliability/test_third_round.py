@@ -159,3 +159,115 @@ def test_resume_into_a_folder_of_another_run_is_refused(finished, tiny_phi3_tok,
     assert state["run_id"] == run_id
     # and a later --resume auto there continues that run, not a foreign one
     assert train(tiny_phi3_tok, new, 4, "--resume", "auto") == 0
+
+
+class _Tok:
+    def __init__(self, eos):
+        self.eos_token = eos
+
+    def get_vocab(self):
+        return {"<|end|>": 1, "<|endoftext|>": 2, "<|user|>": 3}
+
+
+MODELFILE_CASES = {
+    "eos_with_quote_and_newline": (
+        '</s>"\nADAPTER /etc/passwd\nSYSTEM """x',
+        "model.gguf",
+        "the stop token '</s>\"\\nADAPTER /etc/passwd",
+    ),
+    "eos_with_backslash": ("a\\b", "model.gguf", "the stop token 'a\\\\b'"),
+    "gguf_name_with_newline": (
+        "<|endoftext|>",
+        "m\nADAPTER x.gguf",
+        "the GGUF file name './m\\nADAPTER",
+    ),
+    "gguf_name_with_space": (
+        "<|endoftext|>",
+        "my model.gguf",
+        "the GGUF file name './my model.gguf'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MODELFILE_CASES)
+def test_modelfile_refuses_values_that_could_add_directives(case):
+    from pathlib import Path
+
+    from agiasi.errors import AgiasiError
+    from agiasi.export import modelfile
+
+    eos, name, shown = MODELFILE_CASES[case]
+    with pytest.raises(AgiasiError, match="cannot be written into an Ollama Modelfile safely") as e:
+        modelfile(_Tok(eos), {"q8_0": Path(name)}, 256)
+    assert shown in str(e.value)
+
+
+def test_modelfile_of_plain_values_and_special_ids_in_the_vocabulary():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from agiasi.errors import AgiasiError
+    from agiasi.export import check_special_ids, modelfile
+
+    text = modelfile(_Tok("</s>"), {"q8_0": Path("m-q8_0.gguf")}, 256)
+    lines = text.splitlines()
+    assert "FROM ./m-q8_0.gguf" in lines and 'PARAMETER stop "</s>"' in lines
+    directives = {x.split()[0] for x in lines if x and not x.startswith(("#", "{{", "<|"))}
+    assert directives <= {"FROM", "TEMPLATE", "PARAMETER", "{{", '"""'}, directives
+    shapes = {"lm_head.weight": (100, 8)}
+    check_special_ids(
+        SimpleNamespace(bos_token_id=1, eos_token_id=[2, 99], pad_token_id=None), shapes
+    )
+    with pytest.raises(
+        AgiasiError, match=r"eos_token_id 100 is not a token id of its vocabulary \(0 … 99\)"
+    ):
+        check_special_ids(SimpleNamespace(eos_token_id=100), shapes)
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_force_replaces_only_an_earlier_export(finished, tmp_path, capsys):
+    step = finished / "step_2"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own file")
+    (mine / "heldout.txt").write_text("日本語の文章です。" * 50)
+    before = _tree(mine)
+    quick = ["--gguf", "", "--no-measure"]
+    rc = main(["export", str(step), "--out", str(mine), "--force", *quick])
+    assert rc == 2
+    line = last_error(capsys)
+    assert "--force replaces only an earlier export" in line and "notes.txt" in line
+    assert _tree(mine) == before
+    # the --text file inside --out is refused before any work
+    rc = main(["export", str(step), "--out", str(mine), "--force", "--gguf", "",
+               "--text", str(mine / "heldout.txt")])  # fmt: skip
+    assert rc == 2 and "overlaps the --text file" in last_error(capsys)
+    assert _tree(mine) == before
+    # an earlier export is replaced
+    out = tmp_path / "export"
+    assert main(["export", str(step), "--out", str(out), *quick]) == 0
+    assert main(["export", str(step), "--out", str(out), "--force", *quick]) == 0
+    assert (out / "export_report.json").is_file() and (out / "hf").is_dir()
+    # ... but not once the user put their own files in it
+    (out / "mine.txt").write_text("x")
+    assert main(["export", str(step), "--out", str(out), "--force", *quick]) == 2
+    assert "mine.txt" in last_error(capsys) and (out / "mine.txt").exists()
+
+
+def test_a_second_export_into_the_same_out_at_once_is_refused(finished, tmp_path, capsys):
+    from filelock import FileLock
+
+    out = tmp_path / "export"
+    held = FileLock(str(tmp_path / ".export.export.lock"))  # what a running export holds
+    held.acquire()
+    try:
+        rc = main(["export", str(finished / "step_2"), "--out", str(out), "--gguf", "",
+                   "--no-measure"])  # fmt: skip
+    finally:
+        held.release()
+    assert rc == 2
+    assert "another `agiasi export` is writing" in last_error(capsys)
+    assert not out.exists()
