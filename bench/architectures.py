@@ -20,9 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def gguf_vs_hf(gguf_path: Path, hf_dir: Path, texts: list[str]) -> tuple[float, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,13 +42,33 @@ def gguf_vs_hf(gguf_path: Path, hf_dir: Path, texts: list[str]) -> tuple[float, 
     return rel, f"{agree}/{n}", same
 
 
+def _train(model: Path, out: Path, *flags: str) -> str:
+    """3 NF4 steps, the architecture test's settings."""
+    from agiasi.cli import main
+    from agiasi.shipped import default_dataset
+
+    argv = ["train", *flags, "--base-model", str(model), "--dataset", str(default_dataset()),
+            "--output-dir", str(out), "--max-steps", "3", "--save-steps", "3",
+            "--warmup-steps", "1", "--annealing-steps", "2", "--batch-size", "2",
+            "--max-length", "64", "--learning-rate", "1e-2", "--soul-learning-rate", "5e-2",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return str(out / "step_3")
+
+
+def _export(ckpt: str, out: Path, gguf: str) -> int:
+    from agiasi.cli import main
+
+    return main(["export", ckpt, "--out", str(out), "--gguf", gguf, "--num-ctx", "512",
+                 "--no-measure"])  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     args = ap.parse_args()
     from agiasi.architectures import ARCHITECTURES
-    from tests.helpers import ZOO, build_tiny_arch
-    from tests.integration.test_architectures import JA_TEXTS, ZOO_MODEL_TYPE, _export, _train
+    from agiasi.zoo import JA_TEXTS, ZOO, ZOO_MODEL_TYPE, build_tiny_arch
 
     rows = []
     for kind in ZOO:

@@ -13,19 +13,15 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError
 from agiasi.model import Quantization
 from agiasi.options import check, option
+from agiasi.shipped import tiny_model_path
 
 PROMPT = "Mew では、"  # the manual the demo trains on (sample_ja.txt); the base never saw it
-
-
-def tiny_model_path() -> Path:
-    return Path(str(resources.files("agiasi") / "assets" / "tiny-ja-phi3"))
 
 
 @dataclass
@@ -62,9 +58,9 @@ class _Timer(dict):
 
 def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     """inject → train (soul, control, the note's mix) → export → llama.cpp → report."""
-    from agiasi.data import default_dataset, default_heldout
     from agiasi.export import format_report
     from agiasi.gguf import trained_context
+    from agiasi.shipped import default_dataset, default_heldout
 
     check(cfg)
     t_start = time.time()

@@ -136,7 +136,7 @@ def perplexity(logits_fn, ids: list[int], window: int) -> float:
 
 def eval_text(text_path: str | Path | None) -> tuple[Path, str]:
     """The evaluation text (default: the shipped held-out sample), checked before any model loads."""
-    from agiasi.data import default_heldout
+    from agiasi.shipped import default_heldout
 
     path = Path(text_path) if text_path else default_heldout()
     if not path.is_file():

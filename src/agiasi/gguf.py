@@ -145,6 +145,21 @@ def _sentencepiece_vocab(hf_dir: Path, vocab_size: int):
     return tokens, scores, types
 
 
+# Byte-level BPE vocabularies of the Llama-3 and Qwen2 families. The split patterns are the ones
+# their tokenizer.json files hold (llama.cpp recognises the same two as the pre-tokenizers it
+# calls "llama-bpe" and "qwen2"); they differ only in how digits group (three at a time vs one).
+BPE_SPLIT_PATTERNS = {
+    "llama-bpe": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
+
+
 def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     """The llama.cpp pre-tokenizer name (``tokenizer.ggml.pre``) of a byte-level BPE
     tokenizer.json, read from its split pattern.
@@ -155,8 +170,6 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     pattern llama.cpp does not know is refused: with the wrong pre-tokenizer llama.cpp would
     tokenize differently from HF and no error would say so.
     """
-    from agiasi.tokenizer import BPE_SPLIT_PATTERNS
-
     model = tokenizer_json.get("model") or {}
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]

@@ -14,6 +14,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+# The Llama-3 / Qwen2 split patterns live with the GGUF vocabulary code, which must name them for
+# llama.cpp; the test tokenizers of those families are built from the same patterns.
+from agiasi.gguf import BPE_SPLIT_PATTERNS
+
 PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
 
 PHI3_CHAT_TEMPLATE = (
@@ -96,20 +100,6 @@ def build_phi3_tokenizer(
     tok.save_pretrained(str(out))  # writes tokenizer.json; tokenizer.model stays
     return tok
 
-
-# Byte-level BPE vocabularies of the Llama-3 and Qwen2 families. The split patterns are the ones
-# their tokenizer.json files hold (llama.cpp recognises the same two as the pre-tokenizers it
-# calls "llama-bpe" and "qwen2"); they differ only in how digits group (three at a time vs one).
-BPE_SPLIT_PATTERNS = {
-    "llama-bpe": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ),
-    "qwen2": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ),
-}
 
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",

@@ -19,12 +19,13 @@ from agiasi.checkpoint import (
     load_into,
     safe_torch_load,
 )
-from agiasi.data import BatchStream, Data, default_dataset, load_data
+from agiasi.data import BatchStream, Data, load_data
 from agiasi.distributed import Dist, all_gather, broadcast
 from agiasi.errors import AgiasiError
 from agiasi.model import AGIASI_SO8T_Wrapper
 from agiasi.runfolder import METRICS, last_loss, prepare_run_folder, read_best, run_identity
 from agiasi.schedule import lr_warmup_steps
+from agiasi.shipped import default_dataset
 from agiasi.train_config import TrainConfig, TrainResult, check_resume, schedule_warning
 
 

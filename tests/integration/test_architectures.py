@@ -16,22 +16,7 @@ from tests.helpers import ZOO, build_tiny_arch, cli_args, sample_text
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 # kanji, hiragana, katakana, half-width katakana, emoji, ASCII and full-width digits, punctuation
-JA_TEXTS = [
-    "吾輩は猫である。名前はまだ無い。",
-    "ﾊﾝｶｸｶﾀｶﾅとカタカナ、ひらがなを混ぜた文です。",
-    "絵文字😺🍣🗾も数字12345と２０２６年11月26日も、東京タワーは333m。",
-]
-
-ZOO_MODEL_TYPE = {
-    "phi3": "phi3",
-    "llama-sp": "llama",
-    "llama-bpe": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-}
+from agiasi.zoo import JA_TEXTS, ZOO_MODEL_TYPE  # noqa: E402
 
 
 def test_the_zoo_covers_every_exportable_architecture():

@@ -11,7 +11,6 @@ block with training text; it is a seeded permutation, the same for the same seed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,7 @@ from agiasi.data.files import read_rows
 from agiasi.data.formats import FORMATS, convert, parse_columns
 from agiasi.data.tokenize import WHERE, Example, tokenize_records
 from agiasi.errors import AgiasiError
-
-
-def default_dataset() -> Path:
-    """The Japanese sample shipped in the package (see assets/NOTICE)."""
-    return Path(str(resources.files("agiasi") / "assets" / "data" / "sample_ja.txt"))
-
-
-def default_heldout() -> Path:
-    return Path(str(resources.files("agiasi") / "assets" / "data" / "heldout_ja.txt"))
+from agiasi.shipped import default_dataset, default_heldout  # noqa: F401 - re-exported
 
 
 def split_sources(dataset: str) -> list[str]:

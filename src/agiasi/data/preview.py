@@ -19,6 +19,7 @@ from agiasi.data.load import split_sources
 from agiasi.data.tokenize import IGNORE, WHERE, tokenize_records
 from agiasi.errors import AgiasiError
 from agiasi.options import option
+from agiasi.shipped import tiny_model_path
 
 OPEN, CLOSE = "⟦", "⟧"
 
@@ -40,8 +41,6 @@ class DataConfig:
 
 def _tokenizer(cfg: DataConfig):
     from transformers import AutoTokenizer
-
-    from agiasi.demo import tiny_model_path
 
     base = cfg.base_model or str(tiny_model_path())
     try:
