@@ -61,13 +61,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     if not out_path.parent.is_dir():
         raise AgiasiError(f"cannot write the plot: {out_path.parent} is not a folder")
     has_rot = any(r.get("rotation_distance") is not None for r in rows)
-    fig, axes = plt.subplots(3 if has_rot else 2, 1, figsize=(9, 8 if has_rot else 6), sharex=True)
+    has_lr = any(isinstance(r.get("lr"), (int, float)) for r in rows)
+    n = 2 + has_rot + has_lr
+    fig, axes = plt.subplots(n, 1, figsize=(9, 2.2 + 1.9 * n), sharex=True)
     steps = [r["step"] for r in rows]
-    axes[0].plot(
-        steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label="task loss (CE)"
-    )
-    axes[0].set_ylabel("loss")
-    axes[0].legend(loc="upper right")
+    _plot_loss(axes[0], rows, steps)
     if rows[0].get("alpha") is not None:
         _plot_gate(axes[0], axes[1], rows, steps)
     else:
@@ -76,6 +74,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         )
     if has_rot:
         _plot_rotation(axes[2], rows, steps)
+    if has_lr:
+        _plot_lr(axes[-1], rows, steps)
     axes[-1].set_xlabel("step")
     fig.suptitle(f"agiasi: {Path(run_dir).name}")
     fig.tight_layout()
@@ -89,6 +89,36 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     finally:
         plt.close(fig)
     return out_path
+
+
+def _plot_loss(ax, rows: list[dict], steps: list[int]) -> None:
+    """Training loss, and the validation loss where it was measured (with the best step)."""
+    ax.plot(steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label="task loss (CE)")
+    evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    if evals:
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            color="#fd7e14",
+            lw=1.6,
+            marker="o",
+            ms=3,
+            label="validation loss",
+        )
+        best = min(evals, key=lambda r: r["eval_loss"])
+        ax.axvline(
+            best["step"], color="#fd7e14", lw=0.8, ls="--", label=f"best step {best['step']}"
+        )
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _plot_lr(ax, rows: list[dict], steps: list[int]) -> None:
+    """The learning rate's schedule (apart from α's)."""
+    ax.plot(steps, [r.get("lr") for r in rows], color="#6f42c1", lw=1.4, label="learning rate")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _plot_gate(ax_loss, ax_alpha, rows: list[dict], steps: list[int]) -> None:

@@ -126,6 +126,7 @@ def test_validation_best_step_and_export_step(tiny_phi3_tok, tmp_path, capsys):
     manifest = json.loads((run / f"step_{best['step']}" / "soul.json").read_text())
     assert manifest["eval"]["eval_loss"] == want["eval_loss"]
     assert "best step_" in capsys.readouterr().err
+    assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"  # loss, eval, α, LR
     # `export RUN --step best` picks that folder; a run without validation has no best
     from agiasi.runfolder import resolve_step
 
