@@ -125,7 +125,8 @@ def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from agiasi.model import ModelConfig, describe, format_info
+    from agiasi.info import describe, format_info
+    from agiasi.model import ModelConfig
 
     cfg = build_config(ModelConfig, args)
     info = describe(cfg.base_model, cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError
-from agiasi.model import Quantization
+from agiasi.loading import Quantization
 from agiasi.options import check, option
 from agiasi.shipped import tiny_model_path
 

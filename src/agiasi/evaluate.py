@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError, first_line
-from agiasi.model import DType
+from agiasi.loading import DType
 from agiasi.options import option
 
 MAX_EVAL_TOKENS = 4096
@@ -264,7 +264,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 with torch.no_grad():
                     return model(torch.tensor([chunk])).logits[0].float().cpu().numpy()
         else:
-            from agiasi.model import resolve_dtype
+            from agiasi.loading import resolve_dtype
 
             hf = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, "cpu"))
             tok_src, hf_config = cfg.model, hf.config

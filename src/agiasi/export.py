@@ -37,6 +37,7 @@ import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
+from agiasi.loading import DType
 from agiasi.merge import (
     HEAD_KEY,
     MergePlan,
@@ -46,7 +47,6 @@ from agiasi.merge import (
     merged_tensors,
     rotation_from_state,
 )
-from agiasi.model import DType
 from agiasi.options import check, option
 from agiasi.weights import LazyWeights
 
@@ -192,7 +192,8 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.checkpoint import check_same_base, read_manifest
     from agiasi.evaluate import eval_text
     from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
-    from agiasi.model import ModelConfig, checkpoint_model_config, load_config
+    from agiasi.loading import load_config
+    from agiasi.model import ModelConfig, checkpoint_model_config
     from agiasi.runfolder import is_run_folder, resolve_step
 
     check(cfg)

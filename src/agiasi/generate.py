@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agiasi.errors import AgiasiError
-from agiasi.model import DType
+from agiasi.loading import DType
 from agiasi.options import check, option
 
 
@@ -57,7 +57,7 @@ def _load(cfg: GenerateConfig):
         tok = AutoTokenizer.from_pretrained(model.config.base_model)
     else:
         from agiasi.evaluate import load_hf_model
-        from agiasi.model import parse_device, resolve_dtype
+        from agiasi.loading import parse_device, resolve_dtype
 
         device = parse_device(cfg.device or "cpu")
         model = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, device), device)

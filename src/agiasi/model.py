@@ -14,20 +14,19 @@ explicitly, so training sees exactly what generation sees.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from agiasi.errors import AgiasiError, first_line
+from agiasi.loading import DType, Quantization, load_config, parse_device, resolve_dtype
+from agiasi.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
 from agiasi.options import check, option
 from agiasi.soul import (
     LEGACY_MIX,
@@ -39,11 +38,6 @@ from agiasi.soul import (
     SoulHead,
     SoulMix,
 )
-
-Quantization = Literal["nf4", "none"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
-DTYPES: tuple[str, ...] = get_args(DType)
 
 
 @dataclass
@@ -142,116 +136,6 @@ class SoulOutput:
 
 
 # --------------------------------------------------------------------------- loading helpers
-
-
-def _looks_like_path(model_id: str) -> bool:
-    return (
-        model_id.startswith((".", "/", "~"))
-        or os.sep in model_id.strip("/").replace("/", "", 1)
-        or Path(model_id).exists()
-    )
-
-
-def load_config(model_id: str, trust_remote_code: bool = False):
-    """Read the HF config and check that it is a causal LM we can load."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    path = Path(model_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise AgiasiError(f"base model {model_id!r} is a file; pass the model folder")
-        if not (path / "config.json").is_file():
-            raise AgiasiError(
-                f"{model_id!r} is not a model folder: it has no config.json "
-                "(expected a Hugging Face checkpoint folder)"
-            )
-    elif _looks_like_path(model_id):
-        raise AgiasiError(f"base model not found: {model_id!r} does not exist")
-    try:
-        config = AutoConfig.from_pretrained(
-            str(path) if path.exists() else model_id, trust_remote_code=trust_remote_code
-        )
-    except ValueError as e:  # unknown model_type, or remote code refused
-        hint = (
-            " (its own code would have to run: pass --trust-remote-code only if you trust it)"
-            if "trust_remote_code" in str(e) or "auto_map" in str(e)
-            else ""
-        )
-        raise AgiasiError(
-            f"unsupported architecture in {model_id!r}: {first_line(e)}{hint}"
-        ) from None
-    except OSError as e:  # hub id without network, missing files
-        raise AgiasiError(
-            f"could not load the config of {model_id!r}: {first_line(e)} "
-            "(no network? pass a local model folder)"
-        ) from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise AgiasiError(
-            f"unsupported architecture {archs} ({config.model_type!r}) in {model_id!r}: "
-            "agiasi needs a causal language model (e.g. Phi3ForCausalLM, LlamaForCausalLM)"
-        )
-    return config
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → the GPU if there is one, else the CPU; anything else must exist here."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AgiasiError(f"{device!r} is not a device (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AgiasiError(f"device {device!r}: no CUDA GPU is available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise AgiasiError(f"device {device!r}: agiasi runs on cpu or cuda")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The compute dtype for ``name`` on ``device`` (``auto`` → what that device runs fastest).
-
-    On the CPU ``auto`` is float32, for NF4 and full precision alike: most CPUs (AVX2 without
-    AVX512-BF16/AMX: laptops, desktops, cloud VMs) have no native bf16 and run bf16 matmuls
-    40–70× slower than fp32 — NF4 training took 19 s a step there instead of 0.55 s, because
-    bitsandbytes' backward (``grad @ dequantize(W)``) runs in the compute dtype. bf16 on the CPU
-    only when asked, with one warning where the CPU lacks it. On CUDA ``auto`` is bf16 where the
-    card supports it, else fp16 (the design note's compute dtype).
-    """
-    device = torch.device(device)
-    if name not in DTYPES:
-        raise AgiasiError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    if name != "auto":
-        dtype = getattr(torch, name)
-        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-            _warn_once(
-                "warning: --dtype bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): "
-                "bf16 matmuls are emulated there and run 40-70x slower than float32; "
-                "leave --dtype at auto (float32 on the CPU) unless you need bf16"
-            )
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        print(msg, file=sys.stderr, flush=True)
 
 
 def lora_targets_for(config, override: list[str] | None = None) -> list[str]:
@@ -697,113 +581,6 @@ def checkpoint_model_config(
     return cfg
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100 (in fp32)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    if not (shift_labels != -100).any():
-        raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-    )
-
-
-def softcapped_logits(head, cap: float, h: torch.Tensor) -> torch.Tensor:
-    """Gemma-2's final-logit soft-capping, ``cap · tanh(W h / cap)``: after the head, so the
-    soul (before the head) still folds exactly."""
-    return cap * torch.tanh(head(h) / cap)
-
-
-def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
-
-
-def chunked_causal_lm_loss(
-    h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
-) -> torch.Tensor:
-    """:func:`causal_lm_loss` of ``head(h)`` without materialising the whole logits tensor.
-
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
-    memory holds one chunk of (chunk × vocab) fp32 logits instead of the whole sequence's.
-    Counting and skipping use ``labels`` where they are (the CPU in training): no host sync.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    y = labels[:, 1:].reshape(-1)
-    hs = h[:, :-1, :].reshape(-1, h.shape[-1])
-    valid = y != -100
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, hs.shape[0], chunk):
-        if not valid[start : start + chunk].any():
-            continue
-        yc = y[start : start + chunk].to(h.device, non_blocking=True)
-        total = total + checkpoint(
-            _chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False
-        )
-    return total / n_valid
-
-
-def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]:
-    """What ``agiasi info`` prints. Needs only the model's config: the model is built on the
-    meta device, so Phi-3.5-mini's numbers come without touching 7 GB of weights."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    cfg = config or ModelConfig(base_model=model_id)
-    cfg.validate()
-    hf = load_config(model_id, cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.trust_remote_code)
-        targets = lora_targets_for(hf, cfg.lora_targets)
-        counts = match_lora_targets(model, targets)
-        head = model.get_output_embeddings()
-        hidden = int(head.weight.shape[1])
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                target_modules=targets,
-                lora_dropout=cfg.lora_dropout,
-                task_type="CAUSAL_LM",
-            ),
-        )
-        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-        base = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n)
-    info: dict[str, Any] = {
-        "model": model_id,
-        "architecture": (hf.architectures or [type(model).__name__])[0],
-        "model_type": hf.model_type,
-        "hidden_size": hidden,
-        "num_layers": getattr(hf, "num_hidden_layers", None),
-        "vocab_size": getattr(hf, "vocab_size", None),
-        "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
-        "base_parameters": base,
-        "lora_targets": counts,
-        "gguf_export": _gguf_support(hf.model_type),
-        "lora_r": cfg.lora_r,
-        "lora_parameters": lora,
-    }
-    if cfg.soul:
-        soul = Soul(cfg.soul_config(hidden))
-        info.update(
-            soul_rotation=cfg.rotation,
-            soul_alpha_mode=cfg.alpha_mode,
-            soul_parameters=soul.num_trainable()
-            if cfg.alpha_mode == "learned"
-            else sum(p.numel() for p in soul.rotation.parameters()),
-            alpha=float(soul.alpha.detach()),
-            gate=float(soul.gate().detach()),
-            phase=soul.phase(),
-        )
-    return info
-
-
 def _keep_nf4_in_float32(model) -> None:
     """bitsandbytes switches a 4-bit layer run without gradients on a CPU with AVX512-BF16 to a
     bf16 kernel (inputs cast to bf16), whatever the compute dtype: logits then move by ~0.4 % of
@@ -812,17 +589,3 @@ def _keep_nf4_in_float32(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def _gguf_support(model_type: str) -> str:
-    from agiasi.architectures import ARCHITECTURES
-
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None:
-        return "no (not in agiasi's architecture table)"
-    plain = arch.exports_gguf and not arch.gguf_tied_head_only
-    return arch.gguf_support if plain else f"{arch.gguf_support} ({arch.notes})"
-
-
-def format_info(info: dict[str, Any]) -> str:
-    return json.dumps(info, ensure_ascii=False, indent=2)

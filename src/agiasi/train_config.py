@@ -164,7 +164,7 @@ def check_resume(cfg: TrainConfig, resume_from: Path) -> None:
     """The checkpoint must come from this base model (configs only, no weights) and from a run
     with the same settings, except those in :data:`RESUMABLE_FIELDS`."""
     from agiasi.checkpoint import TRAIN_CONFIG, check_same_base, read_manifest
-    from agiasi.model import load_config
+    from agiasi.loading import load_config
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
     check_same_base(

@@ -44,7 +44,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
     if cfg.device:
-        from agiasi.model import parse_device
+        from agiasi.loading import parse_device
 
         try:
             return parse_device(cfg.device)
@@ -86,7 +86,7 @@ def _tokenizer(cfg: TrainConfig):
 def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
     """Training and validation examples and the pad id; a bad --base-model or --max-length
     fails first."""
-    from agiasi.model import load_config
+    from agiasi.loading import load_config
 
     hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
     max_pos = getattr(hf_config, "max_position_embeddings", None)

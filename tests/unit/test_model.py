@@ -271,7 +271,7 @@ def test_cpu_bfloat16_is_honoured_when_asked(tiny_phi3):
 
 
 def test_bfloat16_on_a_cpu_without_it_warns_once(monkeypatch, capsys):
-    from agiasi import model
+    from agiasi import loading as model
 
     monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(model, "_WARNED", set())

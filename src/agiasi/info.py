@@ -1,0 +1,82 @@
+"""``agiasi info``: what agiasi would build on a model, read from its config alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from agiasi.loading import load_config
+from agiasi.model import ModelConfig, lora_targets_for, match_lora_targets
+from agiasi.soul import Soul
+
+
+def describe(model_id: str, config: ModelConfig | None = None) -> dict[str, Any]:
+    """What ``agiasi info`` prints. Needs only the model's config: the model is built on the
+    meta device, so Phi-3.5-mini's numbers come without touching 7 GB of weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = config or ModelConfig(base_model=model_id)
+    cfg.validate()
+    hf = load_config(model_id, cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.trust_remote_code)
+        targets = lora_targets_for(hf, cfg.lora_targets)
+        counts = match_lora_targets(model, targets)
+        head = model.get_output_embeddings()
+        hidden = int(head.weight.shape[1])
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=targets,
+                lora_dropout=cfg.lora_dropout,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        base = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n)
+    info: dict[str, Any] = {
+        "model": model_id,
+        "architecture": (hf.architectures or [type(model).__name__])[0],
+        "model_type": hf.model_type,
+        "hidden_size": hidden,
+        "num_layers": getattr(hf, "num_hidden_layers", None),
+        "vocab_size": getattr(hf, "vocab_size", None),
+        "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
+        "base_parameters": base,
+        "lora_targets": counts,
+        "gguf_export": _gguf_support(hf.model_type),
+        "lora_r": cfg.lora_r,
+        "lora_parameters": lora,
+    }
+    if cfg.soul:
+        soul = Soul(cfg.soul_config(hidden))
+        info.update(
+            soul_rotation=cfg.rotation,
+            soul_alpha_mode=cfg.alpha_mode,
+            soul_parameters=soul.num_trainable()
+            if cfg.alpha_mode == "learned"
+            else sum(p.numel() for p in soul.rotation.parameters()),
+            alpha=float(soul.alpha.detach()),
+            gate=float(soul.gate().detach()),
+            phase=soul.phase(),
+        )
+    return info
+
+
+def _gguf_support(model_type: str) -> str:
+    from agiasi.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        return "no (not in agiasi's architecture table)"
+    plain = arch.exports_gguf and not arch.gguf_tied_head_only
+    return arch.gguf_support if plain else f"{arch.gguf_support} ({arch.notes})"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    return json.dumps(info, ensure_ascii=False, indent=2)
