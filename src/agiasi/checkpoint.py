@@ -32,6 +32,7 @@ import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError, first_line
+from agiasi.soul import LEGACY_MIX
 
 if TYPE_CHECKING:
     from agiasi.model import AGIASI_SO8T_Wrapper
@@ -154,7 +155,8 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
         "vocab_size": int(wrapper.head.weight.shape[0]),
         "step": int(step),
         "soul": None,
-        "model": wrapper.config.to_dict(),
+        # the mix is recorded once, in "soul" below (soul_mix_of reads it)
+        "model": {k: v for k, v in wrapper.config.to_dict().items() if k != "soul_mix"},
     }
     if soul is not None:
         alpha = float(soul.alpha.detach())
@@ -256,17 +258,31 @@ def safe_torch_load(path: Path) -> Any:
         raise AgiasiError(f"{path} is not a readable tensor file: {first_line(e)}") from None
 
 
+def soul_mix_of(manifest: dict[str, Any]) -> str:
+    """The mix a step folder's soul was trained with, read one way by every stage: the soul's
+    record, else (written before the record held it) the model options, else the design note's
+    formula (step folders from before the option existed)."""
+    soul = manifest.get("soul") or {}
+    model = manifest.get("model") or {}
+    mix = soul.get("mix") or model.get("soul_mix") or LEGACY_MIX
+    if mix not in ("convex", "residual"):
+        raise AgiasiError(f"soul.json: unknown soul mix {mix!r} (convex or residual)")
+    return mix
+
+
 def check_same_base(
     manifest: dict[str, Any],
     ckpt_dir: str | os.PathLike,
     base_id: str,
-    model_type: str,
-    hidden_size: int | None,
-    vocab_size: int | None,
+    hf_config: Any,
+    vocab_size: int | None = None,
 ) -> None:
-    """Refuse a checkpoint trained on another base model (shape and architecture differ)."""
+    """Refuse a checkpoint trained on another base model (shape and architecture differ);
+    ``vocab_size`` is the head's rows where a model is loaded, else the config's."""
     got = (manifest.get("model_type"), manifest.get("hidden_size"), manifest.get("vocab_size"))
-    want = (model_type, hidden_size, vocab_size)
+    if vocab_size is None:
+        vocab_size = getattr(hf_config, "vocab_size", None)
+    want = (hf_config.model_type, getattr(hf_config, "hidden_size", None), vocab_size)
     if got != want:
         raise AgiasiError(
             f"checkpoint {str(ckpt_dir)!r} was trained on another base model "
@@ -287,8 +303,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
         manifest,
         ckpt_dir,
         wrapper.config.base_model,
-        wrapper.hf_config.model_type,
-        wrapper.hidden_size,
+        wrapper.hf_config,
         int(wrapper.head.weight.shape[0]),
     )
     try:

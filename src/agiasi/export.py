@@ -215,14 +215,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     out = Path(cfg.out)
     check_output_path(out, ckpt, base_id, cfg.force, cfg.text)
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
-    check_same_base(
-        manifest,
-        ckpt,
-        base_id,
-        hf_cfg.model_type,
-        getattr(hf_cfg, "hidden_size", None),
-        getattr(hf_cfg, "vocab_size", None),
-    )
+    check_same_base(manifest, ckpt, base_id, hf_cfg)
     context = trained_context(hf_cfg.to_dict())
     if context and cfg.num_ctx > context:
         log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")
@@ -317,7 +310,7 @@ def merge_plan(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, safe_torch_load
+    from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, safe_torch_load, soul_mix_of
 
     lora_cfg = _read_json(ckpt / "adapter_config.json")
     try:
@@ -334,7 +327,7 @@ def merge_plan(
         tensors = {"alpha": state["alpha"], **(state["so8_rotation"] or {})}
         refuse_nonfinite(tensors.items(), ckpt / SOUL_PT)
         soul = SoulFold(
-            rotation_from_state(info, state), float(state["alpha"]), info.get("mix", "residual")
+            rotation_from_state(info, state), float(state["alpha"]), soul_mix_of(manifest)
         )
     tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
     if hasattr(hf_cfg, "get_text_config"):
@@ -578,7 +571,7 @@ def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
         "checkpoint": str(plan.checkpoint),
         "base_model": plan.base_id,
         "merge_base": plan.cfg.merge_base,
-        "soul": plan.manifest.get("soul"),
+        "soul": _soul_record(plan.manifest),
         "num_ctx": plan.cfg.num_ctx,
         "files": {t: p.name for t, p in ggufs.items()},
         "measure": {"status": "pending" if plan.cfg.measure else "skipped (--no-measure)"},
@@ -683,6 +676,14 @@ def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPla
 _MODELFILE_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 
+def _soul_record(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The soul's record for the report and the card, with the mix read as training read it."""
+    from agiasi.checkpoint import soul_mix_of
+
+    soul = manifest.get("soul")
+    return {**soul, "mix": soul_mix_of(manifest)} if soul else None
+
+
 def modelfile_value(value: str, what: str, bare: bool = False) -> str:
     """``value`` as it may stand in a Modelfile (quoted, or ``bare`` for FROM), or one error."""
     if not value or _MODELFILE_UNSAFE.search(value) or (bare and any(c.isspace() for c in value)):
@@ -728,13 +729,9 @@ def model_card(report: dict[str, Any], cfg: ExportConfig) -> str:
         f"Base model: `{report['base_model']}`. LoRA merged into the "
         f"{'original 16-bit' if cfg.merge_base == 'w16' else 'NF4-dequantized'} weights; "
         + (
-            f"soul ({soul['kind']}, {soul.get('mix', 'residual')} mix, α = {soul['alpha']:.4f}, "
+            f"soul ({soul['kind']}, {soul['mix']} mix, α = {soul['alpha']:.4f}, "
             f"gate = {soul['gate']:.4f}) folded into the LM head ("
-            + (
-                "W' = W + g·W (R − I)"
-                if soul.get("mix", "residual") == "convex"
-                else "W' = W + g·W R"
-            )
+            + ("W' = W + g·W (R − I)" if soul["mix"] == "convex" else "W' = W + g·W R")
             + "), so this is a plain model: no agiasi code is needed."
             if soul
             else "no soul (control run)."

@@ -29,7 +29,6 @@ from agiasi.loading import DType, Quantization, load_config, parse_device, resol
 from agiasi.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
 from agiasi.options import check, option
 from agiasi.soul import (
-    LEGACY_MIX,
     AlphaMode,
     RotationInit,
     RotationKind,
@@ -574,8 +573,9 @@ def checkpoint_model_config(
             "--trust-remote-code on this command (trust_remote_code=True in Python) only if you "
             "trust that model's code"
         )
-    if "soul_mix" not in recorded:  # written before the option existed: the note's formula
-        cfg["soul_mix"] = LEGACY_MIX
+    from agiasi.checkpoint import soul_mix_of
+
+    cfg["soul_mix"] = soul_mix_of(manifest)
     cfg.update(overrides)
     cfg.setdefault("trust_remote_code", False)
     return cfg

@@ -167,14 +167,7 @@ def check_resume(cfg: TrainConfig, resume_from: Path) -> None:
     from agiasi.loading import load_config
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
-    check_same_base(
-        read_manifest(resume_from),
-        resume_from,
-        cfg.base_model,
-        hf.model_type,
-        getattr(hf, "hidden_size", None),
-        getattr(hf, "vocab_size", None),
-    )
+    check_same_base(read_manifest(resume_from), resume_from, cfg.base_model, hf)
     try:
         saved = json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

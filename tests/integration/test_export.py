@@ -272,7 +272,8 @@ def test_the_notes_residual_mix_exports_exactly_too(tiny_phi3_tok, tmp_path, mix
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10", soul_mix="residual")
     if mix == "legacy":
         meta = json.loads((ckpt / "soul.json").read_text(encoding="utf-8"))
-        del meta["model"]["soul_mix"], meta["soul"]["mix"]
+        meta["model"].pop("soul_mix", None)
+        del meta["soul"]["mix"]
         (ckpt / "soul.json").write_text(json.dumps(meta), encoding="utf-8")
     report = export(
         ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), gguf="f32", num_ctx=512),
