@@ -39,16 +39,14 @@ from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 from agiasi.loading import DType
 from agiasi.merge import (
-    HEAD_KEY,
     MergePlan,
     SoulFold,
-    check_plain,
     lora_pairs,
     merged_tensors,
     rotation_from_state,
 )
 from agiasi.options import check, option
-from agiasi.weights import LazyWeights
+from agiasi.weights import HEAD_KEY, LazyWeights, check_plain
 
 MergeBase = Literal["auto", "w16", "nf4"]
 MERGE_BASES = ("w16", "nf4")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.weights import EMBED_KEY, HEAD_KEY, check_plain
 
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
@@ -381,9 +382,7 @@ class GemmaGGUF(GGUFArch):
 
     def check(self, cfg: dict, sd) -> None:
         super().check(cfg, sd)
-        if "lm_head.weight" in sd and not torch.equal(
-            sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
-        ):
+        if HEAD_KEY in sd and not torch.equal(sd.get(HEAD_KEY), sd.get(EMBED_KEY)):
             raise AgiasiError(GEMMA_HEAD_MESSAGE)
 
     def parameters(self, w, cfg: dict) -> None:
@@ -396,7 +395,7 @@ class GemmaGGUF(GGUFArch):
         w.add_add_space_prefix(False)
 
     def skip(self, hf_name: str) -> bool:
-        return hf_name == "lm_head.weight"
+        return hf_name == HEAD_KEY
 
     def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
         return t.float() + 1.0 if hf_name.endswith("norm.weight") else t
@@ -479,11 +478,7 @@ def write_gguf(
     entry = gguf_architecture(cfg.get("model_type", ""))
     arch = GGUF_WRITERS[entry.gguf]
     sd = LazyWeights(hf_dir)
-    leftovers = [k for k in sd.keys() if "lora_" in k or "soul" in k or "so8_rotation" in k]
-    if leftovers:
-        raise AgiasiError(
-            f"refusing to write GGUF: agiasi/LoRA keys remain ({leftovers[0]}); merge first"
-        )
+    check_plain(sd.keys())
     arch.check(cfg, sd)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), arch.gguf_name)
@@ -590,11 +585,11 @@ def _tensor_plan(
     """Tensor infos into the header; returns ``(hf name, source name, GGML type)`` in order."""
     import gguf
 
-    head_source = "lm_head.weight"
-    if "lm_head.weight" not in sd:
+    head_source = HEAD_KEY
+    if HEAD_KEY not in sd:
         if not cfg.get("tie_word_embeddings", False):
             raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
-        head_source = "model.embed_tokens.weight"
+        head_source = EMBED_KEY
     name_map = gguf.get_tensor_name_map(
         gguf.MODEL_ARCH[arch.gguf_name.upper()],
         int(cfg["num_hidden_layers"]),
@@ -605,14 +600,12 @@ def _tensor_plan(
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }
-    sources = [
-        k for k in sd.keys() if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"
-    ]
+    sources = [k for k in sd.keys() if not k.endswith("rotary_emb.inv_freq") and k != HEAD_KEY]
     plan = []
-    for hf_name in [*sources, "lm_head.weight", *extra]:
+    for hf_name in [*sources, HEAD_KEY, *extra]:
         if arch.skip(hf_name):
             continue
-        source = head_source if hf_name == "lm_head.weight" else hf_name
+        source = head_source if hf_name == HEAD_KEY else hf_name
         if hf_name in extra:
             gname, shape = hf_name, tuple(extra[hf_name].shape)
         else:

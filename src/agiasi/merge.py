@@ -22,10 +22,8 @@ import torch
 
 from agiasi.errors import AgiasiError
 from agiasi.soul import LEGACY_MIX, Soul, SoulConfig, fold_into, gate_of
-from agiasi.weights import LazyWeights
+from agiasi.weights import EMBED_KEY, HEAD_KEY, LazyWeights
 
-HEAD_KEY = "lm_head.weight"
-EMBED_KEY = "model.embed_tokens.weight"
 # float64 row blocks: a 32064 × 3072 head is 788 MB in float64; 4096 rows are 100 MB.
 ROW_BLOCK = 4096
 
@@ -173,17 +171,6 @@ def fold_soul(
         raise AgiasiError(f"cannot fold: neither {head_key} nor {embed_key} is in the state dict")
     out[head_key] = fold_head(head, rotation, float(alpha), mix, head.dtype)
     return out
-
-
-def check_plain(keys) -> None:
-    """Refuse weights that still carry LoRA or soul tensors (a state dict or its keys)."""
-    bad = [k for k in keys if "lora_" in k or "soul" in k or "so8_rotation" in k]
-    bad += [k for k in keys if ".base_layer." in k]
-    if bad:
-        raise AgiasiError(
-            f"the merged model still has {len(bad)} LoRA/soul tensor(s), e.g. {bad[0]}; "
-            "merge the adapter and fold the soul before saving"
-        )
 
 
 # --------------------------------------------------------------------------- streaming

@@ -27,6 +27,10 @@ import torch
 
 from agiasi.errors import AgiasiError
 
+# The HF names of the two tensors the soul and a tied head concern; every stage uses these.
+HEAD_KEY = "lm_head.weight"
+EMBED_KEY = "model.embed_tokens.weight"
+
 _DTYPES = {
     torch.float64: ("F64", 8),
     torch.float32: ("F32", 4),
@@ -223,4 +227,15 @@ def _tied_head(model, key: str) -> bool:
     """The one weight a file may lack besides buffers: a head tied to the input embedding."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
-    return key == "lm_head.weight" and head is not None and head.weight is emb.weight
+    return key == HEAD_KEY and head is not None and head.weight is emb.weight
+
+
+def check_plain(keys) -> None:
+    """Refuse weights that still carry LoRA or soul tensors (a state dict or its keys)."""
+    bad = [k for k in keys if "lora_" in k or "soul" in k or "so8_rotation" in k]
+    bad += [k for k in keys if ".base_layer." in k]
+    if bad:
+        raise AgiasiError(
+            f"the merged model still has {len(bad)} LoRA/soul tensor(s), e.g. {bad[0]}; "
+            "merge the adapter and fold the soul before saving"
+        )

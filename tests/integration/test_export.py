@@ -12,7 +12,8 @@ import torch
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
 from agiasi.export import ExportConfig, export
-from agiasi.merge import check_plain, fold_soul, merge_lora
+from agiasi.merge import fold_soul, merge_lora
+from agiasi.weights import check_plain
 from tests.helpers import (
     build_tiny_llama_with_tokenizer,
     build_tiny_phi3_longrope_with_tokenizer,
