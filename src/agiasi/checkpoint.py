@@ -33,6 +33,7 @@ import torch
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError, first_line
 from agiasi.soul import LEGACY_MIX
+from agiasi.weights import base_fingerprint
 
 if TYPE_CHECKING:
     from agiasi.model import AGIASI_SO8T_Wrapper
@@ -157,6 +158,8 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
         "soul": None,
         # the mix is recorded once, in "soul" below (soul_mix_of reads it)
         "model": {k: v for k, v in wrapper.config.to_dict().items() if k != "soul_mix"},
+        # the base's weight files as trained on: export and resume refuse a base that changed
+        "base_weights": base_fingerprint(wrapper.config.base_model),
     }
     if soul is not None:
         alpha = float(soul.alpha.detach())
@@ -268,6 +271,21 @@ def soul_mix_of(manifest: dict[str, Any]) -> str:
     if mix not in ("convex", "residual"):
         raise AgiasiError(f"soul.json: unknown soul mix {mix!r} (convex or residual)")
     return mix
+
+
+def check_same_weights(manifest: dict[str, Any], ckpt_dir: str | os.PathLike, base_id: str) -> None:
+    """Refuse a base whose weight files differ from those the checkpoint was trained on (names,
+    sizes, header hashes): same shapes are not the same model."""
+    recorded = manifest.get("base_weights")
+    now = base_fingerprint(base_id) if recorded else None
+    if not recorded or now is None or now == recorded:
+        return
+    changed = sorted(set(recorded) ^ set(now)) or sorted(k for k in now if now[k] != recorded[k])
+    raise AgiasiError(
+        f"the base model {base_id!r} is not the one checkpoint {str(ckpt_dir)!r} was trained on: "
+        f"its weight files differ ({', '.join(changed[:3])}). Use the base it was trained on "
+        "(--base-model PATH to point at a copy)"
+    )
 
 
 def check_same_base(

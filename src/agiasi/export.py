@@ -187,7 +187,7 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
 def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
-    from agiasi.checkpoint import check_same_base, read_manifest
+    from agiasi.checkpoint import check_same_base, check_same_weights, read_manifest
     from agiasi.evaluate import eval_text
     from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
     from agiasi.loading import load_config
@@ -214,6 +214,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     check_output_path(out, ckpt, base_id, cfg.force, cfg.text)
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
     check_same_base(manifest, ckpt, base_id, hf_cfg)
+    check_same_weights(manifest, ckpt, base_id)
     context = trained_context(hf_cfg.to_dict())
     if context and cfg.num_ctx > context:
         log(f"export: num_ctx {cfg.num_ctx} → {context}, the context {base_id} was trained on")

@@ -163,11 +163,13 @@ class TrainResult:
 def check_resume(cfg: TrainConfig, resume_from: Path) -> None:
     """The checkpoint must come from this base model (configs only, no weights) and from a run
     with the same settings, except those in :data:`RESUMABLE_FIELDS`."""
-    from agiasi.checkpoint import TRAIN_CONFIG, check_same_base, read_manifest
+    from agiasi.checkpoint import TRAIN_CONFIG, check_same_base, check_same_weights, read_manifest
     from agiasi.loading import load_config
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
-    check_same_base(read_manifest(resume_from), resume_from, cfg.base_model, hf)
+    manifest = read_manifest(resume_from)
+    check_same_base(manifest, resume_from, cfg.base_model, hf)
+    check_same_weights(manifest, resume_from, cfg.base_model)
     try:
         saved = json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -135,18 +135,50 @@ _ST_DTYPES = {
 
 class LazyWeights:
     """Tensor names and shapes of a folder's safetensors, read one tensor at a time with plain
-    file reads (see the module docstring for why not ``safe_open``)."""
+    file reads (see the module docstring for why not ``safe_open``).
+
+    Which files make the model is decided as transformers decides it: the index
+    (``model.safetensors.index.json``) when there is one — only its files, each tensor from the
+    file it names — else ``model.safetensors``, else the folder's one ``.safetensors`` file. A
+    stray file beside the shards (an old download) is never read, and a tensor held by two of
+    the model's files is refused rather than taken from whichever comes last.
+    """
 
     def __init__(self, folder: Path):
-        files = sorted(Path(folder).glob("*.safetensors"))
-        if not files:
-            raise AgiasiError(f"{folder} has no .safetensors weights")
+        folder = Path(folder)
         self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        self._headers: dict[str, tuple[int, str]] = {}  # file → (size, sha256 of its header)
+        weight_map = _index_map(folder)
+        files = model_weight_files(folder, weight_map)
+        seen: dict[str, str] = {}
         for f in files:
-            start, header = _read_header(f)
+            start, header, digest = _read_header(f)
+            self._headers[f.name] = (f.stat().st_size, digest)
             for name, info in header.items():
-                if name != "__metadata__":
+                if name == "__metadata__":
+                    continue
+                if name in seen:
+                    raise AgiasiError(
+                        f"{folder}: tensor {name} is in both {seen[name]} and {f.name}; which one "
+                        "the model uses would depend on the load order. Remove the stale file"
+                    )
+                seen[name] = f.name
+                if weight_map is None or weight_map.get(name) == f.name:
                     self._where[name] = (f, start, info)
+        if weight_map is not None:
+            missing = [n for n, f in weight_map.items() if n not in self._where]
+            if missing:
+                raise AgiasiError(
+                    f"{folder / INDEX} puts {missing[0]} in {weight_map[missing[0]]}, which does "
+                    "not hold it; an interrupted download?"
+                )
+
+    def fingerprint(self) -> dict[str, dict[str, Any]]:
+        """The model's weight files: size and header hash each (what a checkpoint records of its
+        base, so that a base that changed since training is noticed)."""
+        return {
+            n: {"size": size, "header_sha256": h} for n, (size, h) in sorted(self._headers.items())
+        }
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -173,15 +205,79 @@ class LazyWeights:
         return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start, header) of a safetensors file, checked enough to trust the offsets."""
+def base_fingerprint(base_id: str) -> dict[str, dict[str, Any]] | None:
+    """:meth:`LazyWeights.fingerprint` of a base model given as a folder or a hub id already in
+    the local cache; None where its files are not on this machine."""
+    folder = Path(base_id).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base_id, local_files_only=True))
+        except Exception:  # not cached, no hub library, not an id: nothing to record
+            return None
+    try:
+        return LazyWeights(folder).fingerprint()
+    except AgiasiError:
+        return None
+
+
+def _index_map(folder: Path) -> dict[str, str] | None:
+    """The index's tensor → file map, checked (file names stay inside the folder)."""
+    path = folder / INDEX
+    if not path.is_file():
+        return None
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("no weight_map")
+        for name, fname in weight_map.items():
+            if not isinstance(name, str) or not isinstance(fname, str):
+                raise ValueError("names must be strings")
+            if Path(fname).name != fname or fname in (".", ".."):
+                raise ValueError(f"{fname!r} is not a file name in the folder")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise AgiasiError(f"{path} is not a usable weight index ({e})") from None
+    return weight_map
+
+
+def model_weight_files(folder: Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+    """The safetensors files that make the model (see :class:`LazyWeights`)."""
+    folder = Path(folder)
+    if weight_map is None:
+        weight_map = _index_map(folder)
+    if weight_map is not None:
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise AgiasiError(f"{folder / INDEX} names {missing[0]}, which is not in {folder}")
+        return files
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise AgiasiError(f"{folder} has no .safetensors weights")
+    if len(files) > 1:
+        raise AgiasiError(
+            f"{folder} has {len(files)} .safetensors files ({', '.join(f.name for f in files[:3])}"
+            f"…) but no {INDEX} saying which make the model"
+        )
+    return files
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any], str]:
+    """(data start, header, sha256 of the header bytes) of a safetensors file, checked enough
+    to trust the offsets."""
+    import hashlib
+
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > min(size - 8, 100 * 2**20):
                 raise ValueError("header length out of range")
-            header = json.loads(fh.read(n))
+            raw = fh.read(n)
+            header = json.loads(raw)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -195,7 +291,7 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
         raise AgiasiError(
             f"could not read the weights in {path} ({e}); an interrupted download?"
         ) from None
-    return 8 + n, header
+    return 8 + n, header, hashlib.sha256(raw).hexdigest()
 
 
 def load_streamed(folder: Path, hf_config: Any, dtype: torch.dtype, device: torch.device):

@@ -271,3 +271,80 @@ def test_a_second_export_into_the_same_out_at_once_is_refused(finished, tmp_path
     assert rc == 2
     assert "another `agiasi export` is writing" in last_error(capsys)
     assert not out.exists()
+
+
+def _sharded_copy(src, dst):
+    """The tiny base re-saved in two shards with an index (as hub models come)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    m.save_pretrained(dst, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    import shutil
+
+    if (src / "tokenizer.model").exists():
+        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+    assert (dst / "model.safetensors.index.json").exists()
+    return dst
+
+
+def test_weights_follow_the_index_and_refuse_ambiguity(tiny_phi3_tok, tmp_path):
+    from agiasi.errors import AgiasiError
+    from agiasi.weights import LazyWeights
+
+    base = _sharded_copy(tiny_phi3_tok, tmp_path / "base")
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.0.mlp.down_proj.weight"
+    want = LazyWeights(base).get(key).clone()
+    # a stray old download beside the shards, holding another value for one layer
+    save_file({key: torch.zeros_like(want)}, base / "old-download.safetensors")
+    assert torch.equal(LazyWeights(base).get(key), want)
+    # a tensor in two of the index's files is refused
+    other = next(f for f in set(index.values()) if f != index[key])
+    tensors = load_file(base / other)
+    save_file({**tensors, key: torch.zeros_like(want)}, base / other)
+    with pytest.raises(AgiasiError, match=f"tensor {key} is in both"):
+        LazyWeights(base)
+    # several files and no index: which are the model is not guessed
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    save_file({"a": torch.zeros(2)}, loose / "x.safetensors")
+    save_file({"b": torch.zeros(2)}, loose / "y.safetensors")
+    with pytest.raises(
+        AgiasiError, match="2 .safetensors files .* but no model.safetensors.index.json"
+    ):
+        LazyWeights(loose)
+
+
+def test_export_uses_the_trained_base_and_refuses_a_changed_one(tiny_phi3_tok, tmp_path, capsys):
+    from safetensors.torch import load_file as read
+
+    base = _sharded_copy(tiny_phi3_tok, tmp_path / "base")
+    run = tmp_path / "run"
+    assert train(base, run, 2) == 0
+    step = run / "step_2"
+    assert json.loads((step / "soul.json").read_text())["base_weights"]
+    key = "model.layers.0.mlp.down_proj.weight"
+    want = read(
+        base / json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][key]
+    )[key]
+    # the issue's case: a stray file beside the shards silently replaced a layer (exit 0)
+    save_file({key: torch.zeros_like(want)}, base / "old-download.safetensors")
+    out = tmp_path / "export"
+    assert main(["export", str(step), "--out", str(out), "--gguf", "", "--no-measure"]) == 0
+    got = read(out / "hf" / "model.safetensors")[key]
+    assert torch.equal(got.float(), want.float())
+    capsys.readouterr()
+    # a base whose weight files changed since training (re-saved in bf16) is refused
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(
+        torch.bfloat16
+    ).save_pretrained(base, max_shard_size="100KB")
+    rc = main(["export", str(step), "--out", str(tmp_path / "e2"), "--gguf", "", "--no-measure"])
+    assert rc == 2
+    line = last_error(capsys)
+    assert "is not the one checkpoint" in line and "weight files differ" in line
+    assert not (tmp_path / "e2").exists()
+    assert train(base, run, 4, "--resume", "auto") == 2
+    assert "is not the one checkpoint" in last_error(capsys)
