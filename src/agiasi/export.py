@@ -625,15 +625,15 @@ def finish_report(
             f"at '{e.stage}': {e.message} (see {REPORT})"
         ) from None
     status = measured.pop("measure")
-    bad = nonfinite_figures(measured)
-    if bad:
+    failure = failed_check(measured)
+    if failure:
+        stage, why = failure
         report.update(measured)
-        report["measure"] = {"status": "failed", "stage": bad[0], "error": "non-finite figure"}
+        report["measure"] = {"status": "failed", "stage": stage, "error": why}
         _write_report_and_card(plan.out, report, plan)
+        log(format_report(report))
         raise AgiasiError(
-            f"the export in {plan.out} failed its fidelity measure: {', '.join(bad[:3])} "
-            f"{'is' if len(bad) == 1 else 'are'} not finite (nan/inf), so no figure of it can be "
-            f"trusted (see {REPORT})"
+            f"the export in {plan.out} failed its fidelity check: {why} (see {REPORT})"
         )
     report.update(measured)
     report["measure"] = {"status": "done", **status}
@@ -643,6 +643,23 @@ def finish_report(
         log(f"export: not measured: {note}")
     log(f"export: done → {plan.out}")
     return report
+
+
+def failed_check(measured: dict[str, Any]) -> tuple[str, str] | None:
+    """(stage, reason) when a measured export must not be called good: a figure that is not
+    finite, or a GGUF that llama.cpp tokenizes differently from the HF tokenizer (it would run
+    another model on every prompt, whatever its logits say)."""
+    bad = nonfinite_figures(measured)
+    if bad:
+        many = "is" if len(bad) == 1 else "are"
+        return bad[0], f"{', '.join(bad[:3])} {many} not finite (nan/inf); no figure can be trusted"
+    differ = [k for k, r in measured.get("parity", {}).items() if r.get("tokens_equal") is False]
+    if differ:
+        return differ[0], (
+            f"llama.cpp tokenizes differently from the HF tokenizer ({', '.join(differ)}): the "
+            "GGUF's tokenizer settings do not reproduce the model's"
+        )
+    return None
 
 
 def nonfinite_figures(tree: Any, path: str = "") -> list[str]:
@@ -770,12 +787,14 @@ def _measure_status(report: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    rows = ["stage                         max|Δlogit|   top-1    mean KL    greedy   ppl"]
+    rows = ["stage                         max|Δlogit|   top-1    mean KL    greedy   ppl  tokens"]
     p = report.get("parity", {})
     for name, r in p.items():
+        tokens = {True: "same", False: "DIFFER"}.get(r.get("tokens_equal"), "-")
         rows.append(
             f"{name:<29} {_f(r.get('max_abs_dlogit')):>11} {_pct(r.get('top1')):>7} "
-            f"{_f(r.get('mean_kl')):>10} {str(r.get('greedy_equal', '-')):>8} {_f(r.get('ppl')):>7}"
+            f"{_f(r.get('mean_kl')):>10} {str(r.get('greedy_equal', '-')):>8} "
+            f"{_f(r.get('ppl')):>7}  {tokens:>6}"
         )
     if "merge_bases" in report:
         for k, v in report["merge_bases"].items():

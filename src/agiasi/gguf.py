@@ -390,10 +390,6 @@ class GemmaGGUF(GGUFArch):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
 
-    def vocabulary(self, w, hf_dir: Path, vocab: int, kind: str) -> None:
-        super().vocabulary(w, hf_dir, vocab, kind)
-        w.add_add_space_prefix(False)
-
     def skip(self, hf_name: str) -> bool:
         return hf_name == HEAD_KEY
 
@@ -539,7 +535,7 @@ def _sentencepiece_vocabulary(w, hf_dir: Path, vocab: int) -> None:
     w.add_token_scores(scores)
     w.add_token_types(types)
     special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=vocab)
-    _set_added_specials(special, hf_dir)
+    _set_added_specials(special, hf_dir, w)
     special.add_to_gguf(w, quiet=True)
     if b"<|end|>" in tokens:
         w.add_eot_token_id(tokens.index(b"<|end|>"))
@@ -562,14 +558,20 @@ def _bpe_vocabulary(w, hf_dir: Path, vocab: int) -> None:
     special.add_to_gguf(w, quiet=True)
 
 
-def _set_added_specials(special, hf_dir: Path) -> None:
-    """Whether llama.cpp puts BOS / EOS around text, set to what the HF tokenizer does by
-    default. Read from the tokenizer's behaviour: transformers 5 no longer writes
-    ``add_bos_token`` into tokenizer_config.json, and without the key llama.cpp adds BOS to every
-    sentencepiece prompt — a token a Phi-3 never saw there (Ollama's prompts included)."""
+def _set_added_specials(special, hf_dir: Path, w=None) -> None:
+    """Whether llama.cpp puts BOS / EOS around text and (sentencepiece, ``w`` given) a space
+    before it, set to what the HF tokenizer does by default. Read from the tokenizer's
+    behaviour, not from the architecture: transformers 5 no longer writes ``add_bos_token`` into
+    tokenizer_config.json, and without the key llama.cpp adds BOS to every sentencepiece prompt —
+    a token a Phi-3 never saw there; and a Gemma-2 whose tokenizer prepends "▁" (Metaspace,
+    ``prepend_scheme: first``) tokenized 61 of 62 Japanese lines differently when the space
+    prefix was taken from the architecture."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    if w is not None:
+        pieces = tok.convert_ids_to_tokens(tok("x", add_special_tokens=False)["input_ids"])
+        w.add_add_space_prefix(bool(pieces) and pieces[0].startswith("\u2581"))
     ids = tok("a")["input_ids"]
     special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [
         tok.bos_token_id

@@ -90,11 +90,17 @@ def test_eval_of_a_nan_model_exits_non_zero(poisoned, capsys):
 
 
 def test_nonfinite_figures_are_found_anywhere_in_a_report():
-    from agiasi.export import nonfinite_figures
+    from agiasi.export import failed_check, nonfinite_figures
 
     report = {"parity": {"hf": {"ppl": float("nan"), "top1": 1.0}, "q8": [0.1, float("inf")]}}
     assert nonfinite_figures(report) == ["parity.hf.ppl", "parity.q8.1"]
     assert nonfinite_figures({"a": {"b": 1.0, "c": "nan"}}) == []
+    assert failed_check(report)[0] == "parity.hf.ppl"
+    ok = {"parity": {"gguf q8_0 vs hf": {"top1": 1.0, "tokens_equal": True}}}
+    assert failed_check(ok) is None
+    ok["parity"]["gguf q8_0 vs hf"]["tokens_equal"] = False
+    stage, why = failed_check(ok)
+    assert stage == "gguf q8_0 vs hf" and "llama.cpp tokenizes differently" in why
 
 
 CHANGED = {
@@ -348,3 +354,37 @@ def test_export_uses_the_trained_base_and_refuses_a_changed_one(tiny_phi3_tok, t
     assert not (tmp_path / "e2").exists()
     assert train(base, run, 4, "--resume", "auto") == 2
     assert "is not the one checkpoint" in last_error(capsys)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("prepend", ["first", "never"])
+def test_gguf_space_prefix_follows_the_hf_tokenizer(tmp_path, prepend):
+    """The issue's Gemma-2 case, on the shipped model: whether text gets a leading "▁" is the
+    HF tokenizer's setting (Metaspace's prepend_scheme), and llama.cpp must tokenize alike."""
+    import shutil
+
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from agiasi.evaluate import GGUFModel
+    from agiasi.gguf import write_gguf
+    from agiasi.shipped import tiny_model_path
+    from agiasi.zoo import JA_TEXTS
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_model_path(), hf)
+    tj = json.loads((hf / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["prepend_scheme"] = prepend
+    (hf / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    out = tmp_path / "m.gguf"
+    write_gguf(hf, out, "f32")
+    field = GGUFReader(str(out)).fields["tokenizer.ggml.add_space_prefix"]
+    assert bool(field.parts[field.data[0]][0]) is (prepend == "first")
+    tok = AutoTokenizer.from_pretrained(hf)
+    g = GGUFModel(out, n_ctx=256)
+    try:
+        for text in [*JA_TEXTS, "Mew では、設定を変えます。"]:
+            assert g.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        g.close()
