@@ -76,6 +76,23 @@ class RunLock:
             self.out_dir.rmdir()  # a run that failed at start-up leaves no empty folder behind
 
 
+def refuse_links(out_dir: Path) -> None:
+    """No file or step folder agiasi writes, trims or removes in a run folder may be a symbolic
+    link: writing through one changes (or deletes) its target, wherever that is."""
+    if not out_dir.is_dir():
+        return
+    names = [*OWN_FILES, LOCK, PID]
+    entries = [out_dir / n for n in names] + [
+        p for p in out_dir.iterdir() if p.name.startswith("step_")
+    ]
+    for path in entries:
+        if path.is_symlink():
+            raise AgiasiError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); agiasi never writes through "
+                "links in a run folder. Replace it with the real file or folder"
+            )
+
+
 def check_output_path(out_dir: Path) -> None:
     """A folder we can create or write (checked before the lock creates anything)."""
     if out_dir.exists() and not out_dir.is_dir():

@@ -211,7 +211,10 @@ def orthogonality_error(rotation: nn.Module, prepared: torch.Tensor | None = Non
 
 
 def phase_status(alpha: float) -> str:
-    """The note's phase label for a given α."""
+    """The note's phase label for a given α (a non-finite α has no phase: refused)."""
+    if not isinstance(alpha, (int, float, torch.Tensor)) or not math.isfinite(float(alpha)):
+        raise AgiasiError(f"phase_status: α must be a finite number, got {alpha!r}")
+    alpha = float(alpha)
     gate = float(gate_of(alpha))
     if abs(alpha - PHI) < 0.01:
         return "🟢 Golden Ratio Reached"
@@ -245,6 +248,13 @@ def fold_into(
     """
     if mix not in SOUL_MIXES:
         raise AgiasiError(f"unknown soul mix {mix!r}; choose one of {', '.join(SOUL_MIXES)}")
+    for name, t in (("head weight", head_weight), ("rotation", rotation)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise AgiasiError(
+                f"cannot fold: the {name} must be a floating-point tensor, got {got} "
+                "(dequantize a quantized head first)"
+            )
     if head_weight.ndim != 2 or rotation.shape != (head_weight.shape[1], head_weight.shape[1]):
         raise AgiasiError(
             f"cannot fold: head weight {tuple(head_weight.shape)} and rotation "

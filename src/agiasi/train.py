@@ -47,6 +47,7 @@ from agiasi.runfolder import (
     RunLock,
     check_output_dir,
     check_output_path,
+    refuse_links,
     write_best,
 )
 from agiasi.schedule import linear_annealing, lr_factor
@@ -332,6 +333,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     lock = RunLock(out_dir)
     if d.main:
         check_output_path(out_dir)
+        refuse_links(out_dir)
         lock.acquire()
     try:
         if d.main:

@@ -388,3 +388,70 @@ def test_gguf_space_prefix_follows_the_hf_tokenizer(tmp_path, prepend):
             assert g.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"], text
     finally:
         g.close()
+
+
+def test_sigterm_stops_training_cleanly(tiny_phi3_tok, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import cli_cmd
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli_cmd("train", base_model=tiny_phi3_tok, output_dir=run, max_steps=100_000,
+                save_steps=100_000, quantization="none", max_length=32, progress=False),
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "agiasi: terminated"
+    left = sorted(p.name for p in run.iterdir())
+    assert ".agiasi-train.lock" not in left and ".agiasi-train.pid" not in left
+    assert not [n for n in left if ".tmp-" in n]
+
+
+def test_api_refuses_nonsense_values():
+    from agiasi.errors import AgiasiError
+    from agiasi.soul import fold_into, phase_status
+
+    with pytest.raises(AgiasiError, match="α must be a finite number, got nan"):
+        phase_status(float("nan"))
+    with pytest.raises(
+        AgiasiError, match="head weight must be a floating-point tensor, got torch.int8"
+    ):
+        fold_into(torch.zeros(4, 8, dtype=torch.int8), torch.eye(8), 0.5, "convex")
+    assert phase_status(1.6180339887) == "🟢 Golden Ratio Reached"
+
+
+@pytest.mark.parametrize("link", ["metrics.jsonl", "step_2", ".agiasi-train.pid"])
+def test_links_in_a_run_folder_are_never_written_through(
+    finished, tiny_phi3_tok, tmp_path, capsys, link
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    target = tmp_path / "elsewhere"
+    if (run / link).is_dir():
+        shutil.move(run / link, target)
+    elif (run / link).exists():
+        shutil.move(run / link, target)
+    else:
+        target.write_text("precious\n")
+    (run / link).symlink_to(target, target_is_directory=target.is_dir())
+    before = _tree(target) if target.is_dir() else target.read_bytes()
+    for extra in (("--resume", "auto"), ("--overwrite",)):
+        assert train(tiny_phi3_tok, run, 3, *extra) == 2
+        line = last_error(capsys)
+        assert "is a symbolic link" in line and "never writes through" in line
+    assert target.exists()
+    assert (_tree(target) if target.is_dir() else target.read_bytes()) == before
