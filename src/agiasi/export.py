@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -37,6 +36,22 @@ import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
+from agiasi.export_checks import (
+    REPORT,
+    check_free_disk,
+    check_keys_fit,
+    check_output_path,
+    check_special_ids,
+    refuse_nonfinite,
+)
+from agiasi.export_files import (
+    failed_check,
+    format_report,
+    model_card,
+    modelfile,
+    modelfile_value,
+    soul_record,
+)
 from agiasi.loading import DType
 from agiasi.merge import (
     MergePlan,
@@ -46,23 +61,12 @@ from agiasi.merge import (
     rotation_from_state,
 )
 from agiasi.options import check, option
-from agiasi.weights import HEAD_KEY, LazyWeights, check_plain
+from agiasi.weights import LazyWeights, check_plain
 
 MergeBase = Literal["auto", "w16", "nf4"]
 MERGE_BASES = ("w16", "nf4")
 MERGE_BASE_CHOICES: tuple[str, ...] = get_args(MergeBase)
-REPORT = "export_report.json"
 CARD = "README.md"
-# GGUF bytes per parameter, for the free-disk check (K-quants: llama.cpp's bits per weight).
-GGUF_BYTES_PER_PARAM = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q4_k_m": 4.9 / 8,
-    "q5_k_m": 5.7 / 8,
-    "q6_k": 6.6 / 8,
-}
 
 
 @dataclass
@@ -238,7 +242,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     dtype = merge.dtype
     shapes = merge.output_shapes()
     check_plain(shapes)
-    _check_keys_fit(shapes, exported_config(hf_cfg, dtype))
+    check_keys_fit(shapes, exported_config(hf_cfg, dtype))
     n_params = sum(math.prod(s) for s in shapes.values())
     check_free_disk(out, n_params, dtype, types)
     check_special_ids(hf_cfg, shapes)
@@ -263,22 +267,6 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     return plan
 
 
-def check_special_ids(hf_cfg, shapes: dict[str, tuple[int, ...]]) -> None:
-    """BOS/EOS/PAD ids inside the vocabulary: llama.cpp and generate() index with them."""
-    vocab = shapes[HEAD_KEY][0] if HEAD_KEY in shapes else None
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(hf_cfg, name, None)
-        ids = value if isinstance(value, (list, tuple)) else [value]
-        for i in ids:
-            if i is None:
-                continue
-            if not isinstance(i, int) or i < 0 or (vocab is not None and i >= vocab):
-                raise AgiasiError(
-                    f"the base model's {name} {i!r} is not a token id of its vocabulary "
-                    f"(0 … {vocab - 1 if vocab else '?'}); fix its config.json"
-                )
-
-
 def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     """What the GGUF writer would refuse, refused now rather than after the merge: the vocabulary
     it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
@@ -289,17 +277,6 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     if vocabulary_kind(arch, base_dir) == "bpe":
         bpe_pre_tokenizer(_read_json(base_dir / "tokenizer.json"))
     GGUF_WRITERS[arch.gguf].check(hf_cfg.to_dict(), LazyWeights(base_dir))
-
-
-def refuse_nonfinite(tensors, where: Path) -> None:
-    """A checkpoint holding nan/inf exports nothing: every figure of it would be meaningless,
-    and an argmax over NaN logits even agrees with itself (top-1 "100 %")."""
-    for name, t in tensors:
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise AgiasiError(
-                f"{where} holds non-finite values (nan/inf) in {name}: the run diverged before "
-                "this step; export an earlier step folder (or retrain with a lower --learning-rate)"
-            )
 
 
 def merge_plan(
@@ -341,52 +318,6 @@ def merge_plan(
         soul=soul,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
-
-
-# What an export writes at its top level: --force replaces a folder holding only these (and
-# its report), never a folder of the user's own files.
-EXPORT_ENTRIES = ("hf", "Modelfile", "README.md", REPORT, "imatrix.gguf")
-
-
-def check_output_path(
-    out: Path, ckpt: Path, base_id: str, force: bool, text: str | None = None
-) -> None:
-    """Refuse an --out that would destroy what the export reads, or that cannot be written;
-    ``--force`` replaces only an earlier export."""
-    target = out.resolve()
-    protected = {"the checkpoint": ckpt.resolve()}
-    if text:
-        protected["the --text file"] = Path(text).expanduser().resolve()
-    run = ckpt.resolve().parent
-    if any((run / n).exists() for n in ("train_config.json", "metrics.jsonl")):
-        protected["the checkpoint's run folder"] = run
-    if Path(base_id).expanduser().exists():
-        protected["the base model"] = Path(base_id).expanduser().resolve()
-    for what, path in protected.items():
-        if target == path or path in target.parents or target in path.parents:
-            raise AgiasiError(
-                f"--out {out} is or overlaps {what} ({path}); --force would delete it. "
-                "Pick an output folder outside it"
-            )
-    if out.exists() and not out.is_dir():
-        raise AgiasiError(f"--out {out} is a file; pass a folder path")
-    if out.exists() and not force:
-        raise AgiasiError(f"{out} already exists; pass --force to replace it")
-    if out.exists():
-        names = sorted(p.name for p in out.iterdir())
-        foreign = [n for n in names if n not in EXPORT_ENTRIES and not n.endswith(".gguf")]
-        if REPORT not in names or foreign or out.is_symlink():
-            found = ", ".join(foreign[:4] or names[:4]) or "nothing"
-            raise AgiasiError(
-                f"--force replaces only an earlier export, and {out} is not one (no {REPORT}"
-                f"{'' if REPORT not in names or not foreign else ' alone'}; it holds {found}); "
-                "pick another --out or remove it yourself"
-            )
-    existing = next(p for p in [target, *target.parents] if p.exists())
-    if not existing.is_dir():
-        raise AgiasiError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise AgiasiError(f"--out {out}: {existing} is not writable")
 
 
 def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -> bool:
@@ -452,43 +383,6 @@ def exported_config(hf_cfg, dtype: torch.dtype):
         new_cfg.get_text_config().tie_word_embeddings = False
     new_cfg.dtype = dtype
     return new_cfg
-
-
-def _check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = {
-            k: tuple(v.shape)
-            for k, v in AutoModelForCausalLM.from_config(new_cfg).state_dict().items()
-        }
-    missing = sorted(k for k in set(expected) - set(shapes) if not k.endswith("inv_freq"))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
-    if missing or unexpected or wrong:
-        raise AgiasiError(
-            f"the merged weights do not fit the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
-        )
-
-
-def check_free_disk(out: Path, n_params: int, dtype: torch.dtype, types: list[str]) -> None:
-    """Refuse an export that cannot fit on the output's disk (estimated from the shapes)."""
-    from agiasi.gguf import KQUANT_TYPES
-
-    per = torch.tensor([], dtype=dtype).element_size()
-    need = n_params * per
-    need += sum(n_params * GGUF_BYTES_PER_PARAM[t] for t in types)
-    if any(t in KQUANT_TYPES for t in types) and "f16" not in types:
-        need += n_params * 2  # the F16 the quantizer reads, removed afterwards
-    need = int(need * 1.05) + 64 * 2**20
-    existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if need > free:
-        raise AgiasiError(
-            f"not enough disk space for this export in {existing}: it needs about "
-            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
-        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -570,7 +464,7 @@ def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
         "checkpoint": str(plan.checkpoint),
         "base_model": plan.base_id,
         "merge_base": plan.cfg.merge_base,
-        "soul": _soul_record(plan.manifest),
+        "soul": soul_record(plan.manifest),
         "num_ctx": plan.cfg.num_ctx,
         "files": {t: p.name for t, p in ggufs.items()},
         "measure": {"status": "pending" if plan.cfg.measure else "skipped (--no-measure)"},
@@ -645,34 +539,6 @@ def finish_report(
     return report
 
 
-def failed_check(measured: dict[str, Any]) -> tuple[str, str] | None:
-    """(stage, reason) when a measured export must not be called good: a figure that is not
-    finite, or a GGUF that llama.cpp tokenizes differently from the HF tokenizer (it would run
-    another model on every prompt, whatever its logits say)."""
-    bad = nonfinite_figures(measured)
-    if bad:
-        many = "is" if len(bad) == 1 else "are"
-        return bad[0], f"{', '.join(bad[:3])} {many} not finite (nan/inf); no figure can be trusted"
-    differ = [k for k, r in measured.get("parity", {}).items() if r.get("tokens_equal") is False]
-    if differ:
-        return differ[0], (
-            f"llama.cpp tokenizes differently from the HF tokenizer ({', '.join(differ)}): the "
-            "GGUF's tokenizer settings do not reproduce the model's"
-        )
-    return None
-
-
-def nonfinite_figures(tree: Any, path: str = "") -> list[str]:
-    """Dotted names of every nan/inf number in a (nested) report."""
-    if isinstance(tree, dict):
-        return [x for k, v in tree.items() for x in nonfinite_figures(v, f"{path}{k}.")]
-    if isinstance(tree, (list, tuple)):
-        return [x for i, v in enumerate(tree) for x in nonfinite_figures(v, f"{path}{i}.")]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return [path.rstrip(".")]
-    return []
-
-
 def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPlan) -> None:
     for name, text in (
         (REPORT, json.dumps(report, ensure_ascii=False, indent=2) + "\n"),
@@ -681,133 +547,3 @@ def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPla
         tmp = folder / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, folder / name)
-
-
-# --------------------------------------------------------------------------- Modelfile & card
-
-
-# What may stand inside an Ollama Modelfile value: its parser ends a quoted value at `"`, a
-# line at a newline, and gives `\` meaning; a token or a folder name from a model's files that
-# holds one of them could add directives (ADAPTER, SYSTEM …) of its own.
-_MODELFILE_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
-
-
-def _soul_record(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The soul's record for the report and the card, with the mix read as training read it."""
-    from agiasi.checkpoint import soul_mix_of
-
-    soul = manifest.get("soul")
-    return {**soul, "mix": soul_mix_of(manifest)} if soul else None
-
-
-def modelfile_value(value: str, what: str, bare: bool = False) -> str:
-    """``value`` as it may stand in a Modelfile (quoted, or ``bare`` for FROM), or one error."""
-    if not value or _MODELFILE_UNSAFE.search(value) or (bare and any(c.isspace() for c in value)):
-        raise AgiasiError(
-            f"{what} {value!r} cannot be written into an Ollama Modelfile safely (it is empty or "
-            "holds a quote, a backslash, whitespace or a control character); fix the model's files"
-            + (" or pick a folder name without them" if bare else "")
-        )
-    return value if bare else f'"{value}"'
-
-
-def modelfile(tok, ggufs: dict[str, Path], num_ctx: int) -> str:
-    """Ollama Modelfile from the tokenizer's own chat template and stop tokens; every value
-    from the model's files goes through :func:`modelfile_value`."""
-    pick = next((t for t in ("q4_k_m", "q8_0", "f16", "bf16", "f32") if t in ggufs), None)
-    lines = ["# Generated by agiasi export."]
-    source = f"./{ggufs[pick].name}" if pick else "./hf"
-    lines.append(f"FROM {modelfile_value(source, 'the GGUF file name', bare=True)}")
-    stops = [s for s in ("<|end|>", "<|endoftext|>", "<|user|>") if s in tok.get_vocab()]
-    if getattr(tok, "eos_token", None) and tok.eos_token not in stops:
-        stops.append(tok.eos_token)
-    if "<|user|>" in tok.get_vocab():  # Phi-3's template, in Ollama's Go template syntax
-        lines.append(
-            'TEMPLATE """{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}'
-            "{{ if .Prompt }}<|user|>\n{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n"
-            '{{ .Response }}<|end|>\n"""'
-        )
-    for s in stops:
-        lines.append(f"PARAMETER stop {modelfile_value(s, 'the stop token')}")
-    lines.append(
-        f"# num_ctx {num_ctx}: llama.cpp picks LongRoPE's long or short factors from the context "
-        "size, HF from the sequence length; a context within the original window keeps HF behaviour."
-    )
-    lines.append(f"PARAMETER num_ctx {num_ctx}")
-    return "\n".join(lines) + "\n"
-
-
-def model_card(report: dict[str, Any], cfg: ExportConfig) -> str:
-    soul = report.get("soul")
-    parts = [
-        f"# {Path(report['base_model']).name} + agiasi soul",
-        "",
-        f"Base model: `{report['base_model']}`. LoRA merged into the "
-        f"{'original 16-bit' if cfg.merge_base == 'w16' else 'NF4-dequantized'} weights; "
-        + (
-            f"soul ({soul['kind']}, {soul['mix']} mix, α = {soul['alpha']:.4f}, "
-            f"gate = {soul['gate']:.4f}) folded into the LM head ("
-            + ("W' = W + g·W (R − I)" if soul["mix"] == "convex" else "W' = W + g·W R")
-            + "), so this is a plain model: no agiasi code is needed."
-            if soul
-            else "no soul (control run)."
-        ),
-        "",
-        "## Files",
-        "",
-        "- `hf/`: Hugging Face folder (`AutoModelForCausalLM.from_pretrained('hf')`).",
-    ]
-    for t, name in report.get("files", {}).items():
-        parts.append(
-            f"- `{name}`: GGUF {t.upper()} for llama.cpp / Ollama (`ollama create NAME -f Modelfile`)."
-        )
-    parts += [
-        "",
-        "## Context size",
-        "",
-        f"Use a context of at most {cfg.num_ctx} tokens (the Modelfile sets `num_ctx {cfg.num_ctx}`). "
-        "For LongRoPE models llama.cpp chooses the long or short RoPE factors from the *context size* "
-        "it is given, while transformers chooses by the *sequence length*: with a larger context "
-        "the GGUF silently computes a different model (see `long_context` in the report).",
-        "",
-        "## Measured fidelity",
-        "",
-        "```",
-        format_report(report) if report.get("parity") else _measure_status(report),
-        "```",
-    ]
-    return "\n".join(parts) + "\n"
-
-
-def _measure_status(report: dict[str, Any]) -> str:
-    m = report.get("measure", {})
-    if m.get("status") == "failed":
-        return f"(the measure failed at '{m.get('stage')}': {m.get('error')})"
-    return f"(not measured: {m.get('status', 'skipped')})"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    rows = ["stage                         max|Δlogit|   top-1    mean KL    greedy   ppl  tokens"]
-    p = report.get("parity", {})
-    for name, r in p.items():
-        tokens = {True: "same", False: "DIFFER"}.get(r.get("tokens_equal"), "-")
-        rows.append(
-            f"{name:<29} {_f(r.get('max_abs_dlogit')):>11} {_pct(r.get('top1')):>7} "
-            f"{_f(r.get('mean_kl')):>10} {str(r.get('greedy_equal', '-')):>8} "
-            f"{_f(r.get('ppl')):>7}  {tokens:>6}"
-        )
-    if "merge_bases" in report:
-        for k, v in report["merge_bases"].items():
-            rows.append(
-                f"merge base {k:<6} vs trained wrapper: max|Δlogit| {_f(v['max_abs_dlogit'])}, "
-                f"top-1 {_pct(v['top1'])}, mean KL {_f(v['mean_kl'])}"
-            )
-    return "\n".join(rows)
-
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"

@@ -90,7 +90,7 @@ def test_eval_of_a_nan_model_exits_non_zero(poisoned, capsys):
 
 
 def test_nonfinite_figures_are_found_anywhere_in_a_report():
-    from agiasi.export import failed_check, nonfinite_figures
+    from agiasi.export_files import failed_check, nonfinite_figures
 
     report = {"parity": {"hf": {"ppl": float("nan"), "top1": 1.0}, "q8": [0.1, float("inf")]}}
     assert nonfinite_figures(report) == ["parity.hf.ppl", "parity.q8.1"]
@@ -200,7 +200,7 @@ def test_modelfile_refuses_values_that_could_add_directives(case):
     from pathlib import Path
 
     from agiasi.errors import AgiasiError
-    from agiasi.export import modelfile
+    from agiasi.export_files import modelfile
 
     eos, name, shown = MODELFILE_CASES[case]
     with pytest.raises(AgiasiError, match="cannot be written into an Ollama Modelfile safely") as e:
@@ -213,7 +213,8 @@ def test_modelfile_of_plain_values_and_special_ids_in_the_vocabulary():
     from types import SimpleNamespace
 
     from agiasi.errors import AgiasiError
-    from agiasi.export import check_special_ids, modelfile
+    from agiasi.export_checks import check_special_ids
+    from agiasi.export_files import modelfile
 
     text = modelfile(_Tok("</s>"), {"q8_0": Path("m-q8_0.gguf")}, 256)
     lines = text.splitlines()
