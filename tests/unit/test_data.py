@@ -313,3 +313,42 @@ def test_lr_schedule_formula_at_chosen_steps():
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 99 / 100))
     )
     assert lr_factor(99, "constant", 10, 110) == 1.0
+
+
+def test_a_long_document_is_read_and_tokenized_in_pieces(tmp_path, tok, monkeypatch):
+    """Bounded memory: a document (a file without blank lines) arrives in pieces, tokenized a
+    slice at a time; nothing but the piece boundaries changes, and EOS ends each document once."""
+    from agiasi.data import files, tokenize
+
+    monkeypatch.setattr(files, "DOC_PIECE_CHARS", 300)
+    monkeypatch.setattr(tokenize, "TOKENIZE_CHARS", 200)
+    lines = [f"{i}行目の文章です。設定を変えます。" for i in range(60)]
+    p = tmp_path / "one_doc.txt"
+    p.write_text("\n".join(lines) + "\n\n二つ目の文書。\n")
+    recs = load_records(p)
+    pieces = [r for r in recs if r["_where"].endswith("line 1")]
+    assert len(pieces) > 3 and all(r.get("_continues") for r in pieces[:-1])
+    assert not pieces[-1].get("_continues") and recs[-1]["text"] == "二つ目の文書。"
+    assert "".join(r["text"] for r in pieces) == "\n".join(lines)
+    exs = tokenize_records(recs, tok, 10_000)
+    ids = [int(t) for e in exs for t in e.input_ids]
+    assert ids.count(tok.eos_token_id) == 2  # one per document, none between pieces
+    whole = tok("\n".join(lines), add_special_tokens=False)["input_ids"]
+    # only the slice boundaries differ (a leading "▁" each): a handful of tokens at most
+    assert abs(ids.index(tok.eos_token_id) - len(whole)) <= len(pieces) * 3
+    # the pieces of one document stay on one side of a validation split
+    train, held = split_eval(recs, 0.5, seed=0)
+    assert {r["_where"] for r in train}.isdisjoint({r["_where"] for r in held})
+
+
+def test_non_regular_files_and_late_nul_bytes_are_refused(tmp_path):
+    with pytest.raises(AgiasiError, match="is not a regular file"):
+        load_records("/dev/zero")
+    p = tmp_path / "late_nul.txt"
+    p.write_bytes(("本文です。\n" * 3000).encode() + b"x\x00y\n")
+    with pytest.raises(AgiasiError, match=r"line 3001 holds NUL bytes"):
+        load_records(p)
+    bom_only = tmp_path / "bom.txt"
+    bom_only.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(AgiasiError, match="the dataset is empty"):
+        load_records(bom_only)

@@ -202,7 +202,10 @@ def _chat(msgs: list[dict[str, str]], where: str, key: str = "messages") -> dict
 
 
 def _text(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    return {"text": _string(rec, "text", where)}
+    out = {"text": _string(rec, "text", where)}
+    if rec.get("_continues"):  # a piece of a long document (agiasi.data.files)
+        out["_continues"] = True
+    return out
 
 
 def _messages(rec: dict[str, Any], where: str) -> dict[str, Any]:

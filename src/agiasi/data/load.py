@@ -10,6 +10,7 @@ block with training text; it is a seeded permutation, the same for the same seed
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -40,20 +41,27 @@ def load_records(
 ) -> list[dict[str, Any]]:
     """Every source of ``dataset`` → ``{"text"}`` / ``{"messages"}`` records (with where each
     came from), formats detected per file unless given."""
+    records = list(iter_records(dataset, dataset_format, dataset_columns, say))
+    if not records:
+        raise AgiasiError("the dataset is empty: no documents or records found")
+    return records
+
+
+def iter_records(
+    dataset: str | Path, dataset_format: str = "auto", dataset_columns: str | None = None, say=None
+) -> Iterator[dict[str, Any]]:
+    """:func:`load_records` as a stream: what training reads when nothing is held out, so a
+    large text file is never in memory as text."""
     if dataset_format != "auto" and dataset_format not in FORMATS:
         raise AgiasiError(
             f"--dataset-format {dataset_format!r} is not one of auto, {', '.join(FORMATS)}"
         )
     columns = parse_columns(dataset_columns)
-    records: list[dict[str, Any]] = []
     for source in split_sources(str(dataset)):
         # one file at a time: each file's format is its own
         for _, rows in groupby(read_rows(source), key=lambda r: r.where.rsplit(": ", 1)[0]):
             for row in convert(rows, dataset_format, columns, say):
-                records.append({**row.record, WHERE: row.where})
-    if not records:
-        raise AgiasiError("the dataset is empty: no documents or records found")
-    return records
+                yield {**row.record, WHERE: row.where}
 
 
 def split_eval(
@@ -61,7 +69,12 @@ def split_eval(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held out): ``round(fraction · n)`` documents chosen by a seeded permutation, both
     sides kept in file order."""
-    n = len(records)
+    # the pieces of one long document share its place: they go to the same side
+    doc_of, docs = [], {}
+    for i, r in enumerate(records):
+        key = r.get(WHERE, i) if "text" in r else i
+        doc_of.append(docs.setdefault(key, len(docs)))
+    n = len(docs)
     k = round(fraction * n)
     if k < 1 or k >= n:
         side = "validation" if k < 1 else "training"
@@ -71,8 +84,20 @@ def split_eval(
         )
     g = torch.Generator().manual_seed(seed * 7_919 + 17)
     held = set(torch.randperm(n, generator=g)[:k].tolist())
-    train = [r for i, r in enumerate(records) if i not in held]
-    return train, [r for i, r in enumerate(records) if i in held]
+    train = [r for r, d in zip(records, doc_of, strict=True) if d not in held]
+    return train, [r for r, d in zip(records, doc_of, strict=True) if d in held]
+
+
+class _Counted:
+    """An iterator that counts what passed through it."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]):
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for x in self.it:
+            self.n += 1
+            yield x
 
 
 def cap_tokens(examples: list[Example], max_tokens: int | None) -> list[Example]:
@@ -123,19 +148,27 @@ def load_data(
     say=None,
 ) -> Data:
     """Training examples (packed with ``packing``) and validation examples (never packed)."""
-    records = load_records(dataset, dataset_format, dataset_columns, say)
     held: list[dict[str, Any]] = []
-    if eval_dataset:
-        if eval_split:
+    records: Iterable[dict[str, Any]]
+    if eval_split:  # the split needs every document's place: read them all first
+        if eval_dataset:
             raise AgiasiError("pass either --eval-dataset or --eval-split, not both")
-        held = load_records(eval_dataset, dataset_format, dataset_columns, say)
-    elif eval_split:
-        records, held = split_eval(records, eval_split, seed)
+        records, held = split_eval(
+            load_records(dataset, dataset_format, dataset_columns, say), eval_split, seed
+        )
+        n_docs = len(records)
+    else:
+        counted = _Counted(iter_records(dataset, dataset_format, dataset_columns, say))
+        records, n_docs = counted, 0
+        if eval_dataset:
+            held = load_records(eval_dataset, dataset_format, dataset_columns, say)
     train = tokenize_records(records, tokenizer, max_length, log=say)
+    if not eval_split:
+        n_docs = counted.n
     evals = (
         cap_tokens(tokenize_records(held, tokenizer, max_length), eval_max_tokens) if held else []
     )
-    data = Data(train, evals, len(records), len(held))
+    data = Data(train, evals, n_docs, len(held))
     if packing:
         data.packed_from = len(train)
         data.train = pack(train, max_length)

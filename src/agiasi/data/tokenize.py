@@ -7,29 +7,39 @@ usual causal-LM packing; every token is a target).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from agiasi.errors import AgiasiError
 
 IGNORE = -100
 WHERE = "_where"  # "FILE: line N" of a record, for errors found while tokenizing
+CONTINUES = "_continues"  # a text record whose document goes on in the next record
 
 
 @dataclass
 class Example:
-    """One training row. ``position_ids`` is set only for packed rows, where it restarts at 0 at
+    """One training row: lists for chat examples, int32 arrays for text blocks (whose labels are
+    the same array). ``position_ids`` is set only for packed rows, where it restarts at 0 at
     each example's first token: that is how attention is kept inside each example."""
 
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: list[int] | np.ndarray
+    labels: list[int] | np.ndarray
     position_ids: list[int] | None = None
 
 
 def tokenize_records(
-    records: list[dict[str, Any]], tokenizer, max_length: int, log=None
+    records: Iterable[dict[str, Any]], tokenizer, max_length: int, log=None
 ) -> list[Example]:
-    """Records → examples of at most ``max_length`` tokens.
+    """Records (a list or a stream) → examples of at most ``max_length`` tokens.
+
+    Text is cut into blocks as it streams, stored as int32 arrays (a block's labels are its
+    ids, the same array): a 1 GB text file costs its tokens, not Python lists of them. A record
+    marked ``CONTINUES`` is the first part of a document too long to read at once, so no EOS
+    follows it.
 
     Chat records are checked against the tokenizer's own template first: a turn whose role the
     template does not render (``"User"``, ``"hacker"``) would silently vanish and leave the
@@ -39,16 +49,16 @@ def tokenize_records(
         raise AgiasiError(
             f"--max-length must be at least 2 (one token to predict), got {max_length}"
         )
-    if not records:
-        raise AgiasiError("the dataset is empty: no documents or records found")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AgiasiError("the tokenizer has no EOS token; cannot separate documents")
-    stream: list[int] = []
+    carry: list[int] = []
     examples: list[Example] = []
     roles = _RoleCheck(tokenizer)
     empty_answers: list[str] = []
+    seen = 0
     for i, rec in enumerate(records):
+        seen += 1
         if "messages" in rec:
             where = rec.get(WHERE, f"record {i + 1}")
             for m in rec["messages"]:
@@ -58,14 +68,24 @@ def tokenize_records(
             ex = _chat_example(rec["messages"], tokenizer, max_length)
             if any(t != IGNORE for t in ex.labels[1:]):
                 examples.append(ex)  # else the answer was cut off by --max-length: skip it
-        else:
-            ids = tokenizer(rec["text"], add_special_tokens=False, verbose=False)["input_ids"]
-            if ids:
-                stream.extend(ids + [eos])
-    for start in range(0, len(stream), max_length):
-        block = stream[start : start + max_length]
-        if len(block) >= 2:
-            examples.append(Example(block, list(block)))
+            continue
+        ids = _text_ids(rec["text"], tokenizer)
+        carry.extend(ids)
+        if ids and not rec.get(CONTINUES):
+            carry.append(eos)
+        full = len(carry) // max_length * max_length
+        if full:
+            chunk = np.asarray(carry[:full], dtype=np.int32)
+            examples += [
+                Example(b, b)
+                for b in (chunk[s : s + max_length] for s in range(0, full, max_length))
+            ]
+            carry = carry[full:]
+    if len(carry) >= 2:
+        block = np.asarray(carry, dtype=np.int32)
+        examples.append(Example(block, block))
+    if not seen:
+        raise AgiasiError("the dataset is empty: no documents or records found")
     if empty_answers and log is not None:
         more = f" and {len(empty_answers) - 1} more" if len(empty_answers) > 1 else ""
         log(
@@ -75,6 +95,27 @@ def tokenize_records(
     if not examples:
         raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
     return examples
+
+
+# Characters tokenized in one call. A sentencepiece-style BPE sees Japanese text without spaces
+# as one long word, and its memory grows with the word: 1 M characters took ~400 MB, a 10 MB
+# record ~800 MB. Longer text is cut at a line end (else anywhere) and tokenized slice by slice.
+TOKENIZE_CHARS = 1 << 16
+
+
+def _text_ids(text: str, tokenizer) -> list[int]:
+    if len(text) <= TOKENIZE_CHARS:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + TOKENIZE_CHARS)
+        if end < len(text):
+            cut = text.rfind("\n", start + TOKENIZE_CHARS // 2, end)
+            end = cut + 1 if cut >= 0 else end
+        ids += tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"]
+        start = end
+    return ids
 
 
 class _RoleCheck:
