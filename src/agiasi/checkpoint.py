@@ -261,6 +261,50 @@ def safe_torch_load(path: Path) -> Any:
         raise AgiasiError(f"{path} is not a readable tensor file: {first_line(e)}") from None
 
 
+def check_soul_state(state: Any, path: Path) -> dict[str, Any]:
+    """``soul.pt`` as the format says: ``alpha`` one finite float, ``so8_rotation`` a mapping of
+    float tensors (a file of another shape is one clear error, not a crash in load_state_dict)."""
+    if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
+        raise AgiasiError(f"{path} lacks 'alpha' or 'so8_rotation'")
+    alpha, rot = state["alpha"], state["so8_rotation"]
+    if not torch.is_tensor(alpha) or not alpha.is_floating_point() or alpha.numel() != 1:
+        raise AgiasiError(
+            f"{path}: 'alpha' must be one float (a 0-d tensor), got {_describe(alpha)}"
+        )
+    if (
+        not isinstance(rot, dict)
+        or not rot
+        or not all(
+            isinstance(k, str) and torch.is_tensor(v) and v.is_floating_point()
+            for k, v in rot.items()
+        )
+    ):
+        raise AgiasiError(f"{path}: 'so8_rotation' must map names to float tensors")
+    return state
+
+
+def read_lora_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` with a usable rank and scale (r a positive int, lora_alpha a
+    positive number): the merge scales by lora_alpha / r."""
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AgiasiError(f"{path} is not readable JSON ({e})") from None
+    r, alpha = (cfg.get("r"), cfg.get("lora_alpha")) if isinstance(cfg, dict) else (None, None)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AgiasiError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise AgiasiError(f"{path}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    return cfg
+
+
+def _describe(x: Any) -> str:
+    if torch.is_tensor(x):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
 def soul_mix_of(manifest: dict[str, Any]) -> str:
     """The mix a step folder's soul was trained with, read one way by every stage: the soul's
     record, else (written before the record held it) the model options, else the design note's
@@ -344,9 +388,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
     if wrapper.soul is not None:
         if manifest.get("soul") is None:
             raise AgiasiError(f"checkpoint {str(ckpt_dir)!r} is a control run (no soul)")
-        state = safe_torch_load(path / SOUL_PT)
-        if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
-            raise AgiasiError(f"{path / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
+        state = check_soul_state(safe_torch_load(path / SOUL_PT), path / SOUL_PT)
         wrapper.load_soul_state(state)
     return manifest
 

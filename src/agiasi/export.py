@@ -286,9 +286,16 @@ def merge_plan(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from agiasi.checkpoint import ADAPTER_WEIGHTS, SOUL_PT, safe_torch_load, soul_mix_of
+    from agiasi.checkpoint import (
+        ADAPTER_WEIGHTS,
+        SOUL_PT,
+        check_soul_state,
+        read_lora_config,
+        safe_torch_load,
+        soul_mix_of,
+    )
 
-    lora_cfg = _read_json(ckpt / "adapter_config.json")
+    lora_cfg = read_lora_config(ckpt)
     try:
         adapter = load_file(str(ckpt / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -297,9 +304,7 @@ def merge_plan(
     soul = None
     if manifest.get("soul") is not None:
         info = manifest["soul"]
-        state = safe_torch_load(ckpt / SOUL_PT)
-        if not isinstance(state, dict) or "alpha" not in state or "so8_rotation" not in state:
-            raise AgiasiError(f"{ckpt / SOUL_PT} lacks 'alpha' or 'so8_rotation'")
+        state = check_soul_state(safe_torch_load(ckpt / SOUL_PT), ckpt / SOUL_PT)
         tensors = {"alpha": state["alpha"], **(state["so8_rotation"] or {})}
         refuse_nonfinite(tensors.items(), ckpt / SOUL_PT)
         soul = SoulFold(
@@ -310,7 +315,7 @@ def merge_plan(
         tied = tied or bool(getattr(hf_cfg.get_text_config(), "tie_word_embeddings", False))
     return MergePlan(
         base=LazyWeights(base_dir),
-        lora=lora_pairs(adapter),
+        lora=lora_pairs(adapter, int(lora_cfg["r"])),
         scaling=float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"]),
         merge_base=merge_base,
         dtype=dtype,

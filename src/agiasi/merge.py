@@ -93,8 +93,11 @@ def is_quantized_linear(key: str, shape: tuple[int, ...]) -> bool:
     )
 
 
-def lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{base weight key: (A, B)}`` from a PEFT adapter state dict; anything else is refused."""
+def lora_pairs(
+    adapter: dict[str, torch.Tensor], r: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{base weight key: (A, B)}`` from a PEFT adapter state dict; anything else is refused,
+    and so is a pair whose rank is not the config's ``r`` (it would merge with the wrong scale)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in adapter.items():
         if ".lora_A." in key or ".lora_B." in key:
@@ -106,7 +109,13 @@ def lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     for stem, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AgiasiError(f"LoRA pair for {stem!r} is incomplete (have {sorted(ab)})")
-        out[_base_key(stem) + ".weight"] = (ab["A"], ab["B"])
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (r and a.shape[0] != r):
+            raise AgiasiError(
+                f"LoRA pair for {stem!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank "
+                f"{r if r else 'A rows = B columns'} as adapter_config.json says; a damaged file?"
+            )
+        out[_base_key(stem) + ".weight"] = (a, b)
     return out
 
 

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from agiasi.errors import AgiasiError, first_line
-from agiasi.loading import DType, Quantization, load_config, parse_device, resolve_dtype
+from agiasi.loading import (
+    DType,
+    Quantization,
+    _warn_once,
+    load_config,
+    parse_device,
+    resolve_dtype,
+)
 from agiasi.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
 from agiasi.options import check, option
 from agiasi.soul import (
@@ -532,6 +539,12 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         from agiasi.checkpoint import load_into, read_manifest
 
         manifest = read_manifest(ckpt_dir)
+        if overrides.get("soul") is False and manifest.get("soul") is not None:
+            soul = manifest["soul"]
+            _warn_once(
+                f"from_checkpoint(soul=False): dropping the soul of {ckpt_dir} ({soul.get('kind')}, "
+                f"alpha {soul.get('alpha')}, gate {soul.get('gate')}); the model runs as base + LoRA"
+            )
         cfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt_dir, overrides))
         wrapper = cls(config=cfg, device=device)
         load_into(wrapper, ckpt_dir)

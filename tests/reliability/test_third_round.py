@@ -2,6 +2,7 @@
 non-finite models fail, a resume cannot silently mix settings."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -456,3 +457,66 @@ def test_links_in_a_run_folder_are_never_written_through(
         assert "is a symbolic link" in line and "never writes through" in line
     assert target.exists()
     assert (_tree(target) if target.is_dir() else target.read_bytes()) == before
+
+
+def _break(step, what):
+    """Damage a copy of a step folder one way; returns the copy."""
+    soul = torch.load(step / "soul.pt", weights_only=True)
+    if what == "alpha_rank":
+        soul["alpha"] = torch.zeros(3)
+    elif what == "alpha_type":
+        soul["alpha"] = torch.tensor(1)
+    elif what == "rotation_type":
+        soul["so8_rotation"] = {"skew_params": torch.zeros(8, 28, dtype=torch.int64)}
+    if what.startswith(("alpha", "rotation")):
+        torch.save(soul, step / "soul.pt")
+    cfg = json.loads((step / "adapter_config.json").read_text())
+    if what in ("r_zero", "r_string", "r_null"):
+        cfg["r"] = {"r_zero": 0, "r_string": "16", "r_null": None}[what]
+        (step / "adapter_config.json").write_text(json.dumps(cfg))
+    if what == "lora_shape":  # A/B of another rank than r says
+        adapter = load_file(step / "adapter_model.safetensors")
+        adapter = {
+            k: (v[:4] if ".lora_A." in k else v[:, :4]).contiguous() for k, v in adapter.items()
+        }
+        save_file(adapter, step / "adapter_model.safetensors")
+    return step
+
+
+DAMAGED = {
+    "alpha_rank": "'alpha' must be one float (a 0-d tensor), got a torch.float32 tensor of shape (3,)",
+    "alpha_type": "'alpha' must be one float (a 0-d tensor), got a torch.int64 tensor",
+    "rotation_type": "'so8_rotation' must map names to float tensors",
+    "r_zero": "'r' must be a positive integer, got 0",
+    "r_string": "'r' must be a positive integer, got '16'",
+    "r_null": "'r' must be a positive integer, got None",
+    "lora_shape": "not rank 16 as adapter_config.json says",
+}
+
+
+@pytest.mark.parametrize("what", DAMAGED)
+def test_damaged_step_folders_give_one_clear_line(finished, tmp_path, capsys, what):
+    import shutil
+
+    step = tmp_path / "step_2"
+    shutil.copytree(finished / "step_2", step)
+    _break(step, what)
+    rc = main(["export", str(step), "--out", str(tmp_path / "out"), "--gguf", "", "--no-measure"])
+    assert rc == 2
+    assert DAMAGED[what] in last_error(capsys)
+    assert not (tmp_path / "out").exists()
+    if what.startswith(("alpha", "rotation")):  # the same check when a model loads it
+        from agiasi import AGIASI_SO8T_Wrapper
+        from agiasi.errors import AgiasiError
+
+        with pytest.raises(AgiasiError, match=re.escape(DAMAGED[what])):
+            AGIASI_SO8T_Wrapper.from_checkpoint(step, device="cpu")
+
+
+def test_from_checkpoint_without_the_soul_says_what_it_drops(finished, capsys):
+    from agiasi import AGIASI_SO8T_Wrapper
+
+    w = AGIASI_SO8T_Wrapper.from_checkpoint(finished / "step_2", device="cpu", soul=False)
+    assert w.soul is None
+    err = capsys.readouterr().err
+    assert "from_checkpoint(soul=False): dropping the soul of" in err and "base + LoRA" in err
