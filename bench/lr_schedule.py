@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SECOND_HELDOUT = HERE / "data" / "heldout_history_ja.txt"
+from heldout import heldout_ppl  # bench/heldout.py
+
 SETTINGS = {
     "demo": {"max_steps": 60, "learning_rate": 1e-3, "warmup_steps": 7, "annealing_steps": 37},
     "note": {"max_steps": 500, "learning_rate": 2e-4, "warmup_steps": 50, "annealing_steps": 400},
@@ -40,21 +40,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
 
-    from agiasi.data import default_dataset, default_heldout
-    from agiasi.demo import tiny_model_path
-    from agiasi.evaluate import EvalConfig, evaluate
+    from agiasi.data import default_dataset
+    from agiasi.shipped import tiny_model_path
     from agiasi.train import TrainConfig, train
 
     base = tiny_model_path()
-    texts = {"mew": default_heldout(), "history": SECOND_HELDOUT}
 
     def ppl(model: Path) -> dict[str, float]:
-        return {
-            name: evaluate(
-                EvalConfig(model=str(model), text=str(t), window=256, max_tokens=args.eval_tokens)
-            )["perplexity"]
-            for name, t in texts.items()
-        }
+        return heldout_ppl(model, args.eval_tokens)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SECOND_HELDOUT = HERE / "data" / "heldout_history_ja.txt"
+from heldout import heldout_ppl, heldout_texts  # bench/heldout.py
 
 
 def main() -> None:
@@ -36,22 +35,17 @@ def main() -> None:
 
     import torch
 
-    from agiasi.data import default_dataset, default_heldout
-    from agiasi.demo import tiny_model_path
-    from agiasi.evaluate import EvalConfig, evaluate, hf_logits, perplexity, text_ids
+    from agiasi.data import default_dataset
+    from agiasi.evaluate import hf_logits, perplexity, text_ids
+    from agiasi.shipped import tiny_model_path
     from agiasi.soul import PHI
     from agiasi.train import TrainConfig, train
 
     base = tiny_model_path()
-    texts = {"mew": default_heldout(), "history": SECOND_HELDOUT}
+    texts = heldout_texts()
 
     def ppl(model: Path) -> dict[str, float]:
-        return {
-            name: evaluate(
-                EvalConfig(model=str(model), text=str(t), window=256, max_tokens=args.eval_tokens)
-            )["perplexity"]
-            for name, t in texts.items()
-        }
+        return heldout_ppl(model, args.eval_tokens)
 
     base_ppl = ppl(base)
     # the residual mix's open gate alone, on the untouched base: logits × (1 + σ(φ))
