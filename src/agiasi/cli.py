@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import sys
 from collections.abc import Sequence
@@ -379,6 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: say so in one line, full traceback with --debug
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(
+                f"agiasi: error: the disk is full{where} ({e.strerror}); free space and run "
+                "again (step folders and exports are written whole or not at all)",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
         print(
             f"agiasi: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
             file=sys.stderr,

@@ -101,11 +101,31 @@ def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
-def _prompt_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+def _prompt_ids(tok, messages: list[dict[str, str]], where: str = "the prompt") -> list[int]:
+    from agiasi.data.tokenize import check_turn_text, control_texts, render_chat
+
     if not getattr(tok, "chat_template", None):
         raise AgiasiError("this tokenizer has no chat template; use `agiasi generate --prompt`")
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    controls = control_texts(tok)
+    for m in messages:
+        check_turn_text(m["content"], controls, where)
+    return render_chat(tok, messages, where, gen=True)
+
+
+def _context(model) -> int | None:
+    cfg = getattr(model, "hf_config", None) or getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_room(ids: list[int], cfg: GenerateConfig, context: int | None) -> None:
+    """A prompt plus --max-new-tokens must fit the model's context: past it a model computes
+    positions it never saw (or fails inside attention)."""
+    if context and len(ids) + cfg.max_new_tokens > context:
+        raise AgiasiError(
+            f"the prompt is {len(ids)} tokens and --max-new-tokens {cfg.max_new_tokens}: more "
+            f"than the model's context of {context} tokens; shorten the prompt, lower "
+            "--max-new-tokens or /reset the conversation"
+        )
 
 
 def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
@@ -120,6 +140,8 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
         ids = _prompt_ids(tok, [*msgs, {"role": "user", "content": cfg.prompt}])
     else:
         ids = tok(cfg.prompt, add_special_tokens=False)["input_ids"]
+    check_room(ids, cfg, _context(model))
+    if not cfg.chat_template:
         stream.write(cfg.prompt)
     return _generate(model, tok, ids, cfg, stream)
 
@@ -137,7 +159,11 @@ def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None
     while True:
         stream.write("> ")
         stream.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as e:  # a line that is not UTF-8: say so, keep the session
+            stream.write(f"agiasi: that line is not UTF-8 text (byte {e.start}); try again\n")
+            continue
         if not line:
             stream.write("\n")
             return turns
@@ -149,7 +175,13 @@ def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None
             continue
         if not text:
             continue
+        try:
+            ids = _prompt_ids(tok, [*messages, {"role": "user", "content": text}], "that line")
+            check_room(ids, cfg, _context(model))
+        except AgiasiError as e:  # the line is dropped, the conversation goes on
+            stream.write(f"agiasi: {e}\n")
+            continue
         messages.append({"role": "user", "content": text})
-        reply = _generate(model, tok, _prompt_ids(tok, messages), cfg, stream)
+        reply = _generate(model, tok, ids, cfg, stream)
         messages.append({"role": "assistant", "content": reply.strip()})
         turns += 1

@@ -127,3 +127,34 @@ def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
         print(msg, file=sys.stderr, flush=True)
+
+
+def check_config_fits_weights(model_id: str, hf_config) -> None:
+    """A local base folder whose config.json disagrees with its weights (another hidden size, a
+    vocabulary of another size) is refused before anything trains: built on the meta device
+    (no memory), the model's tensor shapes are compared with the files' headers."""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return
+    from transformers import AutoModelForCausalLM
+
+    from agiasi.weights import LazyWeights
+
+    weights = LazyWeights(folder)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # a config transformers cannot build says so when the model loads
+        return
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [
+        f"{k} is {weights.shape(k)} in the files, {shapes[k]} by config.json"
+        for k in weights.keys()
+        if k in shapes and weights.shape(k) != shapes[k]
+    ]
+    if wrong:
+        raise AgiasiError(
+            f"{folder}: config.json does not describe these weights ({wrong[0]}"
+            + (f"; {len(wrong) - 1} more" if len(wrong) > 1 else "")
+            + "); fix config.json or fetch the model again"
+        )

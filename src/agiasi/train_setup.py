@@ -86,9 +86,10 @@ def _tokenizer(cfg: TrainConfig):
 def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
     """Training and validation examples and the pad id; a bad --base-model or --max-length
     fails first."""
-    from agiasi.loading import load_config
+    from agiasi.loading import check_config_fits_weights, load_config
 
     hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
+    check_config_fits_weights(cfg.base_model, hf_config)
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     if max_pos and cfg.max_length > max_pos:
         raise AgiasiError(

@@ -55,6 +55,7 @@ def tokenize_records(
     carry: list[int] = []
     examples: list[Example] = []
     roles = _RoleCheck(tokenizer)
+    controls = control_texts(tokenizer)
     empty_answers: list[str] = []
     seen = 0
     for i, rec in enumerate(records):
@@ -65,10 +66,13 @@ def tokenize_records(
                 roles.check(m["role"], where)
                 if m["role"] == "assistant" and not m["content"].strip():
                     empty_answers.append(where)
-            ex = _chat_example(rec["messages"], tokenizer, max_length)
+            for m in rec["messages"]:
+                check_turn_text(m["content"], controls, where)
+            ex = _chat_example(rec["messages"], tokenizer, max_length, where)
             if any(t != IGNORE for t in ex.labels[1:]):
                 examples.append(ex)  # else the answer was cut off by --max-length: skip it
             continue
+        check_turn_text(rec["text"], [], rec.get(WHERE, f"record {i + 1}"))  # valid Unicode
         ids = _text_ids(rec["text"], tokenizer)
         carry.extend(ids)
         if ids and not rec.get(CONTINUES):
@@ -104,8 +108,10 @@ TOKENIZE_CHARS = 1 << 16
 
 
 def _text_ids(text: str, tokenizer) -> list[int]:
+    """Plain text's ids, control-token text included as plain text (``split_special_tokens``):
+    "<|user|>" typed into a document must not become a turn marker."""
     if len(text) <= TOKENIZE_CHARS:
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return _plain(text, tokenizer)
     ids: list[int] = []
     start = 0
     while start < len(text):
@@ -113,9 +119,59 @@ def _text_ids(text: str, tokenizer) -> list[int]:
         if end < len(text):
             cut = text.rfind("\n", start + TOKENIZE_CHARS // 2, end)
             end = cut + 1 if cut >= 0 else end
-        ids += tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"]
+        ids += _plain(text[start:end], tokenizer)
         start = end
     return ids
+
+
+def _plain(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
+
+
+def control_texts(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into control tokens (its special and added-special
+    tokens), longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(added.content)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def check_turn_text(text: str, controls: list[str], where: str) -> None:
+    """What goes into a chat template from a user or a dataset: valid Unicode, and no control
+    token's text (the template's output is tokenized whole, so "<|assistant|>" inside a turn
+    would forge a turn of its own)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AgiasiError(
+            f"{where}: the text holds an unpaired surrogate ({text[e.start]!r} at character "
+            f"{e.start}); it is not valid Unicode"
+        ) from None
+    for c in controls:
+        if c in text:
+            raise AgiasiError(
+                f"{where}: the text holds {c!r}, a control token of this tokenizer; inside a chat "
+                "turn it would read as a turn marker (a forged role). Remove it from the text"
+            )
+
+
+def render_chat(
+    tokenizer, messages: list[dict[str, str]], where: str, gen: bool = False
+) -> list[int]:
+    """The tokenizer's chat template on ``messages`` → ids; a template that raises (its own
+    ``raise_exception``, a conversation it rejects) is one error naming the record."""
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+    except Exception as e:  # jinja2's TemplateError and whatever the template raises
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AgiasiError(f"{where}: the chat template refused this conversation: {msg}") from None
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
 
 
 class _RoleCheck:
@@ -138,18 +194,24 @@ class _RoleCheck:
             )
 
     def _renders(self, role: str) -> bool:
+        """Rendered alone, or after a user turn (templates that insist on alternating roles,
+        as Mistral's and Llama-2's do, refuse a conversation that opens with the assistant)."""
         if not getattr(self.tokenizer, "chat_template", None):
             return True  # _chat_example says what is missing
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": role, "content": self._PROBE}], tokenize=False
-            )
-        except Exception:  # templates that raise_exception() on a role they do not know
-            return False
-        return self._PROBE in text
+        probe = {"role": role, "content": self._PROBE}
+        for conversation in ([probe], [{"role": "user", "content": "x"}, probe]):
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+            except Exception:  # templates that raise_exception() on a role or an order
+                continue
+            if self._PROBE in text:
+                return True
+        return False
 
 
-def _chat_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> Example:
+def _chat_example(
+    messages: list[dict[str, str]], tokenizer, max_length: int, where: str = "a record"
+) -> Example:
     """Render with the tokenizer's chat template; labels only on assistant tokens.
 
     Assistant spans come from rendering growing prefixes: tokens between the prompt for turn i
@@ -161,10 +223,7 @@ def _chat_example(messages: list[dict[str, str]], tokenizer, max_length: int) ->
         )
 
     def render(msgs, gen=False) -> list[int]:
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
+        return render_chat(tokenizer, msgs, where, gen)
 
     ids = render(messages)
     labels = [IGNORE] * len(ids)
