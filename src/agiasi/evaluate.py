@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,15 @@ DEFAULT_WINDOW = 512
 def eval_window(window: int | None, context: int | None) -> int:
     """The default window never runs past the trained context: positions a model never saw
     make perplexity measure extrapolation instead of the model (the tiny model, trained on 256
-    tokens, scores 35 with 256-token windows and 56 with 512). An explicit window is kept."""
+    tokens, scores 35 with 256-token windows and 56 with 512). An explicit window is kept, with
+    a warning when it runs past the context."""
     if window is not None:
+        if context and window > context:
+            print(
+                f"warning: --window {window} is past the model's context of {context} tokens: "
+                "the perplexity measures positions it never saw",
+                file=sys.stderr,
+            )
         return window
     return min(DEFAULT_WINDOW, context) if context else DEFAULT_WINDOW
 

@@ -633,3 +633,39 @@ def test_chat_survives_bad_lines(finished, capsys):
     assert "a control token of this tokenizer" in text
     assert "more than the model's context of" in text
     assert turns == 1  # the good line was answered, the session went on to /exit
+
+
+def test_a_role_the_template_prints_verbatim_is_refused(tmp_path, capsys):
+    """Microsoft's own Phi-3.5 template writes any role as <|role|>: "hacker" would train
+    silently on a marker the model never saw."""
+    import shutil
+
+    from agiasi.shipped import tiny_model_path
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_path(), base)
+    (base / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + "
+        "message['content'] + '<|end|>\\n'}}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    )
+    turns = [{"role": "hacker", "content": "質問"}, {"role": "assistant", "content": "答"}]
+    data = _jsonl_file(tmp_path / "d.jsonl", [{"messages": TURN}, {"messages": turns}])
+    args = cli_args("train", base_model=base, output_dir=tmp_path / "run", max_steps=1)
+    assert main([*args, "--dataset", str(data), "--max-length", "64", "--no-progress"]) == 2
+    line = last_error(capsys)
+    assert "line 2: role 'hacker' is not a role this chat template knows" in line
+    assert "<|hacker|>" in line and "use one of assistant, system, user" in line
+    # the standard roles still train through it
+    data = _jsonl_file(tmp_path / "ok.jsonl", [{"messages": TURN}])
+    args = cli_args("train", base_model=base, output_dir=tmp_path / "ok", max_steps=1)
+    assert main([*args, "--dataset", str(data), "--max-length", "64", "--no-progress"]) == 0
+
+
+def test_eval_window_past_the_context_says_the_context(capsys):
+    from agiasi.evaluate import eval_window
+
+    assert eval_window(512, 256) == 512
+    assert "--window 512 is past the model's context of 256 tokens" in capsys.readouterr().err
+    assert eval_window(None, 256) == 256 and eval_window(128, 256) == 128
+    assert capsys.readouterr().err == ""

@@ -183,15 +183,30 @@ class _RoleCheck:
         self.tokenizer = tokenizer
         self.known: dict[str, bool] = {}
 
+    STANDARD = ("system", "user", "assistant")
+
     def check(self, role: str, where: str) -> None:
         if role not in self.known:
             self.known[role] = self._renders(role)
+        seen = sorted(r for r, ok in self.known.items() if ok and self._named(r))
         if not self.known[role]:
-            seen = sorted(r for r, ok in self.known.items() if ok) or ["user", "assistant"]
             raise AgiasiError(
                 f"{where}: role {role!r} is not one this tokenizer's chat template knows (it "
-                f"would be dropped silently); use one of {', '.join(seen)}"
+                f"would be dropped silently); use one of {', '.join(seen or ['user', 'assistant'])}"
             )
+        if not self._named(role):
+            raise AgiasiError(
+                f"{where}: role {role!r} is not a role this chat template knows: it would only be "
+                "written as plain text (e.g. <|" + role + "|>), a marker the model never saw in "
+                f"training; use one of {', '.join(sorted({*self.STANDARD, *seen}))}"
+            )
+
+    def _named(self, role: str) -> bool:
+        """A standard role, or one the template's own source names (``'tool'``, ``"ipython"``):
+        templates that print any role verbatim would otherwise accept anything."""
+        src = self.tokenizer.chat_template or ""
+        src = src if isinstance(src, str) else str(src)
+        return role in self.STANDARD or f"'{role}'" in src or f'"{role}"' in src
 
     def _renders(self, role: str) -> bool:
         """Rendered alone, or after a user turn (templates that insist on alternating roles,
