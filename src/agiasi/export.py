@@ -200,6 +200,10 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
 
     check(cfg)
     types = parse_types(cfg.gguf) if cfg.gguf else []
+    if cfg.output_tensor_type and not types:
+        raise AgiasiError("--output-tensor-type sets a GGUF's head type, but --gguf asks for none")
+    if cfg.text and not cfg.measure:
+        raise AgiasiError("--text is what the fidelity measure scores; --no-measure skips it")
     if cfg.measure:
         eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
     if cfg.output_tensor_type:

@@ -669,3 +669,29 @@ def test_eval_window_past_the_context_says_the_context(capsys):
     assert "--window 512 is past the model's context of 256 tokens" in capsys.readouterr().err
     assert eval_window(None, 256) == 256 and eval_window(128, 256) == 128
     assert capsys.readouterr().err == ""
+
+
+EXPORT_FLAG_CASES = {
+    "head_type_without_gguf": (
+        ["--gguf", "", "--output-tensor-type", "q8_0"],
+        "--gguf asks for none",
+    ),
+    "text_without_measure": (["--no-measure", "--text", "x.txt"], "--no-measure skips it"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_FLAG_CASES)
+def test_incompatible_export_flags(finished, tmp_path, capsys, case):
+    flags, message = EXPORT_FLAG_CASES[case]
+    assert main(["export", str(finished / "step_2"), "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in last_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_datasets_folder_is_one_line(tiny_phi3_tok, tmp_path, capsys):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{not json")
+    (folder / "state.json").write_text("{}")
+    assert train(tiny_phi3_tok, tmp_path / "run", 2, "--dataset", str(folder)) == 2
+    assert "is not a readable `datasets` folder" in last_error(capsys)
