@@ -58,7 +58,7 @@ class GGUFModel:
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise AgiasiError(f"{path} is not a GGUF file (no GGUF magic at its start)")
-        from agiasi.gguf import quiet_llama_cpp
+        from agiasi.quantize import quiet_llama_cpp
 
         quiet_llama_cpp()
         try:

@@ -276,7 +276,8 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
     llama.cpp does not know), and the writer takes this config (RoPE type, query scaling)."""
     from agiasi.architectures import vocabulary_kind
-    from agiasi.gguf import GGUF_WRITERS, bpe_pre_tokenizer
+    from agiasi.gguf import GGUF_WRITERS
+    from agiasi.gguf_vocab import bpe_pre_tokenizer
 
     if vocabulary_kind(arch, base_dir) == "bpe":
         bpe_pre_tokenizer(_read_json(base_dir / "tokenizer.json"))
@@ -338,7 +339,7 @@ def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -
 
     if types and not have("gguf"):
         raise AgiasiError("writing GGUF needs the gguf package: pip install gguf")
-    from agiasi.gguf import have_quantizer
+    from agiasi.quantize import have_quantizer
 
     llama_cpp = have_quantizer()
     wanted_k = [t for t in types if t in kquants]
@@ -443,7 +444,8 @@ def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
 def write_ggufs(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say) -> dict[str, Path]:
     """F32/F16/BF16 from the HF folder (one tensor at a time); K-quants, and Q8_0 where
     llama.cpp's quantizer is installed, from an F16 (else Q8_0 through gguf-py)."""
-    from agiasi.gguf import KQUANT_TYPES, have_quantizer, quantize_gguf, write_gguf
+    from agiasi.gguf import KQUANT_TYPES, write_gguf
+    from agiasi.quantize import have_quantizer, quantize_gguf
 
     ggufs: dict[str, Path] = {}
     types = plan.types

@@ -15,16 +15,6 @@ from agiasi.errors import AgiasiError
 from agiasi.weights import HEAD_KEY
 
 REPORT = "export_report.json"
-# GGUF bytes per parameter, for the free-disk check (K-quants: llama.cpp's bits per weight).
-GGUF_BYTES_PER_PARAM = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q4_k_m": 4.9 / 8,
-    "q5_k_m": 5.7 / 8,
-    "q6_k": 6.6 / 8,
-}
 
 
 def check_special_ids(hf_cfg, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -120,11 +110,11 @@ def check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
 
 def check_free_disk(out: Path, n_params: int, dtype: torch.dtype, types: list[str]) -> None:
     """Refuse an export that cannot fit on the output's disk (estimated from the shapes)."""
-    from agiasi.gguf import KQUANT_TYPES
+    from agiasi.gguf import GGUF_TYPE_TABLE, KQUANT_TYPES
 
     per = torch.tensor([], dtype=dtype).element_size()
     need = n_params * per
-    need += sum(n_params * GGUF_BYTES_PER_PARAM[t] for t in types)
+    need += sum(n_params * GGUF_TYPE_TABLE[t][1] for t in types)
     if any(t in KQUANT_TYPES for t in types) and "f16" not in types:
         need += n_params * 2  # the F16 the quantizer reads, removed afterwards
     need = int(need * 1.05) + 64 * 2**20

@@ -325,10 +325,10 @@ def test_a_missing_dependency_fails_before_any_work(tiny_phi3_tok, tmp_path, cap
 
 def test_without_llama_cpp_the_measure_runs_what_it_can(tiny_phi3_tok, tmp_path, monkeypatch):
     import agiasi.export
-    import agiasi.gguf
+    import agiasi.quantize
 
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
-    monkeypatch.setattr(agiasi.gguf, "have_quantizer", lambda: False)  # Q8_0 through gguf-py
+    monkeypatch.setattr(agiasi.quantize, "have_quantizer", lambda: False)  # Q8_0 through gguf-py
     real = agiasi.export.preflight_dependencies
     monkeypatch.setattr(agiasi.export, "preflight_dependencies", lambda *a: real(*a) and False)
     report = export(

@@ -8,7 +8,8 @@ import torch
 
 from agiasi.architectures import ARCHITECTURES, vocabulary_kind
 from agiasi.errors import AgiasiError
-from agiasi.gguf import GGUF_WRITERS, bpe_pre_tokenizer, llama3_rope_factors
+from agiasi.gguf import GGUF_WRITERS, llama3_rope_factors
+from agiasi.gguf_vocab import bpe_pre_tokenizer
 from tests.helpers import sample_text
 
 
