@@ -199,6 +199,8 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.runfolder import is_run_folder, resolve_step
 
     check(cfg)
+    if not cfg.out or not str(cfg.out).strip():
+        raise AgiasiError("--out is required: the folder the export is written to")
     types = parse_types(cfg.gguf) if cfg.gguf else []
     if cfg.output_tensor_type and not types:
         raise AgiasiError("--output-tensor-type sets a GGUF's head type, but --gguf asks for none")

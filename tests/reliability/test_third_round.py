@@ -695,3 +695,98 @@ def test_a_broken_datasets_folder_is_one_line(tiny_phi3_tok, tmp_path, capsys):
     (folder / "state.json").write_text("{}")
     assert train(tiny_phi3_tok, tmp_path / "run", 2, "--dataset", str(folder)) == 2
     assert "is not a readable `datasets` folder" in last_error(capsys)
+
+
+def _api_cases(step):
+    from agiasi import AGIASI_SO8T_Wrapper
+    from agiasi.evaluate import EvalConfig, evaluate
+    from agiasi.export import ExportConfig, export
+    from agiasi.generate import GenerateConfig, generate
+    from agiasi.train import TrainConfig, train
+
+    def wrapper():
+        return AGIASI_SO8T_Wrapper.from_checkpoint(step, device="cpu")
+
+    return {
+        "wrapper_device": (lambda: AGIASI_SO8T_Wrapper(str(step), device="tpu"), "device"),
+        "wrapper_option": (
+            lambda: AGIASI_SO8T_Wrapper.from_checkpoint(step, lora_rank=3),
+            "unknown option",
+        ),
+        "from_checkpoint_missing": (
+            lambda: AGIASI_SO8T_Wrapper.from_checkpoint(step.parent / "x"),
+            "not a folder",
+        ),
+        "forward_float_ids": (lambda: wrapper()(torch.zeros(1, 4)), "integer token ids"),
+        "forward_out_of_vocab": (
+            lambda: wrapper()(torch.tensor([[10**6]])),
+            "outside this model's vocabulary",
+        ),
+        "generate_1d": (lambda: wrapper().generate(torch.tensor([1, 2])), "(batch, sequence)"),
+        "train_nan_lr": (
+            lambda: train(TrainConfig(base_model=str(step), learning_rate=float("nan"))),
+            "finite",
+        ),
+        "export_no_out": (lambda: export(ExportConfig(checkpoint=str(step), out="")), "--out"),
+        "eval_missing": (lambda: evaluate(EvalConfig(model=str(step.parent / "nope"))), "nope"),
+        "generate_no_prompt": (
+            lambda: generate(GenerateConfig(model=str(step))),
+            "--prompt is required",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["wrapper_device", "wrapper_option", "from_checkpoint_missing", "forward_float_ids",
+     "forward_out_of_vocab", "generate_1d", "train_nan_lr", "export_no_out", "eval_missing",
+     "generate_no_prompt"],
+)  # fmt: skip
+def test_python_api_raises_agiasi_error(finished, case):
+    from agiasi.errors import AgiasiError
+
+    call, message = _api_cases(finished / "step_2")[case]
+    with pytest.raises(AgiasiError) as e:
+        call()
+    assert message in str(e.value), str(e.value)
+
+
+def test_an_export_folder_that_appears_meanwhile_is_not_replaced(
+    finished, tmp_path, capsys, monkeypatch
+):
+    import agiasi.export as ex
+
+    out = tmp_path / "export"
+    real = ex.write_hf_folder
+
+    def meanwhile(plan, hf_dir, log):
+        tok = real(plan, hf_dir, log)
+        out.mkdir()
+        (out / "someone_elses.txt").write_text("theirs")
+        return tok
+
+    monkeypatch.setattr(ex, "write_hf_folder", meanwhile)
+    rc = main(["export", str(finished / "step_2"), "--out", str(out), "--gguf", "", "--no-measure"])
+    assert rc == 2 and "appeared while this export ran" in last_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["someone_elses.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_sparse_gigabyte_is_called_binary_from_its_first_block(tmp_path):
+    import resource
+
+    from agiasi.errors import AgiasiError
+
+    p = tmp_path / "sparse.txt"
+    with open(p, "wb") as fh:
+        fh.truncate(2**30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(AgiasiError, match="looks binary"):
+        load_records_path(p)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB
+
+
+def load_records_path(p):
+    from agiasi.data import load_records
+
+    return load_records(p)
