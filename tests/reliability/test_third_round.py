@@ -790,3 +790,28 @@ def load_records_path(p):
     from agiasi.data import load_records
 
     return load_records(p)
+
+
+def test_a_template_that_never_ends_is_stopped(tiny_phi3_tok, tmp_path):
+    """In its own process: the stuck render keeps a thread busy until the process exits."""
+    import shutil
+    import subprocess
+
+    from tests.helpers import cli_cmd
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_phi3_tok, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    )
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    data = _jsonl_file(tmp_path / "d.jsonl", [{"messages": TURN}])
+    cmd = cli_cmd("train", base_model=base, output_dir=tmp_path / "run", max_steps=1,
+                  dataset=data, quantization="none", max_length=64, progress=False)  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-1000:]
+    assert "did not finish rendering in 5 s" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,8 @@ usual causal-LM packing; every token is a target).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -159,13 +161,69 @@ def check_turn_text(text: str, controls: list[str], where: str) -> None:
             )
 
 
+# Seconds one chat-template render may take. A template is the model's code in a sandbox: it
+# cannot reach the system, but a loop inside it (nested ranges) can run, and grow its output,
+# without end. A real one renders in milliseconds.
+RENDER_SECONDS = 5.0
+
+
+class _Renderer:
+    """One daemon thread that renders templates, so a budget costs a queue hand-off rather than
+    a thread per render (a 50 k-conversation dataset renders ~150 k times). A render that
+    overruns leaves its thread behind; the next call starts a fresh one."""
+
+    def __init__(self):
+        self._jobs: queue.Queue | None = None
+
+    def _start(self) -> queue.Queue:
+        jobs: queue.Queue = queue.Queue()
+
+        def loop() -> None:
+            while True:
+                fn, box, done = jobs.get()
+                try:
+                    box["out"] = fn()
+                except BaseException as e:  # handed back to the caller's thread
+                    box["err"] = e
+                done.set()
+
+        threading.Thread(target=loop, daemon=True, name="agiasi-template").start()
+        return jobs
+
+    def __call__(self, fn, where: str):
+        if self._jobs is None:
+            self._jobs = self._start()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        if not done.wait(RENDER_SECONDS):
+            self._jobs = None  # that thread is stuck in the template
+            raise AgiasiError(
+                f"{where}: the chat template did not finish rendering in {RENDER_SECONDS:g} s (a "
+                "loop in the template?); agiasi does not run it further"
+            )
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+
+within_budget = _Renderer()
+
+
 def render_chat(
     tokenizer, messages: list[dict[str, str]], where: str, gen: bool = False
 ) -> list[int]:
     """The tokenizer's chat template on ``messages`` → ids; a template that raises (its own
     ``raise_exception``, a conversation it rejects) is one error naming the record."""
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        out = within_budget(
+            lambda: tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=gen
+            ),
+            where,
+        )
+    except AgiasiError:
+        raise
     except Exception as e:  # jinja2's TemplateError and whatever the template raises
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AgiasiError(f"{where}: the chat template refused this conversation: {msg}") from None
@@ -216,7 +274,12 @@ class _RoleCheck:
         probe = {"role": role, "content": self._PROBE}
         for conversation in ([probe], [{"role": "user", "content": "x"}, probe]):
             try:
-                text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+                text = within_budget(
+                    lambda c=conversation: self.tokenizer.apply_chat_template(c, tokenize=False),
+                    "the role check",
+                )
+            except AgiasiError:
+                raise
             except Exception:  # templates that raise_exception() on a role or an order
                 continue
             if self._PROBE in text:
