@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,25 @@ def match_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------- the wrapper
 
 
+@lru_cache(maxsize=1)
+def _note_peft_class():
+    """PEFT's causal-LM model whose ``load_adapter`` names our adapter by default: the note
+    calls ``model.base_model.load_adapter(path)``, and PEFT now requires an adapter name. The
+    weights then load in place into the adapter we train ("default"). A subclass, so PEFT itself
+    is used as it is (nothing patched)."""
+    from peft import PeftModelForCausalLM
+
+    class NotePeftModel(PeftModelForCausalLM):
+        def load_adapter(self, model_id, adapter_name: str = "default", **kwargs):
+            return super().load_adapter(model_id, adapter_name, **kwargs)
+
+    return NotePeftModel
+
+
+def _NotePeftModel(model, config):  # noqa: N802 - builds the class above (peft imported lazily)
+    return _note_peft_class()(model, config)
+
+
 class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
     """Base LM (+NF4) + LoRA + soul.
 
@@ -311,7 +330,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         return model
 
     def _wrap_lora(self, causal_lm: nn.Module):
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig
 
         lora = LoraConfig(
             r=self.config.lora_r,
@@ -321,15 +340,9 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(causal_lm, lora)
-
-        # The note calls `model.base_model.load_adapter(path)`; PEFT now requires an adapter
-        # name. Default it to the adapter we train ("default"): weights are loaded in place.
-        def load_adapter(model_id, adapter_name: str = "default", **kwargs):
-            return PeftModel.load_adapter(peft_model, model_id, adapter_name, **kwargs)
-
-        peft_model.load_adapter = load_adapter
-        return peft_model
+        # get_peft_model's own steps, with our subclass (below) as the model class
+        lora.base_model_name_or_path = causal_lm.__dict__.get("name_or_path", None)
+        return _NotePeftModel(causal_lm, lora)
 
     # ---------------------------------------------------------------- note's attributes
 
