@@ -224,21 +224,10 @@ def model_kind(path: str | Path) -> str:
 
 
 def load_hf_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
-    """An HF folder's causal LM, or one clear error (no weights, damaged weights, no code)."""
-    from transformers import AutoModelForCausalLM
+    """An HF folder's causal LM (see :func:`agiasi.loading.open_model`)."""
+    from agiasi.loading import open_model
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, device_map={"": torch.device(device)}
-        ).eval()
-    except (OSError, ValueError) as e:
-        raise AgiasiError(f"could not load the model in {folder}: {first_line(e)}") from None
-    except Exception as e:
-        if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
-            raise AgiasiError(
-                f"could not read the weights in {folder} ({first_line(e)}): damaged or truncated"
-            ) from None
-        raise
+    return open_model(folder, dtype, device, what="the model")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:

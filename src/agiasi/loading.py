@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -158,3 +159,51 @@ def check_config_fits_weights(model_id: str, hf_config) -> None:
             + (f"; {len(wrong) - 1} more" if len(wrong) > 1 else "")
             + "); fix config.json or fetch the model again"
         )
+
+
+def open_model(
+    source: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    hf_config=None,
+    what: str = "the model",
+    **from_pretrained_kwargs,
+):
+    """The one way agiasi opens an HF causal LM, in eval mode, or one clear error (missing or
+    damaged weights, a config it cannot read). A full-precision local folder goes to a GPU
+    tensor by tensor (host memory holds one tensor, not the mapped files); everything else,
+    and the CPU, through ``from_pretrained`` straight onto the device."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if device.type == "cuda" and local and "quantization_config" not in from_pretrained_kwargs:
+        from agiasi.weights import load_streamed
+
+        try:
+            config = hf_config if hf_config is not None else load_config(str(path))
+            model = load_streamed(path, config, dtype, device)
+        except AgiasiError:
+            model = None
+        if model is not None:
+            return model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path) if local else str(source),
+                dtype=dtype,
+                device_map={"": device},
+                **from_pretrained_kwargs,
+            )
+    except (OSError, ValueError) as e:
+        raise AgiasiError(f"could not load {what} {str(source)!r}: {first_line(e)}") from None
+    except Exception as e:  # safetensors header errors, truncated files
+        if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
+            raise AgiasiError(
+                f"could not read the weights of {what} {str(source)!r} ({first_line(e)}): damaged "
+                "or truncated (an interrupted download? fetch it again)"
+            ) from None
+        raise
+    return model.eval()

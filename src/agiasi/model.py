@@ -15,10 +15,8 @@ explicitly, so training sees exactly what generation sees.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +28,7 @@ from agiasi.loading import (
     Quantization,
     _warn_once,
     load_config,
+    open_model,
     parse_device,
     resolve_dtype,
 )
@@ -272,14 +271,10 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
     # ---------------------------------------------------------------- construction
 
     def _load_base(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
 
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, self.device_)
-        kwargs: dict[str, Any] = {
-            "trust_remote_code": cfg.trust_remote_code,
-            "dtype": dtype,
-        }
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.quantization == "nf4":
             try:
                 import bitsandbytes  # noqa: F401
@@ -297,34 +292,9 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 bnb_4bit_quant_type="nf4",
             )
         # Straight to the device: a 3.8 B fp32 model never passes through host memory on a GPU.
-        kwargs["device_map"] = {"": self.device_}
-        path = Path(cfg.base_model).expanduser()
-        source = str(path) if path.exists() else cfg.base_model
-        if cfg.quantization == "none" and self.device_.type == "cuda" and path.is_dir():
-            # to the GPU tensor by tensor: from_pretrained maps the whole files in host memory
-            from agiasi.weights import load_streamed
-
-            try:
-                model = load_streamed(path, self.hf_config, dtype, self.device_)
-            except AgiasiError:
-                model = None
-            if model is not None:
-                return model
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as e:
-            raise AgiasiError(
-                f"could not load base model {cfg.base_model!r}: {first_line(e)}"
-            ) from None
-        except Exception as e:  # safetensors header errors, truncated files
-            if "safetensors" in type(e).__module__ or "Safetensor" in type(e).__name__:
-                raise AgiasiError(
-                    f"could not read the weights of {cfg.base_model!r} ({first_line(e)}); "
-                    "an interrupted download? fetch the model again"
-                ) from None
-            raise
+        model = open_model(
+            cfg.base_model, dtype, self.device_, self.hf_config, "base model", **kwargs
+        )
         if cfg.quantization == "nf4" and dtype == torch.float32:
             _keep_nf4_in_float32(model)
         return model

@@ -371,17 +371,9 @@ def _long_context_row(run: _Run) -> None:
 
 
 def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device):
-    """An HF folder's model on ``device``: streamed tensor by tensor to a GPU (host memory holds
-    one tensor, not the mapped files), ``from_pretrained`` on the CPU (it skips the random
-    initialisation a model built in place would pay there)."""
-    from transformers import AutoModelForCausalLM
+    """An HF folder's model on ``device`` (see :func:`agiasi.loading.open_model`: streamed to a
+    GPU, ``from_pretrained`` on the CPU, which skips the random initialisation a model built in
+    place would pay there)."""
+    from agiasi.loading import open_model
 
-    from agiasi.weights import load_streamed
-
-    if device.type == "cuda":
-        model = load_streamed(folder, hf_config, dtype, device)
-        if model is not None:
-            return model
-    return AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, device_map={"": device}
-    ).eval()
+    return open_model(folder, dtype, device, hf_config=hf_config, what="the exported model")
