@@ -99,13 +99,6 @@ def read_rows(source: str) -> Iterator[Row]:
 # --------------------------------------------------------------------------- plain files
 
 
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _check_regular(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
