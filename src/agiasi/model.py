@@ -196,10 +196,6 @@ def _note_peft_class():
     return NotePeftModel
 
 
-def _NotePeftModel(model, config):  # noqa: N802 - builds the class above (peft imported lazily)
-    return _note_peft_class()(model, config)
-
-
 class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
     """Base LM (+NF4) + LoRA + soul.
 
@@ -312,7 +308,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         )
         # get_peft_model's own steps, with our subclass (below) as the model class
         lora.base_model_name_or_path = causal_lm.__dict__.get("name_or_path", None)
-        return _NotePeftModel(causal_lm, lora)
+        return _note_peft_class()(causal_lm, lora)
 
     # ---------------------------------------------------------------- note's attributes
 
