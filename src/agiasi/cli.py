@@ -53,7 +53,10 @@ def add_dataclass_args(
         if not helptext:
             raise TypeError(f"{cls.__name__}.{f.name} has no help text")
         if f.name in positional:
-            parser.add_argument(f.name, help=helptext)
+            if f.default is None:  # a positional whose field has a default may be left out
+                parser.add_argument(f.name, nargs="?", default=None, help=helptext)
+            else:
+                parser.add_argument(f.name, help=helptext)
             continue
         flag = options.flag_name(f.name)
         if convert is options.parse_bool:
@@ -176,6 +179,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from agiasi.evaluate import EvalConfig, evaluate
 
     cfg = build_config(EvalConfig, args)
+    if cfg.task or cfg.compare:
+        return _eval_tasks(cfg)
+    if cfg.model is None:
+        raise AgiasiError("eval: name a MODEL (a step folder, an HF folder or a .gguf file)")
     r = evaluate(cfg)
     if not math.isfinite(r["perplexity"]):
         raise AgiasiError(
@@ -190,6 +197,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{r['text']}\n  window {r['window']} tokens, stride {r['stride']} (non-overlapping), "
             f"{r['chars_per_token']:.2f} chars/token"
         )
+    return 0
+
+
+def _eval_tasks(cfg) -> int:
+    """``agiasi eval --task``: the JGLUE table, the JSON summary, the full report file."""
+    import json as _json
+
+    from agiasi.benchmark import format_benchmark, run_benchmark, without_items
+
+    options.check(cfg)
+    if not cfg.task:
+        raise AgiasiError("--compare needs --task (the benchmark to compare the models on)")
+    if cfg.text:
+        raise AgiasiError("--text is for perplexity; --task scores the JGLUE items instead")
+    report_path = Path(cfg.report) if cfg.report else None
+    if report_path is not None and report_path.is_dir():
+        raise AgiasiError(f"--report {report_path} is a folder; name a file")
+    report = run_benchmark(cfg, log=lambda m: print(m, file=sys.stderr))
+    if report_path is not None:
+        tmp = report_path.with_name(f".{report_path.name}.tmp")
+        tmp.write_text(_json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(report_path)
+    if cfg.json:
+        print(_json.dumps(without_items(report), ensure_ascii=False, indent=2))
+    else:
+        print(format_benchmark(report))
+        if report_path is not None:
+            print(f"report: {report_path}")
     return 0
 
 
@@ -282,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="perplexity of a checkpoint, an HF folder or a GGUF (llama.cpp) on a text",
+        help="perplexity, or JGLUE accuracy (--task), of a checkpoint, an HF folder or a GGUF",
         description="Token-level perplexity over non-overlapping windows; chars/token reported so "
-        "tokenizers compare. Default text: the shipped held-out Japanese sample.",
+        "tokenizers compare. Default text: the shipped held-out Japanese sample. With --task: "
+        "JCommonsenseQA / JNLI multiple choice as lm-evaluation-harness scores it; --compare "
+        "puts models side by side with a confidence interval and a verdict.",
     )
     add_dataclass_args(p, EvalConfig, positional=("model",))
     p.set_defaults(func=_cmd_eval)

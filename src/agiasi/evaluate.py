@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,41 @@ class GGUFModel:
         a prompt gets in llama.cpp and Ollama)."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
+    def encode(self, text: str) -> list[int]:
+        """lm-eval's rule: the specials llama.cpp adds (BOS where the GGUF says so) unless the
+        text already starts with the BOS piece (a chat template that writes it)."""
+        bos = self.llm.token_bos()
+        piece = (
+            self.llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        )
+        special = not (piece and text.startswith(piece))
+        return self.tokenize(text, add_special=special)
+
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        """The GGUF's own chat template (its metadata), rendered by transformers' sandboxed
+        jinja renderer as an HF tokenizer would render it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        def piece(token: int) -> str:
+            return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+        specials = {
+            "bos_token": piece(self.llm.token_bos()) if self.llm.token_bos() >= 0 else "",
+            "eos_token": piece(self.llm.token_eos()) if self.llm.token_eos() >= 0 else "",
+        }
+        template = self.chat_template()
+
+        def render(m):
+            out, _ = render_jinja_template(
+                [m], chat_template=template, add_generation_prompt=True, **specials
+            )
+            return out[0]
+
+        return render_template(render, messages)
+
     def greedy(self, ids: list[int], n: int) -> list[int]:
         self.llm.reset()
         self.llm.eval(ids)
@@ -165,9 +201,37 @@ def text_ids(
 class EvalConfig:
     """Flags of ``agiasi eval``."""
 
-    model: str = option(help="step_N folder, HF model folder or .gguf file")
+    model: str | None = option(None, "step_N folder, HF model folder or .gguf file")
     text: str | None = option(
         None, "UTF-8 text file (default: the shipped held-out Japanese sample)"
+    )
+    task: str | None = option(
+        None,
+        "JGLUE multiple choice instead of perplexity: jcommonsenseqa, jnli or both "
+        "(comma-separated), scored as lm-evaluation-harness's japanese_leaderboard tasks",
+    )
+    num_fewshot: int = option(
+        0, "--task: answered examples before each item (the leaderboard uses 3)", ge=0
+    )
+    fewshot_seed: int = option(1234, "--task: seed of the few-shot draw (lm-eval's default)")
+    chat_template: bool = option(False, "--task: wrap each prompt in the model's chat template")
+    limit: int | None = option(None, "--task: score only the first N items of each task", ge=1)
+    task_data: str | None = option(
+        None, "--task: PATH or TASK=PATH,… of items to score instead of the shipped valid sets"
+    )
+    fewshot_data: str | None = option(
+        None, "--task: PATH or TASK=PATH,… of the few-shot pool (default: the shipped train split)"
+    )
+    compare: str | None = option(
+        None,
+        "--task: BASE,MODEL[,…] scored on the same items; each against the first with a 95 % "
+        "paired-bootstrap interval and a verdict",
+    )
+    report: str | None = option(
+        None, "--task: write the whole JSON report (every item's prompt and scores) here"
+    )
+    device: str | None = option(
+        None, "cpu, cuda or cuda:N for a step or HF folder (default: the GPU if there is one)"
     )
     window: int | None = option(
         None, "tokens per window (default: 512, or the model's trained context if shorter)", ge=2
@@ -230,69 +294,154 @@ def load_hf_model(folder: str | Path, dtype: torch.dtype, device: str | torch.de
     return open_model(folder, dtype, device, what="the model")
 
 
+@dataclass
+class EvalModel:
+    """A model opened for measuring, whatever it is: its logits, its tokenizer under both
+    rules (bare for perplexity; lm-eval's for benchmarks), its chat template and a scorer."""
+
+    kind: str
+    path: str
+    logits: Callable[[list[int]], np.ndarray]
+    tokenize: Callable[[str], list[int]]
+    encode: Callable[[str], list[int]]
+    chat: Callable[[list[dict[str, str]]], str] | None
+    context: int | None
+    scorer: Any
+    close: Callable[[], None]
+
+
+def open_eval_model(
+    path: str | Path,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    n_ctx: int = 4096,
+    device: str | None = "cpu",
+) -> EvalModel:
+    """A step folder (the soul wrapper), an HF folder or a GGUF (llama.cpp), opened once."""
+    from agiasi.gguf import trained_context
+    from agiasi.loglik import GGUFScorer, TorchScorer
+
+    kind = model_kind(path)
+    if kind == "gguf":
+        g = GGUFModel(path, n_ctx=n_ctx)
+        ctx = g.context_length()
+        return EvalModel(
+            kind,
+            str(path),
+            g.logits,
+            g.tokenize,
+            g.encode,
+            g.chat if g.chat_template() else None,
+            min(ctx, n_ctx) if ctx else n_ctx,
+            GGUFScorer(g.llm),
+            g.close,
+        )
+    from transformers import AutoTokenizer
+
+    from agiasi.loading import parse_device, resolve_dtype
+
+    dev = parse_device(device)
+    if kind == "checkpoint":
+        from agiasi.model import AGIASI_SO8T_Wrapper
+
+        overrides = {"base_model": base_model} if base_model else {}
+        model = AGIASI_SO8T_Wrapper.from_checkpoint(
+            path,
+            device=dev,
+            lora_dropout=0.0,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            **overrides,
+        ).eval()
+        tok_src, hf_config = model.config.base_model, model.hf_config
+        embed = model.causal_lm.get_input_embeddings()
+    else:
+        model = load_hf_model(path, resolve_dtype(dtype, dev), dev)
+        tok_src, hf_config = path, model.config
+        embed = model.get_input_embeddings()
+    tok = AutoTokenizer.from_pretrained(tok_src)
+
+    def logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.tensor([ids], device=dev)
+            return model(x).logits[0].float().cpu().numpy()
+
+    def tokenize(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode(text: str) -> list[int]:
+        bos = tok.bos_token
+        special = not (bos and text.startswith(bos))
+        return tok(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+    def chat(messages: list[dict[str, str]]) -> str:
+        return render_template(
+            lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+            messages,
+        )
+
+    return EvalModel(
+        kind,
+        str(path),
+        logits,
+        tokenize,
+        encode,
+        chat if tok.chat_template else None,
+        trained_context(hf_config.to_dict()),
+        TorchScorer(model, dev, embed.weight.dtype, embed.weight.shape[0]),
+        lambda: None,
+    )
+
+
+def render_template(render: Callable[[list[dict[str, str]]], str], messages) -> str:
+    """A chat template on ``messages`` within the render budget; a template that refuses the
+    system turn renders without it, as lm-eval does (the description is then dropped)."""
+    from agiasi.data.tokenize import within_budget
+
+    try:
+        return within_budget(lambda: render(messages), "the chat template")
+    except AgiasiError:
+        raise
+    except Exception:  # jinja2's TemplateError and whatever the template raises
+        rest = [m for m in messages if m["role"] != "system"]
+        try:
+            return within_budget(lambda: render(rest), "the chat template")
+        except AgiasiError:
+            raise
+        except Exception as e:
+            raise AgiasiError(f"the chat template refused the prompt: {first_line(e)}") from None
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Token-level perplexity of a checkpoint, an HF folder or a GGUF on a text file."""
-    from agiasi.gguf import trained_context
     from agiasi.options import check
 
     check(cfg)
-    kind = model_kind(cfg.model)
+    model_kind(cfg.model)
     text_path, text = eval_text(cfg.text)
-    if kind == "gguf":
-        g = GGUFModel(cfg.model, n_ctx=max(cfg.n_ctx, cfg.window or 0))
-        logits_fn, tokenize, context, close = g.logits, g.tokenize, g.context_length(), g.close
-    else:
-        from transformers import AutoTokenizer
-
-        if kind == "checkpoint":
-            from agiasi.model import AGIASI_SO8T_Wrapper
-
-            overrides = {"base_model": cfg.base_model} if cfg.base_model else {}
-            model = AGIASI_SO8T_Wrapper.from_checkpoint(
-                cfg.model,
-                lora_dropout=0.0,
-                dtype=cfg.dtype,
-                trust_remote_code=cfg.trust_remote_code,
-                **overrides,
-            ).eval()
-            tok_src, hf_config = model.config.base_model, model.hf_config
-
-            def logits_fn(chunk):
-                with torch.no_grad():
-                    return model(torch.tensor([chunk])).logits[0].float().cpu().numpy()
-        else:
-            from agiasi.loading import resolve_dtype
-
-            hf = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, "cpu"))
-            tok_src, hf_config = cfg.model, hf.config
-
-            def logits_fn(chunk):
-                return hf_logits(hf, chunk)
-
-        tok = AutoTokenizer.from_pretrained(tok_src)
-        context = trained_context(hf_config.to_dict())
-
-        def tokenize(t):
-            return tok(t, add_special_tokens=False, verbose=False)["input_ids"]
-
-        def close():
-            return None
-
+    m = open_eval_model(
+        cfg.model,
+        base_model=cfg.base_model,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        n_ctx=max(cfg.n_ctx, cfg.window or 0),
+    )
     try:
-        all_ids = tokenize(text)
-        window = eval_window(cfg.window, context)
+        all_ids = m.tokenize(text)
+        window = eval_window(cfg.window, m.context)
         ids = all_ids[: cfg.max_tokens]
-        ppl = perplexity(logits_fn, ids, window)
+        ppl = perplexity(m.logits, ids, window)
     finally:
-        close()
+        m.close()
     return {
         "model": str(cfg.model),
-        "kind": kind,
+        "kind": m.kind,
         "text": str(text_path),
         "perplexity": ppl,
         "tokens": len(ids),
         "window": window,
         "stride": window,
-        "trained_context": context,
+        "trained_context": m.context,
         "chars_per_token": len(text) / max(1, len(all_ids)),
     }

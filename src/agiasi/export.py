@@ -104,6 +104,11 @@ class ExportConfig:
     trust_remote_code: bool = option(
         False, "allow a base model that runs its own code (never taken from the checkpoint)"
     )
+    benchmark: str | None = option(
+        None,
+        "TASK[:N]: JGLUE accuracy of the trained wrapper, the HF folder and every GGUF on the "
+        "same N items, in the report and the card (jcommonsenseqa or jnli; N default 100)",
+    )
 
 
 @dataclass
@@ -208,6 +213,12 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         raise AgiasiError("--text is what the fidelity measure scores; --no-measure skips it")
     if cfg.measure:
         eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
+    if cfg.benchmark:
+        from agiasi.benchmark import parse_export_spec
+
+        if not cfg.measure:
+            raise AgiasiError("--benchmark is part of the fidelity measure; --no-measure skips it")
+        parse_export_spec(cfg.benchmark)  # a typo fails now, not after the export
     if cfg.output_tensor_type:
         parse_types(cfg.output_tensor_type)
     ckpt = Path(cfg.checkpoint)
@@ -524,6 +535,8 @@ def finish_report(
     release_memory()  # what the write stages freed goes back before the models load
     try:
         measured = parity_report(inputs, log)
+        if plan.cfg.benchmark:
+            measured["benchmark"] = benchmark_rows(plan, inputs, log)
     except MeasureError as e:
         report["measure"] = {"status": "failed", "stage": e.stage, "error": e.message}
         _write_report_and_card(plan.out, report, plan)
@@ -550,6 +563,43 @@ def finish_report(
         log(f"export: not measured: {note}")
     log(f"export: done → {plan.out}")
     return report
+
+
+def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
+    """``--benchmark``: the trained wrapper (as trained), the HF folder and each GGUF on the
+    same JGLUE items, one model in memory at a time; a failure is the measure's failure."""
+    from agiasi.benchmark import export_rows
+    from agiasi.evaluate import open_eval_model
+    from agiasi.parity import MeasureError, measure_device, parity_n_ctx
+
+    device = str(measure_device())
+    mcfg = plan.model_config
+    stages = [
+        (
+            "wrapper (as trained)",
+            lambda: open_eval_model(
+                plan.checkpoint,
+                base_model=mcfg.base_model,
+                trust_remote_code=mcfg.trust_remote_code,
+                device=device,
+            ),
+        ),
+        ("hf", lambda: open_eval_model(plan.out / "hf", device=device)),
+    ]
+    if plan.run_ggufs:
+        for t, path in inputs.ggufs.items():
+            stages.append(
+                (
+                    f"gguf {t}",
+                    lambda p=path: open_eval_model(p, n_ctx=parity_n_ctx(plan.cfg.num_ctx)),
+                )
+            )
+    try:
+        return export_rows(plan.cfg.benchmark, stages, log)
+    except AgiasiError as e:
+        raise MeasureError("benchmark", str(e)) from None
+    except Exception as e:  # one failed row must not lose the export
+        raise MeasureError("benchmark", f"{type(e).__name__}: {e}") from e
 
 
 def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPlan) -> None:

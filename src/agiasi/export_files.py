@@ -129,7 +129,29 @@ def format_report(report: dict[str, Any]) -> str:
                 f"merge base {k:<6} vs trained wrapper: max|Δlogit| {_f(v['max_abs_dlogit'])}, "
                 f"top-1 {_pct(v['top1'])}, mean KL {_f(v['mean_kl'])}"
             )
+    if "benchmark" in report:
+        rows += format_benchmark_rows(report["benchmark"])
     return "\n".join(rows)
+
+
+def format_benchmark_rows(b: dict[str, Any]) -> list[str]:
+    """The ``--benchmark`` rows: accuracy per stage, and each against the trained wrapper."""
+    rows = [
+        f"{b['task']} ({b['items']} items, {b['num_fewshot']}-shot, {b['lm_eval_task']} prompt; "
+        f"chance {_pct(b['chance'])})",
+        "stage                         acc   acc_norm   Δacc vs wrapper  95 % CI          "
+        "same choice  verdict",
+    ]
+    for name, r in b["rows"].items():
+        line = f"{name:<27} {_pct(r['acc']):>6} {_pct(r['acc_norm']):>9}"
+        if "diff" in r:
+            lo, hi = r["ci95"]
+            line += (
+                f"   {100 * r['diff']:>+8.1f} pt    [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+                f"   {_pct(r['same_choice']):>10}  {r['verdict']}"
+            )
+        rows.append(line)
+    return rows
 
 
 def _f(x) -> str:

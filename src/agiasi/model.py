@@ -359,9 +359,18 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         Packed rows (``position_ids`` restarting at 0 per example) go in without the 2-D mask:
         transformers then reads the example boundaries from the positions and keeps attention
         inside each example (a block-diagonal causal mask; on flash attention, varlen kernels).
+        A 4-D additive float mask (B, 1, T, T) goes through as it is, with the positions: what
+        :mod:`agiasi.loglik` packs an item's choices with.
         """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        if position_ids is not None:
+        if attention_mask is not None and attention_mask.ndim == 4:  # an explicit (B,1,T,T) mask
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        elif position_ids is not None:
             out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         else:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -449,6 +458,16 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             raise AgiasiError(
                 f"token id {lo if lo < 0 else hi} is outside this model's vocabulary [0, {vocab})"
             )
+        if attention_mask is not None and attention_mask.ndim == 4:
+            b, t = input_ids.shape
+            if not attention_mask.is_floating_point() or attention_mask.shape != (b, 1, t, t):
+                raise AgiasiError(
+                    f"a 4-D attention_mask must be additive floats of shape {(b, 1, t, t)}, "
+                    f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+                )
+            if labels is not None:
+                raise AgiasiError("labels with a 4-D attention_mask: mask the labels yourself")
+            attention_mask = None
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is None:
                 continue

@@ -1,4 +1,5 @@
-"""What the package ships (see assets/NOTICE): the tiny Japanese Phi-3 and its two texts.
+"""What the package ships (see assets/NOTICE): the tiny Japanese Phi-3, its two texts and the
+JGLUE validation sets.
 
 One place for the paths, at the bottom floor, so that the data stage, evaluation and the demo
 all find them without importing each other.
@@ -27,3 +28,8 @@ def default_dataset() -> Path:
 def default_heldout() -> Path:
     """The Mew manual's first 30 KB, never trained on."""
     return _asset("data", "heldout_ja.txt")
+
+
+def jglue_file(name: str) -> Path:
+    """One of the JGLUE v1.3 files the package ships (CC BY-SA 4.0, see assets/NOTICE)."""
+    return _asset("jglue", name)

@@ -1,0 +1,323 @@
+"""Japanese ability as the field measures it: JGLUE multiple choice on any model agiasi opens
+(a step folder, an HF folder, a GGUF), and before/after with an interval and a verdict.
+
+``agiasi eval MODEL --task jcommonsenseqa,jnli`` scores each item's choices by log-likelihood
+(:mod:`agiasi.loglik`, lm-eval's rules) on lm-eval's prompts (:mod:`agiasi.tasks`) and reports
+``acc`` (the most likely choice) and ``acc_norm`` (log-likelihood per character of the choice,
+lm-eval's normalisation). ``--compare A,B,…`` scores every model on the same items, one model in
+memory at a time, and compares each with the first (:mod:`agiasi.stats`). ``agiasi export
+--benchmark`` puts the same rows, for the wrapper, the HF folder and every GGUF, in the export
+report (:func:`export_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agiasi.errors import AgiasiError
+from agiasi.tasks import TEMPLATE_SOURCE, TaskSet, chat_messages, continuations, plain_prompt
+
+EXPORT_DEFAULT_ITEMS = 100
+
+
+def prepare_sets(cfg) -> list[TaskSet]:
+    """The items every model of this run is scored on, checked before any model loads."""
+    from agiasi.tasks import parse_task_paths, parse_tasks, prepare
+
+    tasks = parse_tasks(cfg.task)
+    data = parse_task_paths(cfg.task_data, tasks, "--task-data")
+    pools = parse_task_paths(cfg.fewshot_data, tasks, "--fewshot-data")
+    return [
+        prepare(
+            t,
+            data=data.get(t.name),
+            fewshot_data=pools.get(t.name),
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            seed=cfg.fewshot_seed,
+        )
+        for t in tasks
+    ]
+
+
+def score_set(model, ts: TaskSet, chat: bool, log=None) -> dict[str, Any]:
+    """One model on one task: per-item outcomes and the two accuracies."""
+    from agiasi.loglik import Scored, item_tokens
+
+    if chat and model.chat is None:
+        raise AgiasiError(f"--chat-template: {model.path} has no chat template")
+    task = ts.task
+    contexts = [
+        model.chat(chat_messages(task, it, sh)) if chat else plain_prompt(task, it, sh)
+        for it, sh in zip(ts.items, ts.shots, strict=True)
+    ]
+    encoded = [
+        item_tokens(model.encode, ctx, continuations(task, it, chat), model.context)
+        for ctx, it in zip(contexts, ts.items, strict=True)
+    ]
+    groups = [g for item_groups, _ in encoded for g in item_groups]
+    t0 = time.perf_counter()
+    bar = _progress(len(groups), f"{task.name} {Path(model.path).name}")
+    try:
+        flat = model.scorer.score(groups, bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    scored, k = [], 0
+    for item_groups, _ in encoded:  # an item cut per choice comes back as one group a choice
+        parts = flat[k : k + len(item_groups)]
+        k += len(item_groups)
+        scored.append(
+            Scored([v for p in parts for v in p.logliks], [g for p in parts for g in p.greedy])
+        )
+    items = []
+    for i, (it, s, ctx, enc) in enumerate(zip(ts.items, scored, contexts, encoded, strict=True)):
+        if not all(math.isfinite(v) for v in s.logliks):
+            raise AgiasiError(
+                f"{model.path}: a log-likelihood of {task.name} item {ts.item_id(i)} is not "
+                "finite (the model's outputs are nan/inf)"
+            )
+        lengths = np.array([len(c) for c in task.choices(it)], dtype=np.float64)
+        ll = np.array(s.logliks)
+        gold = task.gold(it)
+        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll / lengths))
+        items.append(
+            {
+                "id": ts.item_id(i),
+                "gold": gold,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "logliks": s.logliks,
+                "greedy": s.greedy,
+                "truncated": enc[1],
+                "context": ctx,
+            }
+        )
+    acc = np.array([it["pred"] == it["gold"] for it in items], dtype=np.float64)
+    acc_norm = np.array([it["pred_norm"] == it["gold"] for it in items], dtype=np.float64)
+    n = len(items)
+    result = {
+        "items": n,
+        "acc": float(acc.mean()),
+        "acc_stderr": float(acc.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "acc_norm": float(acc_norm.mean()),
+        "truncated": int(sum(it["truncated"] for it in items)),
+        "seconds": seconds,
+        "items_per_s": n / seconds if seconds > 0 else None,
+        "per_item": items,
+    }
+    if log:
+        log(
+            f"eval: {task.name} on {model.path}: acc {result['acc']:.1%}, acc_norm "
+            f"{result['acc_norm']:.1%} ({n} items, {seconds:.1f} s)"
+        )
+    return result
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False, disable=None)
+
+
+def set_record(ts: TaskSet, chat: bool) -> dict[str, Any]:
+    return {
+        "task": ts.task.name,
+        "lm_eval_task": ts.task.lm_eval,
+        "template": TEMPLATE_SOURCE,
+        "items": len(ts.items),
+        "scored_from": ts.scored_from,
+        "num_fewshot": ts.num_fewshot,
+        "fewshot_from": ts.fewshot_from,
+        "fewshot_seed": ts.seed,
+        "chat_template": chat,
+        "chance": ts.task.chance,
+    }
+
+
+def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each model's accuracy against the first's on the same items."""
+    from agiasi.stats import mcnemar_exact, paired_bootstrap, verdict
+
+    ref = np.array([it["pred"] == it["gold"] for it in results[0]["per_item"]])
+    rows = []
+    for r in results[1:]:
+        got = np.array([it["pred"] == it["gold"] for it in r["per_item"]])
+        diff, lo, hi = paired_bootstrap(ref, got)
+        only_ref, only_new, p = mcnemar_exact(ref, got)
+        rows.append(
+            {
+                "diff": diff,
+                "ci95": [lo, hi],
+                "verdict": verdict(diff, lo, hi),
+                "mcnemar": {"only_reference": only_ref, "only_this": only_new, "p": p},
+                "same_choice": float(
+                    np.mean(
+                        [
+                            a["pred"] == b["pred"]
+                            for a, b in zip(results[0]["per_item"], r["per_item"], strict=True)
+                        ]
+                    )
+                ),
+            }
+        )
+    return rows
+
+
+def run_benchmark(cfg, log=None) -> dict[str, Any]:
+    """``agiasi eval --task``: every model of ``cfg`` (MODEL, or the list of ``--compare``) on
+    every task; one model loaded at a time."""
+    from agiasi.evaluate import model_kind, open_eval_model
+    from agiasi.parity import release_memory
+
+    if cfg.compare:
+        if cfg.model:
+            raise AgiasiError("give the models either as MODEL or in --compare, not both")
+        models = [m.strip() for m in cfg.compare.split(",") if m.strip()]
+        if len(models) < 2:
+            raise AgiasiError("--compare needs two models or more: BASE,CHECKPOINT[,GGUF…]")
+    elif cfg.model:
+        models = [cfg.model]
+    else:
+        raise AgiasiError("name a MODEL (or --compare A,B,…) to evaluate")
+    for m in models:
+        model_kind(m)  # a missing model is an error before anything runs
+    sets = prepare_sets(cfg)
+    per_model: list[dict[str, dict[str, Any]]] = []
+    for path in models:
+        model = open_eval_model(
+            path,
+            base_model=cfg.base_model,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            n_ctx=cfg.n_ctx,
+            device=cfg.device,
+        )
+        try:
+            per_model.append(
+                {ts.task.name: score_set(model, ts, cfg.chat_template, log) for ts in sets}
+            )
+        finally:
+            model.close()
+            del model
+            release_memory()
+    report: dict[str, Any] = {"models": models, "tasks": {}}
+    for ts in sets:
+        name = ts.task.name
+        results = [pm[name] for pm in per_model]
+        entry = set_record(ts, cfg.chat_template)
+        entry["results"] = [{"model": m, **r} for m, r in zip(models, results, strict=True)]
+        if len(models) > 1:
+            entry["compare"] = [
+                {"model": m, **row}
+                for m, row in zip(models[1:], compare_rows(results), strict=True)
+            ]
+        report["tasks"][name] = entry
+    return report
+
+
+def without_items(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its per-item records (what ``--json`` prints; ``--report`` keeps
+    them)."""
+    out = {"models": report["models"], "tasks": {}}
+    for name, entry in report["tasks"].items():
+        e = dict(entry)
+        e["results"] = [{k: v for k, v in r.items() if k != "per_item"} for r in entry["results"]]
+        out["tasks"][name] = e
+    return out
+
+
+def format_benchmark(report: dict[str, Any]) -> str:
+    """The table ``agiasi eval --task`` prints."""
+    lines = []
+    for name, e in report["tasks"].items():
+        shots = f"{e['num_fewshot']}-shot"
+        prompt = "chat template" if e["chat_template"] else "plain prompt"
+        lines.append(
+            f"{name}: {e['items']} items, {shots}, {prompt} ({e['lm_eval_task']}); "
+            f"chance {e['chance']:.1%}"
+        )
+        width = max(len(r["model"]) for r in e["results"])
+        head = f"  {'model':<{width}}  {'acc':>6}  {'acc_norm':>8}"
+        if "compare" in e:
+            head += "  Δacc vs first  95 % CI          verdict"
+        lines.append(head)
+        cmp = {c["model"]: c for c in e.get("compare", [])}
+        for k, r in enumerate(e["results"]):
+            row = f"  {r['model']:<{width}}  {r['acc']:>6.1%}  {r['acc_norm']:>8.1%}"
+            c = cmp.get(r["model"]) if k else None
+            if c:
+                lo, hi = c["ci95"]
+                row += (
+                    f"  {c['diff'] * 100:>+10.1f} pt  [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+                    f"{'':<4}{c['verdict']}"
+                )
+            lines.append(row)
+        cut = max(r["truncated"] for r in e["results"])
+        if cut:
+            lines.append(f"  {cut} item(s) cut on the left to fit a model's context")
+    return "\n".join(lines)
+
+
+def parse_export_spec(text: str) -> tuple[str, int]:
+    """``jcommonsenseqa[:N]`` → (task, N items)."""
+    from agiasi.tasks import parse_tasks
+
+    name, sep, n = text.partition(":")
+    task = parse_tasks(name)
+    if len(task) != 1:
+        raise AgiasiError("--benchmark takes one task: jcommonsenseqa[:N] or jnli[:N]")
+    if not sep:
+        return task[0].name, EXPORT_DEFAULT_ITEMS
+    try:
+        items = int(n)
+    except ValueError:
+        raise AgiasiError(f"--benchmark {text!r}: N must be a whole number of items") from None
+    if items < 1:
+        raise AgiasiError(f"--benchmark {text!r}: N must be at least 1")
+    return task[0].name, items
+
+
+def export_rows(
+    spec: str,
+    stages: list[tuple[str, Any]],
+    log=None,
+) -> dict[str, Any]:
+    """The benchmark rows of an export: ``stages`` is [(row name, opener)], the first the
+    reference (the trained wrapper); each opener returns an opened model, which is closed and
+    freed before the next opens."""
+    from agiasi.parity import release_memory
+    from agiasi.tasks import TASKS, prepare
+
+    name, n = parse_export_spec(spec)
+    ts = prepare(TASKS[name], limit=n)
+    results, names = [], []
+    for row, opener in stages:
+        model = opener()
+        try:
+            results.append(score_set(model, ts, chat=False))
+        finally:
+            model.close()
+            del model
+            release_memory()
+        names.append(row)
+        if log:
+            r = results[-1]
+            log(f"export: {name} on {row}: acc {r['acc']:.1%} ({r['items']} items)")
+    rows = {names[0]: _export_row(results[0])}
+    for row, r, c in zip(names[1:], results[1:], compare_rows(results), strict=True):
+        rows[row] = {**_export_row(r), **c}
+    return {**set_record(ts, False), "rows": rows}
+
+
+def _export_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("acc", "acc_norm", "seconds")}
