@@ -59,7 +59,15 @@ def _lm_eval_task_dir(workdir: Path, task, data: Path, pool: Path | None) -> str
     return name
 
 
-def lm_eval_items(model_dir: Path, ts, chat: bool, workdir: Path) -> list[dict]:
+def lm_eval_items(
+    model_dir: Path,
+    ts,
+    chat: bool,
+    workdir: Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+) -> list[dict]:
     """lm-eval's per-item records (prompt, continuations, log-likelihoods) for ``ts``'s items."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -75,13 +83,13 @@ def lm_eval_items(model_dir: Path, ts, chat: bool, workdir: Path) -> list[dict]:
     name = _lm_eval_task_dir(workdir, task, data, pool)
     res = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_dir},dtype=float32,device=cpu",
+        model_args=f"pretrained={model_dir},dtype={dtype},device={device}",
         tasks=[name],
         num_fewshot=ts.num_fewshot,
         fewshot_random_seed=ts.seed,
         log_samples=True,
         task_manager=TaskManager(include_path=str(workdir)),
-        batch_size=8,
+        batch_size=batch_size,
         apply_chat_template=chat,
         fewshot_as_multiturn=False,
         verbosity="ERROR",

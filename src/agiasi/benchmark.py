@@ -48,22 +48,49 @@ def prepare_sets(cfg) -> list[TaskSet]:
 
 def score_set(model, ts: TaskSet, chat: bool, log=None) -> dict[str, Any]:
     """One model on one task: per-item outcomes and the two accuracies."""
-    from agiasi.loglik import Scored, item_tokens
-
     if chat and model.chat is None:
         raise AgiasiError(f"--chat-template: {model.path} has no chat template")
-    task = ts.task
     contexts = [
-        model.chat(chat_messages(task, it, sh)) if chat else plain_prompt(task, it, sh)
+        model.chat(chat_messages(ts.task, it, sh)) if chat else plain_prompt(ts.task, it, sh)
         for it, sh in zip(ts.items, ts.shots, strict=True)
     ]
+    scored, cut, seconds = _score_items(model, ts, contexts, chat)
+    items = [
+        _item_record(model, ts, i, s, ctx, c)
+        for i, (s, ctx, c) in enumerate(zip(scored, contexts, cut, strict=True))
+    ]
+    acc = np.array([it["pred"] == it["gold"] for it in items], dtype=np.float64)
+    acc_norm = np.array([it["pred_norm"] == it["gold"] for it in items], dtype=np.float64)
+    n = len(items)
+    result = {
+        "items": n,
+        "acc": float(acc.mean()),
+        "acc_stderr": float(acc.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "acc_norm": float(acc_norm.mean()),
+        "truncated": int(sum(cut)),
+        "seconds": seconds,
+        "items_per_s": n / seconds if seconds > 0 else None,
+        "per_item": items,
+    }
+    if log:
+        log(
+            f"eval: {ts.task.name} on {model.path}: acc {result['acc']:.1%}, acc_norm "
+            f"{result['acc_norm']:.1%} ({n} items, {seconds:.1f} s)"
+        )
+    return result
+
+
+def _score_items(model, ts: TaskSet, contexts: list[str], chat: bool):
+    """Every item's choices through the model's scorer: ([Scored], [cut?], seconds)."""
+    from agiasi.loglik import Scored, item_tokens
+
     encoded = [
-        item_tokens(model.encode, ctx, continuations(task, it, chat), model.context)
+        item_tokens(model.encode, ctx, continuations(ts.task, it, chat), model.context)
         for ctx, it in zip(contexts, ts.items, strict=True)
     ]
     groups = [g for item_groups, _ in encoded for g in item_groups]
     t0 = time.perf_counter()
-    bar = _progress(len(groups), f"{task.name} {Path(model.path).name}")
+    bar = _progress(len(groups), f"{ts.task.name} {Path(model.path).name}")
     try:
         flat = model.scorer.score(groups, bar.update if bar else None)
     finally:
@@ -77,48 +104,28 @@ def score_set(model, ts: TaskSet, chat: bool, log=None) -> dict[str, Any]:
         scored.append(
             Scored([v for p in parts for v in p.logliks], [g for p in parts for g in p.greedy])
         )
-    items = []
-    for i, (it, s, ctx, enc) in enumerate(zip(ts.items, scored, contexts, encoded, strict=True)):
-        if not all(math.isfinite(v) for v in s.logliks):
-            raise AgiasiError(
-                f"{model.path}: a log-likelihood of {task.name} item {ts.item_id(i)} is not "
-                "finite (the model's outputs are nan/inf)"
-            )
-        lengths = np.array([len(c) for c in task.choices(it)], dtype=np.float64)
-        ll = np.array(s.logliks)
-        gold = task.gold(it)
-        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll / lengths))
-        items.append(
-            {
-                "id": ts.item_id(i),
-                "gold": gold,
-                "pred": pred,
-                "pred_norm": pred_norm,
-                "logliks": s.logliks,
-                "greedy": s.greedy,
-                "truncated": enc[1],
-                "context": ctx,
-            }
+    return scored, [cut for _, cut in encoded], seconds
+
+
+def _item_record(model, ts: TaskSet, i: int, s, context: str, cut: bool) -> dict[str, Any]:
+    item = ts.items[i]
+    if not all(math.isfinite(v) for v in s.logliks):
+        raise AgiasiError(
+            f"{model.path}: a log-likelihood of {ts.task.name} item {ts.item_id(i)} is not "
+            "finite (the model's outputs are nan/inf)"
         )
-    acc = np.array([it["pred"] == it["gold"] for it in items], dtype=np.float64)
-    acc_norm = np.array([it["pred_norm"] == it["gold"] for it in items], dtype=np.float64)
-    n = len(items)
-    result = {
-        "items": n,
-        "acc": float(acc.mean()),
-        "acc_stderr": float(acc.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-        "acc_norm": float(acc_norm.mean()),
-        "truncated": int(sum(it["truncated"] for it in items)),
-        "seconds": seconds,
-        "items_per_s": n / seconds if seconds > 0 else None,
-        "per_item": items,
+    lengths = np.array([len(c) for c in ts.task.choices(item)], dtype=np.float64)
+    ll = np.array(s.logliks)
+    return {
+        "id": ts.item_id(i),
+        "gold": ts.task.gold(item),
+        "pred": int(np.argmax(ll)),
+        "pred_norm": int(np.argmax(ll / lengths)),
+        "logliks": s.logliks,
+        "greedy": s.greedy,
+        "truncated": cut,
+        "context": context,
     }
-    if log:
-        log(
-            f"eval: {task.name} on {model.path}: acc {result['acc']:.1%}, acc_norm "
-            f"{result['acc_norm']:.1%} ({n} items, {seconds:.1f} s)"
-        )
-    return result
 
 
 def _progress(total: int, desc: str):
@@ -141,7 +148,17 @@ def set_record(ts: TaskSet, chat: bool) -> dict[str, Any]:
         "fewshot_seed": ts.seed,
         "chat_template": chat,
         "chance": ts.task.chance,
+        "majority": majority_rate(ts),
     }
+
+
+def majority_rate(ts: TaskSet) -> float:
+    """The accuracy of always answering the most frequent gold choice of these items: JNLI's
+    "neutral" is 55.5 % of its validation set, so a model stuck on one answer scores that."""
+    from collections import Counter
+
+    golds = Counter(ts.task.gold(it) for it in ts.items)
+    return max(golds.values()) / len(ts.items)
 
 
 def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -244,7 +261,7 @@ def format_benchmark(report: dict[str, Any]) -> str:
         prompt = "chat template" if e["chat_template"] else "plain prompt"
         lines.append(
             f"{name}: {e['items']} items, {shots}, {prompt} ({e['lm_eval_task']}); "
-            f"chance {e['chance']:.1%}"
+            f"chance {e['chance']:.1%}, majority answer {e['majority']:.1%}"
         )
         width = max(len(r["model"]) for r in e["results"])
         head = f"  {'model':<{width}}  {'acc':>6}  {'acc_norm':>8}"

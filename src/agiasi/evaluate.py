@@ -319,26 +319,9 @@ def open_eval_model(
     device: str | None = "cpu",
 ) -> EvalModel:
     """A step folder (the soul wrapper), an HF folder or a GGUF (llama.cpp), opened once."""
-    from agiasi.gguf import trained_context
-    from agiasi.loglik import GGUFScorer, TorchScorer
-
     kind = model_kind(path)
     if kind == "gguf":
-        g = GGUFModel(path, n_ctx=n_ctx)
-        ctx = g.context_length()
-        return EvalModel(
-            kind,
-            str(path),
-            g.logits,
-            g.tokenize,
-            g.encode,
-            g.chat if g.chat_template() else None,
-            min(ctx, n_ctx) if ctx else n_ctx,
-            GGUFScorer(g.llm),
-            g.close,
-        )
-    from transformers import AutoTokenizer
-
+        return _open_gguf(path, n_ctx)
     from agiasi.loading import parse_device, resolve_dtype
 
     dev = parse_device(device)
@@ -354,18 +337,42 @@ def open_eval_model(
             trust_remote_code=trust_remote_code,
             **overrides,
         ).eval()
-        tok_src, hf_config = model.config.base_model, model.hf_config
-        embed = model.causal_lm.get_input_embeddings()
-    else:
-        model = load_hf_model(path, resolve_dtype(dtype, dev), dev)
-        tok_src, hf_config = path, model.config
-        embed = model.get_input_embeddings()
+        return _torch_eval_model(kind, path, model, model.config.base_model, model.hf_config, dev)
+    model = load_hf_model(path, resolve_dtype(dtype, dev), dev)
+    return _torch_eval_model(kind, path, model, path, model.config, dev)
+
+
+def _open_gguf(path: str | Path, n_ctx: int) -> EvalModel:
+    from agiasi.loglik import GGUFScorer
+
+    g = GGUFModel(path, n_ctx=n_ctx)
+    ctx = g.context_length()
+    return EvalModel(
+        "gguf",
+        str(path),
+        g.logits,
+        g.tokenize,
+        g.encode,
+        g.chat if g.chat_template() else None,
+        min(ctx, n_ctx) if ctx else n_ctx,
+        GGUFScorer(g.llm),
+        g.close,
+    )
+
+
+def _torch_eval_model(kind: str, path, model, tok_src, hf_config, dev) -> EvalModel:
+    """An HF model or the wrapper with its HF tokenizer, under both tokenizer rules."""
+    from transformers import AutoTokenizer
+
+    from agiasi.gguf import trained_context
+    from agiasi.loglik import TorchScorer
+
     tok = AutoTokenizer.from_pretrained(tok_src)
+    embed = (model.causal_lm if kind == "checkpoint" else model).get_input_embeddings()
 
     def logits(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            x = torch.tensor([ids], device=dev)
-            return model(x).logits[0].float().cpu().numpy()
+            return model(torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
 
     def tokenize(text: str) -> list[int]:
         return tok(text, add_special_tokens=False, verbose=False)["input_ids"]

@@ -10,8 +10,8 @@ Stages, each a function below:
    about one tensor, never the model.
 3. :func:`write_ggufs` — GGUF files from the written HF folder (:mod:`agiasi.gguf`), K-quants
    through llama.cpp's quantizer.
-4. :func:`finish_report` — the fidelity measure (:mod:`agiasi.parity`, one model at a time) and
-   the model card.
+4. :func:`agiasi.export_measure.finish_report` — the fidelity measure (:mod:`agiasi.parity`,
+   one model at a time), the ``--benchmark`` rows and the model card.
 
 Stages 2–3 write into ``.OUT.tmp-<pid>``, renamed to ``OUT`` when complete
 (:func:`agiasi.checkpoint.atomic_folder`): a killed export leaves no folder that looks complete.
@@ -21,10 +21,8 @@ says which stage failed, and the command exits non-zero.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -37,21 +35,14 @@ import torch
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 from agiasi.export_checks import (
-    REPORT,
     check_free_disk,
     check_keys_fit,
     check_output_path,
     check_special_ids,
     refuse_nonfinite,
 )
-from agiasi.export_files import (
-    failed_check,
-    format_report,
-    model_card,
-    modelfile,
-    modelfile_value,
-    soul_record,
-)
+from agiasi.export_files import exported_config, modelfile, modelfile_value
+from agiasi.export_measure import base_report, finish_report, write_report_and_card
 from agiasi.loading import DType
 from agiasi.merge import (
     MergePlan,
@@ -64,9 +55,7 @@ from agiasi.options import check, option
 from agiasi.weights import LazyWeights, check_plain
 
 MergeBase = Literal["auto", "w16", "nf4"]
-MERGE_BASES = ("w16", "nf4")
 MERGE_BASE_CHOICES: tuple[str, ...] = get_args(MergeBase)
-CARD = "README.md"
 
 
 @dataclass
@@ -180,7 +169,7 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
         ggufs = write_ggufs(plan, tmp / "hf", tmp, log)
         report = base_report(plan, ggufs)
         (tmp / "Modelfile").write_text(modelfile(tok, ggufs, plan.cfg.num_ctx), encoding="utf-8")
-        _write_report_and_card(tmp, report, plan)
+        write_report_and_card(tmp, report, plan)
         if plan.out.exists() and not cfg.force:  # something else made it since the plan
             raise AgiasiError(
                 f"{plan.out} appeared while this export ran; nothing was replaced (pass --force "
@@ -197,30 +186,12 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
     from agiasi.checkpoint import check_same_base, check_same_weights, read_manifest
-    from agiasi.evaluate import eval_text
-    from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, parse_types, trained_context
+    from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, trained_context
     from agiasi.loading import load_config
     from agiasi.model import ModelConfig, checkpoint_model_config
     from agiasi.runfolder import is_run_folder, resolve_step
 
-    check(cfg)
-    if not cfg.out or not str(cfg.out).strip():
-        raise AgiasiError("--out is required: the folder the export is written to")
-    types = parse_types(cfg.gguf) if cfg.gguf else []
-    if cfg.output_tensor_type and not types:
-        raise AgiasiError("--output-tensor-type sets a GGUF's head type, but --gguf asks for none")
-    if cfg.text and not cfg.measure:
-        raise AgiasiError("--text is what the fidelity measure scores; --no-measure skips it")
-    if cfg.measure:
-        eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
-    if cfg.benchmark:
-        from agiasi.benchmark import parse_export_spec
-
-        if not cfg.measure:
-            raise AgiasiError("--benchmark is part of the fidelity measure; --no-measure skips it")
-        parse_export_spec(cfg.benchmark)  # a typo fails now, not after the export
-    if cfg.output_tensor_type:
-        parse_types(cfg.output_tensor_type)
+    types = check_flags(cfg)
     ckpt = Path(cfg.checkpoint)
     if cfg.step is not None or is_run_folder(ckpt):
         ckpt = resolve_step(ckpt, cfg.step or "last")
@@ -282,6 +253,33 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     for t in types:  # the GGUF file names go into the Modelfile's FROM line
         modelfile_value(f"./{plan.stem}-{t}.gguf", "the GGUF file name", bare=True)
     return plan
+
+
+def check_flags(cfg: ExportConfig) -> list[str]:
+    """What the flags alone can get wrong (types, combinations, the --text file, the
+    --benchmark spec), before anything is read: the GGUF types asked for."""
+    from agiasi.evaluate import eval_text
+    from agiasi.gguf import parse_types
+
+    check(cfg)
+    if not cfg.out or not str(cfg.out).strip():
+        raise AgiasiError("--out is required: the folder the export is written to")
+    types = parse_types(cfg.gguf) if cfg.gguf else []
+    if cfg.output_tensor_type and not types:
+        raise AgiasiError("--output-tensor-type sets a GGUF's head type, but --gguf asks for none")
+    if cfg.text and not cfg.measure:
+        raise AgiasiError("--text is what the fidelity measure scores; --no-measure skips it")
+    if cfg.measure:
+        eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
+    if cfg.benchmark:
+        from agiasi.benchmark import parse_export_spec
+
+        if not cfg.measure:
+            raise AgiasiError("--benchmark is part of the fidelity measure; --no-measure skips it")
+        parse_export_spec(cfg.benchmark)  # a typo fails now, not after the export
+    if cfg.output_tensor_type:
+        parse_types(cfg.output_tensor_type)
+    return types
 
 
 def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
@@ -398,16 +396,6 @@ def export_dtype(name: str, hf_cfg) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def exported_config(hf_cfg, dtype: torch.dtype):
-    """The base config, untied (the head carries the soul), in the exported dtype."""
-    new_cfg = copy.deepcopy(hf_cfg)
-    new_cfg.tie_word_embeddings = False
-    if hasattr(new_cfg, "get_text_config"):
-        new_cfg.get_text_config().tie_word_embeddings = False
-    new_cfg.dtype = dtype
-    return new_cfg
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -478,135 +466,3 @@ def write_ggufs(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say) -> dict[
     if need_f16 and "f16" not in types:
         ggufs.pop("f16").unlink()
     return ggufs
-
-
-# --------------------------------------------------------------------------- 4. report
-
-
-def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "checkpoint": str(plan.checkpoint),
-        "base_model": plan.base_id,
-        "merge_base": plan.cfg.merge_base,
-        "soul": soul_record(plan.manifest),
-        "num_ctx": plan.cfg.num_ctx,
-        "files": {t: p.name for t, p in ggufs.items()},
-        "measure": {"status": "pending" if plan.cfg.measure else "skipped (--no-measure)"},
-    }
-
-
-def finish_report(
-    plan: ExportPlan, report: dict[str, Any], ggufs: dict[str, Path], tok, log=_say
-) -> dict[str, Any]:
-    """Run the fidelity measure on the finished export; a failure keeps the export."""
-    from agiasi.parity import (
-        COMPARE_MERGE_BASES_MAX_PARAMS,
-        MeasureError,
-        ParityInputs,
-        parity_report,
-        release_memory,
-    )
-
-    if not plan.cfg.measure:
-        log(f"export: done → {plan.out}")
-        return report
-    merge_plans = {}
-    if plan.model_config.quantization == "nf4":
-        if plan.n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
-            merge_plans = {k: replace(plan.merge, merge_base=k) for k in MERGE_BASES}
-        else:
-            log(
-                "export: merge bases not compared (two fp32 copies of this model); see docs/DESIGN.md"
-            )
-    inputs = ParityInputs(
-        checkpoint=plan.checkpoint,
-        model_config=plan.model_config,
-        hf_config=exported_config(plan.hf_config, plan.dtype),
-        hf_dir=plan.out / "hf",
-        ggufs=ggufs,
-        tokenizer=tok,
-        num_ctx=plan.cfg.num_ctx,
-        text=plan.cfg.text,
-        merge_base=plan.cfg.merge_base,
-        n_params=plan.n_params,
-        merge_plans=merge_plans,
-        run_ggufs=plan.run_ggufs,
-    )
-    release_memory()  # what the write stages freed goes back before the models load
-    try:
-        measured = parity_report(inputs, log)
-        if plan.cfg.benchmark:
-            measured["benchmark"] = benchmark_rows(plan, inputs, log)
-    except MeasureError as e:
-        report["measure"] = {"status": "failed", "stage": e.stage, "error": e.message}
-        _write_report_and_card(plan.out, report, plan)
-        raise AgiasiError(
-            f"the export in {plan.out} is complete and loadable, but its fidelity measure failed "
-            f"at '{e.stage}': {e.message} (see {REPORT})"
-        ) from None
-    status = measured.pop("measure")
-    failure = failed_check(measured)
-    if failure:
-        stage, why = failure
-        report.update(measured)
-        report["measure"] = {"status": "failed", "stage": stage, "error": why}
-        _write_report_and_card(plan.out, report, plan)
-        log(format_report(report))
-        raise AgiasiError(
-            f"the export in {plan.out} failed its fidelity check: {why} (see {REPORT})"
-        )
-    report.update(measured)
-    report["measure"] = {"status": "done", **status}
-    _write_report_and_card(plan.out, report, plan)
-    log(format_report(report))
-    for note in status["skipped"]:
-        log(f"export: not measured: {note}")
-    log(f"export: done → {plan.out}")
-    return report
-
-
-def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
-    """``--benchmark``: the trained wrapper (as trained), the HF folder and each GGUF on the
-    same JGLUE items, one model in memory at a time; a failure is the measure's failure."""
-    from agiasi.benchmark import export_rows
-    from agiasi.evaluate import open_eval_model
-    from agiasi.parity import MeasureError, measure_device, parity_n_ctx
-
-    device = str(measure_device())
-    mcfg = plan.model_config
-    stages = [
-        (
-            "wrapper (as trained)",
-            lambda: open_eval_model(
-                plan.checkpoint,
-                base_model=mcfg.base_model,
-                trust_remote_code=mcfg.trust_remote_code,
-                device=device,
-            ),
-        ),
-        ("hf", lambda: open_eval_model(plan.out / "hf", device=device)),
-    ]
-    if plan.run_ggufs:
-        for t, path in inputs.ggufs.items():
-            stages.append(
-                (
-                    f"gguf {t}",
-                    lambda p=path: open_eval_model(p, n_ctx=parity_n_ctx(plan.cfg.num_ctx)),
-                )
-            )
-    try:
-        return export_rows(plan.cfg.benchmark, stages, log)
-    except AgiasiError as e:
-        raise MeasureError("benchmark", str(e)) from None
-    except Exception as e:  # one failed row must not lose the export
-        raise MeasureError("benchmark", f"{type(e).__name__}: {e}") from e
-
-
-def _write_report_and_card(folder: Path, report: dict[str, Any], plan: ExportPlan) -> None:
-    for name, text in (
-        (REPORT, json.dumps(report, ensure_ascii=False, indent=2) + "\n"),
-        (CARD, model_card(report, plan.cfg)),
-    ):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)

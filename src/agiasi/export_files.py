@@ -138,7 +138,7 @@ def format_benchmark_rows(b: dict[str, Any]) -> list[str]:
     """The ``--benchmark`` rows: accuracy per stage, and each against the trained wrapper."""
     rows = [
         f"{b['task']} ({b['items']} items, {b['num_fewshot']}-shot, {b['lm_eval_task']} prompt; "
-        f"chance {_pct(b['chance'])})",
+        f"chance {_pct(b['chance'])}, majority answer {_pct(b['majority'])})",
         "stage                         acc   acc_norm   Δacc vs wrapper  95 % CI          "
         "same choice  verdict",
     ]
@@ -188,3 +188,15 @@ def nonfinite_figures(tree: Any, path: str = "") -> list[str]:
     if isinstance(tree, float) and not math.isfinite(tree):
         return [path.rstrip(".")]
     return []
+
+
+def exported_config(hf_cfg, dtype):
+    """The base config, untied (the head carries the soul), in the exported dtype."""
+    import copy
+
+    new_cfg = copy.deepcopy(hf_cfg)
+    new_cfg.tie_word_embeddings = False
+    if hasattr(new_cfg, "get_text_config"):
+        new_cfg.get_text_config().tie_word_embeddings = False
+    new_cfg.dtype = dtype
+    return new_cfg

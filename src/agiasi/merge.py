@@ -26,6 +26,9 @@ from agiasi.weights import EMBED_KEY, HEAD_KEY, LazyWeights
 
 # float64 row blocks: a 32064 × 3072 head is 788 MB in float64; 4096 rows are 100 MB.
 ROW_BLOCK = 4096
+# What the LoRA can be merged into: the original 16-bit weights, or the NF4-dequantized ones
+# it was trained against (``agiasi export --merge-base``).
+MERGE_BASES = ("w16", "nf4")
 
 
 # --------------------------------------------------------------------------- tensors
