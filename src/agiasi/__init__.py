@@ -14,10 +14,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The wrapper pulls in transformers and peft: import it lazily so `agiasi --help` is fast.
-    if name in ("AGIASI_SO8T_Wrapper", "ModelConfig"):
+    if name == "AGIASI_SO8T_Wrapper":
         from agiasi import model
 
-        return getattr(model, name)
+        return model.AGIASI_SO8T_Wrapper
+    if name == "ModelConfig":
+        from agiasi import model_config
+
+        return model_config.ModelConfig
     raise AttributeError(f"module 'agiasi' has no attribute {name!r}")
 
 

@@ -130,7 +130,7 @@ def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from agiasi.info import describe, format_info
-    from agiasi.model import ModelConfig
+    from agiasi.model_config import ModelConfig
 
     cfg = build_config(ModelConfig, args)
     info = describe(cfg.base_model, cfg)
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agiasi.evaluate import EvalConfig
     from agiasi.export import ExportConfig
     from agiasi.generate import GenerateConfig
-    from agiasi.model import ModelConfig
+    from agiasi.model_config import ModelConfig
 
     parser = _Parser(
         prog="agiasi",

@@ -188,7 +188,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     from agiasi.checkpoint import check_same_base, check_same_weights, read_manifest
     from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, trained_context
     from agiasi.loading import load_config
-    from agiasi.model import ModelConfig, checkpoint_model_config
+    from agiasi.model_config import ModelConfig, checkpoint_model_config
     from agiasi.runfolder import is_run_folder, resolve_step
 
     types = check_flags(cfg)

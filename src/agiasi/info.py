@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from agiasi.loading import load_config
-from agiasi.model import ModelConfig, lora_targets_for, match_lora_targets
+from agiasi.model_config import ModelConfig, lora_targets_for, match_lora_targets
 from agiasi.soul import Soul
 
 

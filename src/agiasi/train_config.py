@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from agiasi.errors import AgiasiError
-from agiasi.model import ModelConfig
+from agiasi.model_config import ModelConfig
 from agiasi.options import option
 from agiasi.schedule import LR_SCHEDULERS, linear_annealing
 from agiasi.soul import PHI, gate_of

@@ -237,7 +237,8 @@ def test_pack_restarts_positions_and_drops_only_the_boundary_targets(tok):
 def test_packed_losses_equal_unpacked():
     """Per-example losses of a packed row equal each example run alone (fp32, CPU)."""
     from agiasi.demo import tiny_model_path
-    from agiasi.model import AGIASI_SO8T_Wrapper, ModelConfig
+    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.model_config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(base_model=str(tiny_model_path()), quantization="none", lora_dropout=0.0)
