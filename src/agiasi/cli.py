@@ -268,20 +268,133 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    from agiasi.train import TrainConfig
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """One subcommand: its help, the config dataclass whose fields are its flags (imported
+    when the parser is built, so ``agiasi --help`` stays fast) and the handler calling its stage."""
 
+    name: str
+    help: str
+    description: str | None
+    handler: Any
+    config: str | None = None  # "module:Class"
+    positional: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    extra: Any = None  # a function adding flags that are not config fields
+
+    def add_to(self, sub) -> None:
+        import importlib
+
+        p = sub.add_parser(self.name, help=self.help, description=self.description)
+        if self.config:
+            module, cls = self.config.split(":")
+            config = getattr(importlib.import_module(module), cls)
+            add_dataclass_args(p, config, positional=self.positional, skip=self.skip)
+        if self.extra:
+            self.extra(p)
+        p.set_defaults(func=self.handler)
+
+
+def _json_flag(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _config_file_flag(p) -> None:
     p.add_argument("--config", help="YAML file whose keys are flag names; flags override it")
-    add_dataclass_args(p, TrainConfig)
+
+
+def _plot_flags(p) -> None:
+    p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
+    p.add_argument("--out", help="PNG path or folder (default: RUN/phase_transition.png)")
+
+
+# `agiasi info` reads a config only: how a model would be run does not apply.
+_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype")
+
+COMMANDS = [
+    _Command(
+        "info",
+        "architecture, hidden size, LoRA targets, trainable counts, soul kind and phase",
+        "Describe what agiasi would build on MODEL (reads only its config).",
+        _cmd_info,
+        "agiasi.model_config:ModelConfig",
+        positional=("base_model",),
+        skip=_RUNTIME_ONLY,
+    ),
+    _Command(
+        "train",
+        "train LoRA + soul with the alpha annealing (resumable, DDP under torchrun)",
+        "The note's phase-transition training. Writes OUTPUT/step_N folders, "
+        "metrics.jsonl and phase_transition.png.",
+        _cmd_train,
+        "agiasi.train_config:TrainConfig",
+        extra=_config_file_flag,
+    ),
+    _Command(
+        "export",
+        "merge LoRA, fold the soul, write HF + GGUF + Modelfile + card + report",
+        "One plain model from a step folder, with the fidelity of every stage measured.",
+        _cmd_export,
+        "agiasi.export:ExportConfig",
+        positional=("checkpoint",),
+    ),
+    _Command(
+        "eval",
+        "perplexity, or JGLUE accuracy (--task), of a checkpoint, an HF folder or a GGUF",
+        "Token-level perplexity over non-overlapping windows; chars/token reported so "
+        "tokenizers compare. Default text: the shipped held-out Japanese sample. With --task: "
+        "JCommonsenseQA / JNLI multiple choice as lm-evaluation-harness scores it; --compare "
+        "puts models side by side with a confidence interval and a verdict.",
+        _cmd_eval,
+        "agiasi.evaluate:EvalConfig",
+        positional=("model",),
+    ),
+    _Command(
+        "demo",
+        "the whole pipeline on the shipped tiny Japanese model (no network, no GPU)",
+        "inject -> train -> checkpoint -> export HF + GGUF -> llama.cpp -> report",
+        _cmd_demo,
+        "agiasi.demo:DemoConfig",
+    ),
+    _Command(
+        "generate",
+        "one streamed completion from a checkpoint or HF folder",
+        None,
+        _cmd_generate,
+        "agiasi.generate:GenerateConfig",
+        positional=("model",),
+    ),
+    _Command(
+        "chat",
+        "interactive streamed chat with the model's chat template",
+        None,
+        _cmd_chat,
+        "agiasi.generate:GenerateConfig",
+        positional=("model",),
+        skip=("prompt",),
+    ),
+    _Command(
+        "data",
+        "preview a dataset as training will see it (format, counts, one marked example)",
+        "The detected format and file kind, examples and tokens, what --max-length "
+        "cuts, role counts, and one example through the chat template with the trained spans "
+        "marked. Reads only the first --sample records of each source.",
+        _cmd_data,
+        "agiasi.data.preview:DataConfig",
+        positional=("dataset",),
+        extra=_json_flag,
+    ),
+    _Command(
+        "plot",
+        "PNG of loss and alpha/gate over steps with phase bands",
+        None,
+        _cmd_plot,
+        extra=_plot_flags,
+    ),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agiasi.demo import DemoConfig
-    from agiasi.evaluate import EvalConfig
-    from agiasi.export import ExportConfig
-    from agiasi.generate import GenerateConfig
-    from agiasi.model_config import ModelConfig
-
     parser = _Parser(
         prog="agiasi",
         description="Inject a trainable SO(8) soul into a causal LM, train it with QLoRA, export it.",
@@ -289,80 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-
-    p = sub.add_parser(
-        "info",
-        help="architecture, hidden size, LoRA targets, trainable counts, soul kind and phase",
-        description="Describe what agiasi would build on MODEL (reads only its config).",
-    )
-    add_dataclass_args(p, ModelConfig, positional=("base_model",), skip=_RUNTIME_ONLY)
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser(
-        "train",
-        help="train LoRA + soul with the alpha annealing (resumable, DDP under torchrun)",
-        description="The note's phase-transition training. Writes OUTPUT/step_N folders, "
-        "metrics.jsonl and phase_transition.png.",
-    )
-    add_train_args(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser(
-        "export",
-        help="merge LoRA, fold the soul, write HF + GGUF + Modelfile + card + report",
-        description="One plain model from a step folder, with the fidelity of every stage measured.",
-    )
-    add_dataclass_args(p, ExportConfig, positional=("checkpoint",))
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser(
-        "eval",
-        help="perplexity, or JGLUE accuracy (--task), of a checkpoint, an HF folder or a GGUF",
-        description="Token-level perplexity over non-overlapping windows; chars/token reported so "
-        "tokenizers compare. Default text: the shipped held-out Japanese sample. With --task: "
-        "JCommonsenseQA / JNLI multiple choice as lm-evaluation-harness scores it; --compare "
-        "puts models side by side with a confidence interval and a verdict.",
-    )
-    add_dataclass_args(p, EvalConfig, positional=("model",))
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline on the shipped tiny Japanese model (no network, no GPU)",
-        description="inject -> train -> checkpoint -> export HF + GGUF -> llama.cpp -> report",
-    )
-    add_dataclass_args(p, DemoConfig)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("generate", help="one streamed completion from a checkpoint or HF folder")
-    add_dataclass_args(p, GenerateConfig, positional=("model",))
-    p.set_defaults(func=_cmd_generate)
-    p = sub.add_parser("chat", help="interactive streamed chat with the model's chat template")
-    add_dataclass_args(p, GenerateConfig, positional=("model",), skip=("prompt",))
-    p.set_defaults(func=_cmd_chat)
-
-    from agiasi.data.preview import DataConfig
-
-    p = sub.add_parser(
-        "data",
-        help="preview a dataset as training will see it (format, counts, one marked example)",
-        description="The detected format and file kind, examples and tokens, what --max-length "
-        "cuts, role counts, and one example through the chat template with the trained spans "
-        "marked. Reads only the first --sample records of each source.",
-    )
-    add_dataclass_args(p, DataConfig, positional=("dataset",))
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_data)
-
-    p = sub.add_parser("plot", help="PNG of loss and alpha/gate over steps with phase bands")
-    p.add_argument("run", help="an `agiasi train` output dir (has metrics.jsonl)")
-    p.add_argument("--out", help="PNG path or folder (default: RUN/phase_transition.png)")
-    p.set_defaults(func=_cmd_plot)
+    for command in COMMANDS:
+        command.add_to(sub)
     return parser
-
-
-# `agiasi info` reads a config only: how a model would be run does not apply.
-_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype")
 
 
 def _quiet_libraries() -> None:
