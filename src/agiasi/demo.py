@@ -97,11 +97,23 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
         residual = timed("eval_residual", lambda: heldout_ppl(rckpt))
     report = timed("export", lambda: _export(cfg, ckpt, out, context, heldout, log))
     generation = _generations(out, report, context)
-    summary = {
+    runs = {"base": before, "soul": after, "control": control, "residual": residual}
+    summary = _summary(cfg, runs, generation, ckpt, out, heldout, report)
+    summary["seconds"] = {**timed, "total": time.time() - t_start}
+    (out / "demo_report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    print(format_summary(summary, format_report(report)))
+    return summary
+
+
+def _summary(cfg, runs, generation, ckpt: Path, out: Path, heldout: Path, report) -> dict:
+    """demo_report.json: the config, every run's held-out perplexity, the generations, the
+    files and the export report."""
+    before, control, residual = runs["base"], runs["control"], runs["residual"]
+    return {
         "config": asdict(cfg),
         "perplexity": {
             "base": before["perplexity"],
-            "soul": after["perplexity"],
+            "soul": runs["soul"]["perplexity"],
             "soul_mix": "convex",
             "control_no_soul": control["perplexity"] if control else None,
             "residual_mix": residual["perplexity"] if residual else None,
@@ -116,12 +128,9 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
             "plot": str(out / "run_soul" / "phase_transition.png"),
             "report": str(out / "export" / "export_report.json"),
         },
-        "seconds": {**timed, "total": time.time() - t_start},
+        "seconds": {},
         "export_report": report,
     }
-    (out / "demo_report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
-    print(format_summary(summary, format_report(report)))
-    return summary
 
 
 def _fresh_folder(out: Path) -> Path:

@@ -185,22 +185,12 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
 def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
-    from agiasi.checkpoint import check_same_base, check_same_weights, read_manifest
+    from agiasi.checkpoint import check_same_base, check_same_weights
     from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, trained_context
     from agiasi.loading import load_config
-    from agiasi.model_config import ModelConfig, checkpoint_model_config
-    from agiasi.runfolder import is_run_folder, resolve_step
 
     types = check_flags(cfg)
-    ckpt = Path(cfg.checkpoint)
-    if cfg.step is not None or is_run_folder(ckpt):
-        ckpt = resolve_step(ckpt, cfg.step or "last")
-        log(f"export: {ckpt} (--step {cfg.step or 'last'})")
-    manifest = read_manifest(ckpt)
-    overrides: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.base_model:
-        overrides["base_model"] = cfg.base_model
-    mcfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt, overrides))
+    ckpt, manifest, mcfg = _checkpoint_of(cfg, log)
     base_id = mcfg.base_model
     out = Path(cfg.out)
     check_output_path(out, ckpt, base_id, cfg.force, cfg.text)
@@ -217,12 +207,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         _check_gguf_writable(arch, base_dir, hf_cfg)
         if arch.gguf_tied_head_only and manifest.get("soul") is not None:
             raise AgiasiError(GEMMA_HEAD_MESSAGE)
-    if cfg.merge_base == "auto":
-        # Measured (report "merge_bases", docs/DESIGN.md): the LoRA learned its delta against
-        # the NF4-dequantized weights; merging into those reproduces the trained model closer.
-        cfg = replace(cfg, merge_base="nf4" if mcfg.quantization == "nf4" else "w16")
-    if cfg.merge_base == "nf4" and mcfg.quantization != "nf4":
-        raise AgiasiError("--merge-base nf4 only makes sense for a checkpoint trained with NF4")
+    cfg = _resolve_merge_base(cfg, mcfg.quantization)
     run_ggufs = preflight_dependencies(cfg, types, mcfg, KQUANT_TYPES)
     merge = merge_plan(
         ckpt, manifest, hf_cfg, base_dir, cfg.merge_base, export_dtype(cfg.dtype, hf_cfg)
@@ -253,6 +238,34 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     for t in types:  # the GGUF file names go into the Modelfile's FROM line
         modelfile_value(f"./{plan.stem}-{t}.gguf", "the GGUF file name", bare=True)
     return plan
+
+
+def _checkpoint_of(cfg: ExportConfig, log) -> tuple[Path, dict[str, Any], Any]:
+    """The step folder (a run folder's ``--step``), its manifest, and the model options it
+    records with this command's overrides."""
+    from agiasi.checkpoint import read_manifest
+    from agiasi.model_config import ModelConfig, checkpoint_model_config
+    from agiasi.runfolder import is_run_folder, resolve_step
+
+    ckpt = Path(cfg.checkpoint)
+    if cfg.step is not None or is_run_folder(ckpt):
+        ckpt = resolve_step(ckpt, cfg.step or "last")
+        log(f"export: {ckpt} (--step {cfg.step or 'last'})")
+    manifest = read_manifest(ckpt)
+    overrides: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.base_model:
+        overrides["base_model"] = cfg.base_model
+    return ckpt, manifest, ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt, overrides))
+
+
+def _resolve_merge_base(cfg: ExportConfig, quantization: str) -> ExportConfig:
+    if cfg.merge_base == "auto":
+        # Measured (report "merge_bases", docs/DESIGN.md): the LoRA learned its delta against
+        # the NF4-dequantized weights; merging into those reproduces the trained model closer.
+        return replace(cfg, merge_base="nf4" if quantization == "nf4" else "w16")
+    if cfg.merge_base == "nf4" and quantization != "nf4":
+        raise AgiasiError("--merge-base nf4 only makes sense for a checkpoint trained with NF4")
+    return cfg
 
 
 def check_flags(cfg: ExportConfig) -> list[str]:

@@ -54,39 +54,12 @@ def finish_report(
     plan: ExportPlan, report: dict[str, Any], ggufs: dict[str, Path], tok, log=_say
 ) -> dict[str, Any]:
     """Run the fidelity measure on the finished export; a failure keeps the export."""
-    from agiasi.parity import (
-        COMPARE_MERGE_BASES_MAX_PARAMS,
-        MeasureError,
-        ParityInputs,
-        parity_report,
-        release_memory,
-    )
+    from agiasi.parity import MeasureError, parity_report, release_memory
 
     if not plan.cfg.measure:
         log(f"export: done → {plan.out}")
         return report
-    merge_plans = {}
-    if plan.model_config.quantization == "nf4":
-        if plan.n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
-            merge_plans = {k: replace(plan.merge, merge_base=k) for k in MERGE_BASES}
-        else:
-            log(
-                "export: merge bases not compared (two fp32 copies of this model); see docs/DESIGN.md"
-            )
-    inputs = ParityInputs(
-        checkpoint=plan.checkpoint,
-        model_config=plan.model_config,
-        hf_config=exported_config(plan.hf_config, plan.dtype),
-        hf_dir=plan.out / "hf",
-        ggufs=ggufs,
-        tokenizer=tok,
-        num_ctx=plan.cfg.num_ctx,
-        text=plan.cfg.text,
-        merge_base=plan.cfg.merge_base,
-        n_params=plan.n_params,
-        merge_plans=merge_plans,
-        run_ggufs=plan.run_ggufs,
-    )
+    inputs = parity_inputs(plan, ggufs, tok, log)
     release_memory()  # what the write stages freed goes back before the models load
     try:
         measured = parity_report(inputs, log)
@@ -100,17 +73,16 @@ def finish_report(
             f"at '{e.stage}': {e.message} (see {REPORT})"
         ) from None
     status = measured.pop("measure")
+    report.update(measured)
     failure = failed_check(measured)
     if failure:
         stage, why = failure
-        report.update(measured)
         report["measure"] = {"status": "failed", "stage": stage, "error": why}
         write_report_and_card(plan.out, report, plan)
         log(format_report(report))
         raise AgiasiError(
             f"the export in {plan.out} failed its fidelity check: {why} (see {REPORT})"
         )
-    report.update(measured)
     report["measure"] = {"status": "done", **status}
     write_report_and_card(plan.out, report, plan)
     log(format_report(report))
@@ -118,6 +90,35 @@ def finish_report(
         log(f"export: not measured: {note}")
     log(f"export: done → {plan.out}")
     return report
+
+
+def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say):
+    """What the measure compares: the checkpoint, the written folder and GGUFs, and both merge
+    bases where the checkpoint was trained on NF4 and two fp32 copies of it fit."""
+    from agiasi.parity import COMPARE_MERGE_BASES_MAX_PARAMS, ParityInputs
+
+    merge_plans = {}
+    if plan.model_config.quantization == "nf4":
+        if plan.n_params <= COMPARE_MERGE_BASES_MAX_PARAMS:
+            merge_plans = {k: replace(plan.merge, merge_base=k) for k in MERGE_BASES}
+        else:
+            log(
+                "export: merge bases not compared (two fp32 copies of this model); see docs/DESIGN.md"
+            )
+    return ParityInputs(
+        checkpoint=plan.checkpoint,
+        model_config=plan.model_config,
+        hf_config=exported_config(plan.hf_config, plan.dtype),
+        hf_dir=plan.out / "hf",
+        ggufs=ggufs,
+        tokenizer=tok,
+        num_ctx=plan.cfg.num_ctx,
+        text=plan.cfg.text,
+        merge_base=plan.cfg.merge_base,
+        n_params=plan.n_params,
+        merge_plans=merge_plans,
+        run_ggufs=plan.run_ggufs,
+    )
 
 
 def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:

@@ -80,6 +80,17 @@ def build_phi3_tokenizer(
             add_dummy_prefix=not gemma,
         )
         shutil.copy(f"{prefix}.model", out / "tokenizer.model")
+    config = _spm_tokenizer_config(gemma)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.add_special_tokens({"additional_special_tokens": PHI3_SPECIALS[1:]})
+    tok.save_pretrained(str(out))  # writes tokenizer.json; tokenizer.model stays
+    return tok
+
+
+def _spm_tokenizer_config(gemma: bool) -> dict:
+    """Phi-3's tokenizer_config.json conventions (no BOS added), or Gemma's (BOS added,
+    ``<|end|>`` as EOS)."""
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False,
@@ -94,11 +105,7 @@ def build_phi3_tokenizer(
     }
     if gemma:
         config.update(tokenizer_class="GemmaTokenizer", add_bos_token=True, eos_token="<|end|>")
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
-    tok = AutoTokenizer.from_pretrained(str(out))
-    tok.add_special_tokens({"additional_special_tokens": PHI3_SPECIALS[1:]})
-    tok.save_pretrained(str(out))  # writes tokenizer.json; tokenizer.model stays
-    return tok
+    return config
 
 
 LLAMA3_SPECIALS = [

@@ -64,12 +64,8 @@ def tokenize_records(
         seen += 1
         if "messages" in rec:
             where = rec.get(WHERE, f"record {i + 1}")
-            for m in rec["messages"]:
-                roles.check(m["role"], where)
-                if m["role"] == "assistant" and not m["content"].strip():
-                    empty_answers.append(where)
-            for m in rec["messages"]:
-                check_turn_text(m["content"], controls, where)
+            if _check_chat(rec["messages"], roles, controls, where):
+                empty_answers.append(where)
             ex = _chat_example(rec["messages"], tokenizer, max_length, where)
             if any(t != IGNORE for t in ex.labels[1:]):
                 examples.append(ex)  # else the answer was cut off by --max-length: skip it
@@ -101,6 +97,18 @@ def tokenize_records(
     if not examples:
         raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
     return examples
+
+
+def _check_chat(messages, roles: _RoleCheck, controls, where: str) -> bool:
+    """Every role one the template renders and no control token inside a turn's text; True
+    when an assistant turn is empty (a warning, not an error)."""
+    empty = False
+    for m in messages:
+        roles.check(m["role"], where)
+        empty = empty or (m["role"] == "assistant" and not m["content"].strip())
+    for m in messages:
+        check_turn_text(m["content"], controls, where)
+    return empty
 
 
 # Characters tokenized in one call. A sentencepiece-style BPE sees Japanese text without spaces
