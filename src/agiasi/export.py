@@ -300,12 +300,12 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
     llama.cpp does not know), and the writer takes this config (RoPE type, query scaling)."""
     from agiasi.architectures import vocabulary_kind
-    from agiasi.gguf import GGUF_WRITERS
+    from agiasi.gguf import writer_for
     from agiasi.gguf_vocab import bpe_pre_tokenizer
 
     if vocabulary_kind(arch, base_dir) == "bpe":
         bpe_pre_tokenizer(_read_json(base_dir / "tokenizer.json"))
-    GGUF_WRITERS[arch.gguf].check(hf_cfg.to_dict(), LazyWeights(base_dir))
+    writer_for(arch).check(hf_cfg.to_dict(), LazyWeights(base_dir))
 
 
 def merge_plan(

@@ -335,14 +335,24 @@ GEMMA_HEAD_MESSAGE = (
     "--no-soul run"
 )
 
+# The writer half of the architecture registry: each class names its llama.cpp architecture
+# (``gguf_name``), and :data:`agiasi.architectures.ARCHITECTURES` entries name the one they are
+# written as; :func:`writer_for` joins the two and tests/unit/test_gguf.py checks that every
+# entry finds its writer and every writer serves an entry.
 GGUF_WRITERS: dict[str, GGUFArch] = {
-    "llama": LlamaGGUF(),
-    "phi3": Phi3GGUF(),
-    "qwen2": Qwen2GGUF(),
-    "qwen3": Qwen3GGUF(),
-    "gemma": GemmaGGUF(),
-    "gemma2": Gemma2GGUF(),
+    w.gguf_name: w
+    for w in (LlamaGGUF(), Phi3GGUF(), Qwen2GGUF(), Qwen3GGUF(), GemmaGGUF(), Gemma2GGUF())
 }
+
+
+def writer_for(entry) -> GGUFArch:
+    """The GGUF writer of an :class:`agiasi.architectures.Architecture` entry."""
+    if entry.gguf is None or entry.gguf not in GGUF_WRITERS:
+        raise AgiasiError(
+            f"agiasi has no GGUF writer for {entry.model_type}; export the HF folder only "
+            "(--gguf '')"
+        )
+    return GGUF_WRITERS[entry.gguf]
 
 
 # --------------------------------------------------------------------------- the writer
@@ -371,7 +381,7 @@ def write_gguf(
         )
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     entry = gguf_architecture(cfg.get("model_type", ""))
-    arch = GGUF_WRITERS[entry.gguf]
+    arch = writer_for(entry)
     sd = LazyWeights(hf_dir)
     check_plain(sd.keys())
     arch.check(cfg, sd)

@@ -11,6 +11,11 @@ Environment switches agiasi reads (all optional; documented in docs/DESIGN.md):
 ``AGIASI_MEMLOG=1``         add peak RSS to the export's progress lines (benchmarks)
 ``AGIASI_FAULT=point:n``    SIGKILL at a named point (the reliability tests' crash injection)
 =========================  ==============================================================
+
+Process-wide state outside this module, on purpose: ``loading._WARNED`` (each warning once a
+process: a thousand-step run must not repeat one a step) and ``quantize._LOG_CALLBACK`` (the
+ctypes callback that silences llama.cpp; llama.cpp keeps the raw pointer, so Python must keep
+the object alive for the life of the process). Nothing else holds state between calls.
 """
 
 from __future__ import annotations

@@ -109,3 +109,21 @@ def test_gemma2_refuses_a_head_that_is_not_the_embedding_and_other_query_scales(
 class _Weights(dict):
     def get(self, key):  # LazyWeights.get
         return self[key]
+
+
+def test_every_architecture_finds_its_gguf_writer_and_every_writer_is_used():
+    """The two halves of the architecture registry agree: the table's llama.cpp name and the
+    writer class's own."""
+    from agiasi.architectures import ARCHITECTURES
+    from agiasi.gguf import writer_for
+
+    used = set()
+    for entry in ARCHITECTURES.values():
+        if entry.gguf is None:
+            with pytest.raises(AgiasiError, match="no GGUF writer"):
+                writer_for(entry)
+            continue
+        writer = writer_for(entry)
+        assert writer.gguf_name == entry.gguf, entry.model_type
+        used.add(writer.gguf_name)
+    assert used == set(GGUF_WRITERS)
