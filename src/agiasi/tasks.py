@@ -44,6 +44,7 @@ FEWSHOT_DELIMITER = "\n\n"
 FEWSHOT_SEED = 1234
 CARVED_POOL = 64
 MAX_ITEM_CHARS = 20_000  # a JGLUE item is < 300 characters; more is not a benchmark item
+MAX_FILE_BYTES = 256 * 2**20  # the largest shipped file is 1.9 MB; a file is read whole
 
 JNLI_LABELS = ("entailment", "contradiction", "neutral")
 JNLI_CHOICES = ("含意", "矛盾", "中立")
@@ -158,6 +159,12 @@ def read_items(task: Task, path: Path) -> list[dict[str, Any]]:
     field checked: one error naming the file, the item and what is wrong."""
     if not path.is_file():
         raise AgiasiError(f"{task.name} data not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise AgiasiError(
+            f"{task.name} data {path} is {size / 2**20:.0f} MiB; a JGLUE split is a few MB "
+            f"(at most {MAX_FILE_BYTES // 2**20} MiB is read)"
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

@@ -184,6 +184,11 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, capsys):
     )
     with pytest.raises(AgiasiError, match="label 'maybe' is not one of"):
         read_items(TASKS["jnli"], label)
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as fh:  # sparse: no disk is spent
+        fh.truncate(300 * 2**20)
+    with pytest.raises(AgiasiError, match="300 MiB"):
+        read_items(TASKS["jnli"], huge)
     junk = tmp_path / "junk.json"
     junk.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(AgiasiError, match="not JSON lines"):
