@@ -32,7 +32,7 @@ import torch
 
 from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError, first_line
-from agiasi.soul import LEGACY_MIX
+from agiasi.step_record import StepRecord
 from agiasi.weights import base_fingerprint
 
 if TYPE_CHECKING:
@@ -49,9 +49,9 @@ REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL_JSON)
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def required_files(manifest: dict[str, Any] | None = None) -> tuple[str, ...]:
+def required_files(record: StepRecord | None = None) -> tuple[str, ...]:
     files = REQUIRED_FILES
-    if manifest is None or manifest.get("soul") is not None:
+    if record is None or record.soul is not None:
         files = files + (SOUL_PT,)
     return files
 
@@ -156,7 +156,7 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
         "vocab_size": int(wrapper.head.weight.shape[0]),
         "step": int(step),
         "soul": None,
-        # the mix is recorded once, in "soul" below (soul_mix_of reads it)
+        # the mix is recorded once, in "soul" below (StepRecord.mix reads it)
         "model": {k: v for k, v in wrapper.config.to_dict().items() if k != "soul_mix"},
         # the base's weight files as trained on: export and resume refuse a base that changed
         "base_weights": base_fingerprint(wrapper.config.base_model),
@@ -224,7 +224,8 @@ def write_step(
     return Path(folder)
 
 
-def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(ckpt_dir: str | os.PathLike) -> StepRecord:
+    """A step folder's ``soul.json`` as a :class:`StepRecord`, once its files are all there."""
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise AgiasiError(f"checkpoint not found: {str(ckpt_dir)!r} is not a folder")
@@ -235,11 +236,10 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
             "(expected a step_N folder written by `agiasi train`)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AgiasiError(f"{manifest_path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or "model" not in manifest:
-        raise AgiasiError(f"{manifest_path} is not an agiasi checkpoint manifest")
+    manifest = StepRecord.from_json(data, str(manifest_path))
     missing = [f for f in required_files(manifest) if not (path / f).is_file()]
     if missing:
         raise AgiasiError(
@@ -305,22 +305,10 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def soul_mix_of(manifest: dict[str, Any]) -> str:
-    """The mix a step folder's soul was trained with, read one way by every stage: the soul's
-    record, else (written before the record held it) the model options, else the design note's
-    formula (step folders from before the option existed)."""
-    soul = manifest.get("soul") or {}
-    model = manifest.get("model") or {}
-    mix = soul.get("mix") or model.get("soul_mix") or LEGACY_MIX
-    if mix not in ("convex", "residual"):
-        raise AgiasiError(f"soul.json: unknown soul mix {mix!r} (convex or residual)")
-    return mix
-
-
-def check_same_weights(manifest: dict[str, Any], ckpt_dir: str | os.PathLike, base_id: str) -> None:
+def check_same_weights(manifest: StepRecord, ckpt_dir: str | os.PathLike, base_id: str) -> None:
     """Refuse a base whose weight files differ from those the checkpoint was trained on (names,
     sizes, header hashes): same shapes are not the same model."""
-    recorded = manifest.get("base_weights")
+    recorded = manifest.base_weights
     now = base_fingerprint(base_id) if recorded else None
     if not recorded or now is None or now == recorded:
         return
@@ -333,7 +321,7 @@ def check_same_weights(manifest: dict[str, Any], ckpt_dir: str | os.PathLike, ba
 
 
 def check_same_base(
-    manifest: dict[str, Any],
+    manifest: StepRecord,
     ckpt_dir: str | os.PathLike,
     base_id: str,
     hf_config: Any,
@@ -341,19 +329,19 @@ def check_same_base(
 ) -> None:
     """Refuse a checkpoint trained on another base model (shape and architecture differ);
     ``vocab_size`` is the head's rows where a model is loaded, else the config's."""
-    got = (manifest.get("model_type"), manifest.get("hidden_size"), manifest.get("vocab_size"))
+    got = (manifest.model_type, manifest.hidden_size, manifest.vocab_size)
     if vocab_size is None:
         vocab_size = getattr(hf_config, "vocab_size", None)
     want = (hf_config.model_type, getattr(hf_config, "hidden_size", None), vocab_size)
     if got != want:
         raise AgiasiError(
             f"checkpoint {str(ckpt_dir)!r} was trained on another base model "
-            f"({manifest.get('base_model')!r}: model_type {got[0]}, hidden {got[1]}, vocab {got[2]}); "
+            f"({manifest.base_model!r}: model_type {got[0]}, hidden {got[1]}, vocab {got[2]}); "
             f"{base_id!r} is model_type {want[0]}, hidden {want[1]}, vocab {want[2]}"
         )
 
 
-def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> StepRecord:
     """Load LoRA weights and soul from a step folder into an existing wrapper."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
@@ -386,7 +374,7 @@ def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> dict
             f"adapter in {str(ckpt_dir)!r} does not fit this model: {first_line(e)}"
         ) from None
     if wrapper.soul is not None:
-        if manifest.get("soul") is None:
+        if manifest.soul is None:
             raise AgiasiError(f"checkpoint {str(ckpt_dir)!r} is a control run (no soul)")
         state = check_soul_state(safe_torch_load(path / SOUL_PT), path / SOUL_PT)
         wrapper.load_soul_state(state)

@@ -106,7 +106,7 @@ class ExportPlan:
 
     cfg: ExportConfig  # merge_base and num_ctx resolved
     checkpoint: Path
-    manifest: dict[str, Any]
+    manifest: Any  # agiasi.step_record.StepRecord
     model_config: Any  # agiasi.model.ModelConfig, base model resolved
     base_id: str
     base_dir: Path
@@ -205,7 +205,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     base_dir = local_model_dir(base_id)
     if arch is not None:
         _check_gguf_writable(arch, base_dir, hf_cfg)
-        if arch.gguf_tied_head_only and manifest.get("soul") is not None:
+        if arch.gguf_tied_head_only and manifest.soul is not None:
             raise AgiasiError(GEMMA_HEAD_MESSAGE)
     cfg = _resolve_merge_base(cfg, mcfg.quantization)
     run_ggufs = preflight_dependencies(cfg, types, mcfg, KQUANT_TYPES)
@@ -240,7 +240,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     return plan
 
 
-def _checkpoint_of(cfg: ExportConfig, log) -> tuple[Path, dict[str, Any], Any]:
+def _checkpoint_of(cfg: ExportConfig, log) -> tuple[Path, Any, Any]:
     """The step folder (a run folder's ``--step``), its manifest, and the model options it
     records with this command's overrides."""
     from agiasi.checkpoint import read_manifest
@@ -321,7 +321,6 @@ def merge_plan(
         check_soul_state,
         read_lora_config,
         safe_torch_load,
-        soul_mix_of,
     )
 
     lora_cfg = read_lora_config(ckpt)
@@ -331,13 +330,12 @@ def merge_plan(
         raise AgiasiError(f"{ckpt / ADAPTER_WEIGHTS} is not readable: {e}") from None
     refuse_nonfinite(adapter.items(), ckpt / ADAPTER_WEIGHTS)
     soul = None
-    if manifest.get("soul") is not None:
-        info = manifest["soul"]
+    if manifest.soul is not None:
         state = check_soul_state(safe_torch_load(ckpt / SOUL_PT), ckpt / SOUL_PT)
         tensors = {"alpha": state["alpha"], **(state["so8_rotation"] or {})}
         refuse_nonfinite(tensors.items(), ckpt / SOUL_PT)
         soul = SoulFold(
-            rotation_from_state(info, state), float(state["alpha"]), soul_mix_of(manifest)
+            rotation_from_state(manifest.soul, state), float(state["alpha"]), manifest.mix
         )
     tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
     if hasattr(hf_cfg, "get_text_config"):

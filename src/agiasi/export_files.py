@@ -18,12 +18,10 @@ from agiasi.errors import AgiasiError
 _MODELFILE_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 
-def soul_record(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The soul's record for the report and the card, with the mix read as training read it."""
-    from agiasi.checkpoint import soul_mix_of
-
-    soul = manifest.get("soul")
-    return {**soul, "mix": soul_mix_of(manifest)} if soul else None
+def soul_record(manifest) -> dict[str, Any] | None:
+    """The soul's record (a :class:`agiasi.step_record.StepRecord`'s) for the report and the
+    card, with the mix read as training read it."""
+    return manifest.soul.to_dict() if manifest.soul else None
 
 
 def modelfile_value(value: str, what: str, bare: bool = False) -> str:

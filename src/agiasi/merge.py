@@ -129,9 +129,10 @@ def _base_key(peft_stem: str) -> str:
     return peft_stem
 
 
-def rotation_from_state(info: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
-    """Dense R (float64) from ``soul.json``'s soul section and ``soul.pt``'s rotation."""
-    soul = Soul(SoulConfig(hidden_size=info["hidden_size"], rotation=info["kind"]))
+def rotation_from_state(info, state: dict[str, Any]) -> torch.Tensor:
+    """Dense R (float64) from ``soul.json``'s soul record (:class:`agiasi.step_record.SoulRecord`)
+    and ``soul.pt``'s rotation."""
+    soul = Soul(SoulConfig(hidden_size=info.hidden_size, rotation=info.kind))
     try:
         soul.rotation.load_state_dict(state["so8_rotation"])
     except (RuntimeError, KeyError) as e:

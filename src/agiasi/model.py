@@ -418,11 +418,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         from agiasi.checkpoint import load_into, read_manifest
 
         manifest = read_manifest(ckpt_dir)
-        if overrides.get("soul") is False and manifest.get("soul") is not None:
-            soul = manifest["soul"]
+        if overrides.get("soul") is False and manifest.soul is not None:
+            soul = manifest.soul
             _warn_once(
-                f"from_checkpoint(soul=False): dropping the soul of {ckpt_dir} ({soul.get('kind')}, "
-                f"alpha {soul.get('alpha')}, gate {soul.get('gate')}); the model runs as base + LoRA"
+                f"from_checkpoint(soul=False): dropping the soul of {ckpt_dir} ({soul.kind}, "
+                f"alpha {soul.alpha}, gate {soul.gate}); the model runs as base + LoRA"
             )
         cfg = ModelConfig.from_dict(checkpoint_model_config(manifest, ckpt_dir, overrides))
         wrapper = cls(config=cfg, device=device)

@@ -144,9 +144,7 @@ def checkpoint_model_config(
     ``trust_remote_code`` is never taken from the file: a checkpoint whose base model needs its
     own code is refused unless the caller passes ``trust_remote_code=True`` itself.
     """
-    recorded = manifest.get("model") or {}
-    if not isinstance(recorded, dict):
-        raise AgiasiError(f"{ckpt_dir}/soul.json: 'model' must be a mapping of options")
+    recorded = manifest.model
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -165,9 +163,7 @@ def checkpoint_model_config(
             "--trust-remote-code on this command (trust_remote_code=True in Python) only if you "
             "trust that model's code"
         )
-    from agiasi.checkpoint import soul_mix_of
-
-    cfg["soul_mix"] = soul_mix_of(manifest)
+    cfg["soul_mix"] = manifest.mix
     cfg.update(overrides)
     cfg.setdefault("trust_remote_code", False)
     return cfg

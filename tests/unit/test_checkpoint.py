@@ -152,3 +152,31 @@ def test_a_checkpoint_from_before_the_mix_option_loads_as_residual(trained_ckpt)
         g = old.soul.gate()
         want = torch.nn.functional.linear(h + g * old.so8_rotation(h), old.head.weight)
         assert (old(ids).logits - want).abs().max() <= 1e-5
+
+
+def test_step_record_reads_soul_json_one_way():
+    """The mix has one place and one legacy default; malformed fields are one error each."""
+    from agiasi.step_record import StepRecord
+
+    soul = {"kind": "so8", "hidden_size": 64, "alpha": 1.2, "gate": 0.77}
+    new = StepRecord.from_json({"model": {}, "soul": {**soul, "mix": "convex"}}, "a")
+    assert new.mix == new.soul.mix == "convex" and new.soul.alpha == 1.2
+    # written before the soul record held the mix: the model options say it
+    older = StepRecord.from_json({"model": {"soul_mix": "convex"}, "soul": soul}, "b")
+    assert older.mix == "convex"
+    # from before the option existed: the note's residual mix, for souls and control runs
+    oldest = StepRecord.from_json({"model": {}, "soul": soul}, "c")
+    assert oldest.mix == "residual"
+    control = StepRecord.from_json({"model": {}, "soul": None}, "d")
+    assert control.soul is None and control.mix == "residual"
+    bad = [
+        ({"soul": None}, "not an agiasi checkpoint manifest"),
+        ({"model": [1], "soul": None}, "'model' must be a mapping"),
+        ({"model": {}, "soul": {"kind": "so8"}}, "needs its 'kind' and 'hidden_size'"),
+        ({"model": {}, "soul": {**soul, "mix": "sum"}}, "unknown soul mix 'sum'"),
+        ({"model": {}, "soul": None, "step": "10"}, "'step' must be int"),
+        ({"model": {}, "soul": {**soul, "alpha": "big"}}, "soul 'alpha' has the wrong type"),
+    ]
+    for data, message in bad:
+        with pytest.raises(AgiasiError, match=message):
+            StepRecord.from_json(data, "soul.json")
