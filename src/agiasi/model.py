@@ -287,22 +287,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         if position_ids is not None:
             position_ids = position_ids.to(self.device_, non_blocking=True)
         h = self.hidden_states(input_ids, attention_mask, position_ids)
-        # The soul acts once on the whole sequence (B·T·H is small) with one matrix_exp shared
-        # with the ortho monitor; the plain head then runs on the mixed state.
-        if self._soul is not None:
-            prepared = self._soul.prepare()
-            mixed = self._soul(h, prepared)
-            ortho = self._soul.ortho_loss(prepared)
-            alpha = self._soul.alpha.detach()
-            gate = self._soul.gate().detach()
-            head = self.head.head
-        else:
-            mixed, head = h, self.head
-            ortho = torch.zeros((), device=h.device)
-            alpha = gate = None
-        cap = getattr(self.hf_config, "final_logit_softcapping", None)
-        if cap:  # what HF applies after the head (Gemma-2): training sees what inference does
-            head = partial(softcapped_logits, head, float(cap))
+        mixed, head, ortho, alpha, gate = self._mix_and_head(h)
         logits = None
         task_loss = None
         if return_logits:
@@ -321,6 +306,26 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         return SoulOutput(
             loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
         )
+
+    def _mix_and_head(self, h: torch.Tensor):
+        """(mixed state, head, ortho term, α, gate). The soul acts once on the whole sequence
+        (B·T·H is small) with one matrix_exp shared with the ortho monitor; the plain head then
+        runs on the mixed state, softcapped where HF softcaps (Gemma-2), so training sees what
+        inference does."""
+        if self._soul is not None:
+            prepared = self._soul.prepare()
+            mixed = self._soul(h, prepared)
+            ortho = self._soul.ortho_loss(prepared)
+            alpha, gate = self._soul.alpha.detach(), self._soul.gate().detach()
+            head = self.head.head
+        else:
+            mixed, head = h, self.head
+            ortho = torch.zeros((), device=h.device)
+            alpha = gate = None
+        cap = getattr(self.hf_config, "final_logit_softcapping", None)
+        if cap:
+            head = partial(softcapped_logits, head, float(cap))
+        return mixed, head, ortho, alpha, gate
 
     def _check_batch(self, input_ids, attention_mask=None, labels=None) -> None:
         """Clear errors for what would otherwise fail deep inside the model (or silently)."""

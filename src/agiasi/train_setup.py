@@ -200,6 +200,18 @@ class Session:
     finished: TrainResult | None = None
 
 
+def _already_done(cfg: TrainConfig, resume_from: Path, done: int, out_dir: Path, say):
+    """A resume at (or past) ``--max-steps``: nothing to train, or a clear error."""
+    if done > cfg.max_steps:
+        raise AgiasiError(
+            f"{resume_from} is at step {done}, past --max-steps {cfg.max_steps}: "
+            "nothing to train (raise --max-steps to continue the run)"
+        )
+    say(f"done: {resume_from} is already at --max-steps {cfg.max_steps}; nothing to train")
+    metrics = out_dir / METRICS
+    return TrainResult(out_dir, resume_from, done, last_loss(metrics, done), metrics)
+
+
 def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> Session:
     """Resume point → data → model → optimizer → restored state → the run folder's first
     writes (only after everything that can fail at start-up has passed)."""
@@ -210,17 +222,7 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
         state = safe_torch_load(run.resume_from / TRAINER_STATE)
     run.run_id = run_identity(out_dir, run.resume_from, state.get("run_id") if state else None)
     if state is not None and int(state["step"]) >= cfg.max_steps:
-        done = int(state["step"])
-        if done > cfg.max_steps:
-            raise AgiasiError(
-                f"{run.resume_from} is at step {done}, past --max-steps {cfg.max_steps}: "
-                "nothing to train (raise --max-steps to continue the run)"
-            )
-        say(f"done: {run.resume_from} is already at --max-steps {cfg.max_steps}; nothing to train")
-        metrics = out_dir / METRICS
-        run.finished = TrainResult(
-            out_dir, run.resume_from, done, last_loss(metrics, done), metrics
-        )
+        run.finished = _already_done(cfg, run.resume_from, int(state["step"]), out_dir, say)
         return run
     torch.manual_seed(cfg.seed)
     run.data, run.pad_id = prepare_data(cfg, say)

@@ -50,6 +50,51 @@ def _tokenizer_for(kind: str, out: Path):
     )
 
 
+# Per kind: the transformers class prefix and what its tiny config sets beyond the common
+# shape — each exercising what that family does differently.
+TINY_SHAPES: dict[str, tuple[str, dict]] = {
+    "phi3": ("Phi3", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    # Llama-2 style: sentencepiece, tied head, GQA
+    "llama-sp": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Llama-3.1 style: byte-level BPE, GQA, llama3 RoPE scaling
+    "llama-bpe": (
+        "Llama",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,  # small, so every band is exercised
+            },
+        ),
+    ),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # Qwen2.5-0.5B style: q/k/v biases, tied head, GQA
+    "qwen2": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Qwen3-0.6B style: q/k norms, head_dim != hidden / heads, tied, GQA
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+    # Gemma-1: embeddings scaled by sqrt(hidden), norms as 1 + w, tied
+    "gemma": ("Gemma", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    # soft-capping on attention and logits, sliding window, tied head
+    "gemma2": (
+        "Gemma2",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=5.0,  # small, so the cap bites on these logits
+            sliding_window=256,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
 def build_tiny_arch(kind: str, out: Path, seed: int = 0) -> Path:
     """A tiny random model of ``kind`` (one of :data:`ZOO`) with its tokenizer, as an HF folder."""
     import transformers
@@ -67,47 +112,9 @@ def build_tiny_arch(kind: str, out: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    if kind == "phi3":
-        cls, extra = "Phi3", dict(num_key_value_heads=4, tie_word_embeddings=False)
-    elif kind == "llama-sp":  # Llama-2 style: sentencepiece, tied head, GQA
-        cls, extra = "Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)
-    elif kind == "llama-bpe":  # Llama-3.1 style: byte-level BPE, GQA, llama3 RoPE scaling
-        cls = "Llama"
-        extra = dict(
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,  # small, so every band is exercised
-            },
-        )
-    elif kind == "mistral":
-        cls, extra = "Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)
-    elif kind == "qwen2":  # Qwen2.5-0.5B style: q/k/v biases, tied head, GQA
-        cls, extra = "Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)
-    elif kind == "qwen3":  # Qwen3-0.6B style: q/k norms, head_dim != hidden / heads, tied, GQA
-        cls = "Qwen3"
-        extra = dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
-    elif kind == "gemma":  # Gemma-1: embeddings scaled by sqrt(hidden), norms as 1 + w, tied
-        cls = "Gemma"
-        extra = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-    elif kind == "gemma2":  # soft-capping on attention and logits, sliding window, tied head
-        cls = "Gemma2"
-        extra = dict(
-            num_key_value_heads=2,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=5.0,  # small, so the cap bites on these logits
-            sliding_window=256,
-            tie_word_embeddings=True,
-        )
-    else:
+    if kind not in TINY_SHAPES:
         raise ValueError(kind)
+    cls, extra = TINY_SHAPES[kind]
     torch.manual_seed(seed)
     cfg = getattr(transformers, f"{cls}Config")(**common, **extra)
     cfg.architectures = [f"{cls}ForCausalLM"]

@@ -75,14 +75,8 @@ def tokenize_records(
         carry.extend(ids)
         if ids and not rec.get(CONTINUES):
             carry.append(eos)
-        full = len(carry) // max_length * max_length
-        if full:
-            chunk = np.asarray(carry[:full], dtype=np.int32)
-            examples += [
-                Example(b, b)
-                for b in (chunk[s : s + max_length] for s in range(0, full, max_length))
-            ]
-            carry = carry[full:]
+        blocks, carry = _full_blocks(carry, max_length)
+        examples += blocks
     if len(carry) >= 2:
         block = np.asarray(carry, dtype=np.int32)
         examples.append(Example(block, block))
@@ -97,6 +91,17 @@ def tokenize_records(
     if not examples:
         raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
     return examples
+
+
+def _full_blocks(carry: list[int], max_length: int) -> tuple[list[Example], list[int]]:
+    """The whole ``max_length`` blocks of ``carry`` as int32 examples (labels = ids, the same
+    array), and what is left over for the next record."""
+    full = len(carry) // max_length * max_length
+    if not full:
+        return [], carry
+    chunk = np.asarray(carry[:full], dtype=np.int32)
+    blocks = [chunk[s : s + max_length] for s in range(0, full, max_length)]
+    return [Example(b, b) for b in blocks], carry[full:]
 
 
 def _check_chat(messages, roles: _RoleCheck, controls, where: str) -> bool:
