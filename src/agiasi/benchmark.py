@@ -194,7 +194,6 @@ def run_benchmark(cfg, log=None) -> dict[str, Any]:
     """``agiasi eval --task``: every model of ``cfg`` (MODEL, or the list of ``--compare``) on
     every task; one model loaded at a time."""
     from agiasi.evaluate import model_kind, open_eval_model
-    from agiasi.parity import release_memory
 
     if cfg.compare:
         if cfg.model:
@@ -209,24 +208,21 @@ def run_benchmark(cfg, log=None) -> dict[str, Any]:
     for m in models:
         model_kind(m)  # a missing model is an error before anything runs
     sets = prepare_sets(cfg)
-    per_model: list[dict[str, dict[str, Any]]] = []
-    for path in models:
-        model = open_eval_model(
-            path,
+    openers = [
+        lambda p=path: open_eval_model(
+            p,
             base_model=cfg.base_model,
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
             n_ctx=cfg.n_ctx,
             device=cfg.device,
         )
-        try:
-            per_model.append(
-                {ts.task.name: score_set(model, ts, cfg.chat_template, log) for ts in sets}
-            )
-        finally:
-            model.close()
-            del model
-            release_memory()
+        for path in models
+    ]
+    per_model = one_at_a_time(
+        openers,
+        lambda m, _: {ts.task.name: score_set(m, ts, cfg.chat_template, log) for ts in sets},
+    )
     report: dict[str, Any] = {"models": models, "tasks": {}}
     for ts in sets:
         name = ts.task.name
@@ -240,6 +236,23 @@ def run_benchmark(cfg, log=None) -> dict[str, Any]:
             ]
         report["tasks"][name] = entry
     return report
+
+
+def one_at_a_time(openers: list[Any], work) -> list[Any]:
+    """``work(model, i)`` for each opened model in turn; each is closed and its memory given
+    back before the next opens, so a comparison costs one model's memory."""
+    from agiasi.parity import release_memory
+
+    out = []
+    for i, opener in enumerate(openers):
+        model = opener()
+        try:
+            out.append(work(model, i))
+        finally:
+            model.close()
+            del model
+            release_memory()
+    return out
 
 
 def without_items(report: dict[str, Any]) -> dict[str, Any]:
@@ -312,24 +325,19 @@ def export_rows(
     """The benchmark rows of an export: ``stages`` is [(row name, opener)], the first the
     reference (the trained wrapper); each opener returns an opened model, which is closed and
     freed before the next opens."""
-    from agiasi.parity import release_memory
     from agiasi.tasks import TASKS, prepare
 
     name, n = parse_export_spec(spec)
     ts = prepare(TASKS[name], limit=n)
-    results, names = [], []
-    for row, opener in stages:
-        model = opener()
-        try:
-            results.append(score_set(model, ts, chat=False))
-        finally:
-            model.close()
-            del model
-            release_memory()
-        names.append(row)
-        if log:
-            r = results[-1]
-            log(f"export: {name} on {row}: acc {r['acc']:.1%} ({r['items']} items)")
+    names = [row for row, _ in stages]
+
+    def score(model, i: int) -> dict[str, Any]:
+        r = score_set(model, ts, False)
+        if log:  # as each row finishes: the export's progress
+            log(f"export: {name} on {names[i]}: acc {r['acc']:.1%} ({r['items']} items)")
+        return r
+
+    results = one_at_a_time([opener for _, opener in stages], score)
     rows = {names[0]: _export_row(results[0])}
     for row, r, c in zip(names[1:], results[1:], compare_rows(results), strict=True):
         rows[row] = {**_export_row(r), **c}

@@ -35,27 +35,27 @@ MAX_BATCH_TOKENS = 8192
 
 @dataclass
 class Scored:
-    """One item's choices: summed log-probabilities, whether each is the greedy path, and
-    whether its context was cut to fit the model."""
+    """One item's choices: summed log-probabilities and whether each is the greedy path."""
 
     logliks: list[float]
     greedy: list[bool]
-    truncated: bool = False
 
 
 def encode_pair(
     encode: Callable[[str], list[int]], context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
     """lm-eval's token split of (context, continuation)."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        continuation = context[-n:] + continuation
-        context = context[:-n]
-    if not context:
-        raise AgiasiError("a multiple-choice item needs a non-empty context")
-    whole = encode(context + continuation)
+    context, moved = _strip_context(context)
     ctx = encode(context)
-    return ctx, whole[len(ctx) :]
+    return ctx, encode(context + moved + continuation)[len(ctx) :]
+
+
+def _strip_context(context: str) -> tuple[str, str]:
+    """(context without its trailing whitespace, that whitespace: it joins the continuation)."""
+    stripped = context.rstrip()
+    if not stripped:
+        raise AgiasiError("a multiple-choice item needs a non-empty context")
+    return stripped, context[len(stripped) :]
 
 
 def item_tokens(
@@ -71,11 +71,9 @@ def item_tokens(
     each ``context + choice`` on its own, so a shorter choice keeps more context: then one group
     per choice, each context cut as lm-eval cuts it.
     """
-    pairs = [encode_pair(encode, context, c) for c in continuations]
-    ctx = pairs[0][0]
-    if any(p[0] != ctx for p in pairs):  # cannot happen with one context string; guard anyway
-        raise AgiasiError("the context tokenized differently for two choices of one item")
-    conts = [p[1] for p in pairs]
+    stripped, moved = _strip_context(context)
+    ctx = encode(stripped)  # once: the same ids for every choice
+    conts = [encode(stripped + moved + c)[len(ctx) :] for c in continuations]
     if any(not c for c in conts):
         raise AgiasiError(f"a choice of the item {context[-40:]!r} encodes to no tokens")
     if max_length is None or len(ctx) + max(len(c) for c in conts) - 1 <= max_length:
