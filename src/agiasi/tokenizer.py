@@ -150,7 +150,6 @@ def build_bpe_tokenizer(
         models,
         normalizers,
         pre_tokenizers,
-        processors,
         trainers,
     )
     from transformers import PreTrainedTokenizerFast
@@ -174,24 +173,31 @@ def build_bpe_tokenizer(
         show_progress=False,
     )
     tok.train([str(f) for f in text_files], trainer)
-    specials = LLAMA3_SPECIALS if llama3 else QWEN2_SPECIALS
-    tok.add_special_tokens(specials)
-    if llama3:
-        bos = specials[0]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A",
-            pair=f"{bos} $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, tok.token_to_id(bos))],
-        )
-        names = {"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}
-        template = LLAMA3_CHAT_TEMPLATE
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        names = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-        template = QWEN2_CHAT_TEMPLATE
+    names, template = _add_family_specials(tok, llama3)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **names)
     fast.chat_template = template
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
     return fast
+
+
+def _add_family_specials(tok, llama3: bool) -> tuple[dict, str]:
+    """Each family's specials go at the end of the vocabulary, as both ship them; Llama-3 adds BOS
+    through the post-processor (so ``add_special_tokens`` means what it means there), Qwen2 adds
+    none. Returns the tokenizer's special-token names and the chat template."""
+    from tokenizers import processors
+
+    specials = LLAMA3_SPECIALS if llama3 else QWEN2_SPECIALS
+    tok.add_special_tokens(specials)
+    if not llama3:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, QWEN2_CHAT_TEMPLATE
+    bos = specials[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+    )
+    names = {"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}
+    return names, LLAMA3_CHAT_TEMPLATE
