@@ -133,6 +133,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from agiasi.model_config import ModelConfig
 
     cfg = build_config(ModelConfig, args)
+    if str(cfg.base_model).endswith(".gguf"):  # a GGUF file: its tensors, not a model to build
+        from agiasi.info import describe_gguf
+
+        print(format_info(describe_gguf(cfg.base_model)))
+        return 0
     info = describe(cfg.base_model, cfg)
     print(format_info(info))
     return 0
@@ -314,7 +319,8 @@ _RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dt
 COMMANDS = [
     _Command(
         "info",
-        "architecture, hidden size, LoRA targets, trainable counts, soul kind and phase",
+        "architecture, hidden size, LoRA targets, trainable counts, soul kind and phase; for "
+        "a .gguf file its tensor types and importance matrix",
         "Describe what agiasi would build on MODEL (reads only its config).",
         _cmd_info,
         "agiasi.model_config:ModelConfig",

@@ -8,7 +8,8 @@ Stages, each a function below:
 2. :func:`write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
    base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.shards`): memory holds
    about one tensor, never the model.
-3. :func:`write_ggufs` — GGUF files from the written HF folder (:mod:`agiasi.gguf`), K-quants
+3. :func:`agiasi.export_quant.write_ggufs` — GGUF files from the written HF folder
+   (:mod:`agiasi.gguf`), the importance matrix (:mod:`agiasi.imatrix`) and the K and IQ quants
    through llama.cpp's quantizer.
 4. :func:`agiasi.export_measure.finish_report` — the fidelity measure (:mod:`agiasi.parity`,
    one model at a time), the ``--benchmark`` rows and the model card.
@@ -26,7 +27,7 @@ import math
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -43,6 +44,7 @@ from agiasi.export_checks import (
 )
 from agiasi.export_files import exported_config, modelfile, modelfile_value
 from agiasi.export_measure import base_report, finish_report, write_report_and_card
+from agiasi.export_quant import check_imatrix_flags, plan_imatrix, write_ggufs
 from agiasi.loading import DType
 from agiasi.merge import (
     MergePlan,
@@ -68,7 +70,10 @@ class ExportConfig:
         None, "with a run folder: best (lowest validation loss), last, or a step number"
     )
     gguf: str = option(
-        "f16,q8_0,q4_k_m", "comma list of f32,f16,bf16,q8_0,q4_k_m,q5_k_m,q6_k ('' for none)"
+        "f16,q8_0,q4_k_m",
+        "comma list of GGUF types ('' for none): f32 f16 bf16 q8_0, and through llama.cpp's "
+        "quantizer q6_k q5_k_m q5_k_s q4_k_m q4_k_s q4_0 iq4_nl iq4_xs q3_k_l q3_k_m iq3_m "
+        "iq3_xxs q2_k q2_k_s iq2_m iq2_xs",
     )
     merge_base: MergeBase = option(
         "auto",
@@ -92,6 +97,19 @@ class ExportConfig:
     )
     trust_remote_code: bool = option(
         False, "allow a base model that runs its own code (never taken from the checkpoint)"
+    )
+    imatrix: str = option(
+        "auto",
+        "importance matrix for llama.cpp's quantizer: auto (computed for the types at or below "
+        "4 bits), none, or an imatrix.gguf file (used for every quantized type)",
+    )
+    calibration: str | None = option(
+        None,
+        "text or dataset the importance matrix is computed on (default: the run's validation "
+        "data, else the shipped Japanese sample)",
+    )
+    calibration_tokens: int = option(
+        65536, "token budget of the importance matrix (chunks of 512 or the model's context)", ge=32
     )
     benchmark: str | None = option(
         None,
@@ -118,6 +136,9 @@ class ExportPlan:
     shapes: dict[str, tuple[int, ...]]
     n_params: int
     run_ggufs: bool  # llama-cpp-python is there to run the GGUFs in the measure
+    imatrix_types: list[str] = field(default_factory=list)  # quantized with the matrix
+    calibration: Any = None  # agiasi.calibration.Calibration, when the matrix is computed
+    imatrix_file: Path | None = None  # --imatrix FILE
 
     @property
     def stem(self) -> str:
@@ -166,8 +187,8 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
         log(f"export: removed {stale.name}, left half-written by a killed export")
     with atomic_folder(plan.out) as tmp:
         tok = write_hf_folder(plan, tmp / "hf", log)
-        ggufs = write_ggufs(plan, tmp / "hf", tmp, log)
-        report = base_report(plan, ggufs)
+        ggufs, imatrix = write_ggufs(plan, tmp / "hf", tmp, log)
+        report = base_report(plan, ggufs, imatrix)
         (tmp / "Modelfile").write_text(modelfile(tok, ggufs, plan.cfg.num_ctx), encoding="utf-8")
         write_report_and_card(tmp, report, plan)
         if plan.out.exists() and not cfg.force:  # something else made it since the plan
@@ -186,7 +207,8 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
     from agiasi.checkpoint import check_same_base, check_same_weights
-    from agiasi.gguf import GEMMA_HEAD_MESSAGE, KQUANT_TYPES, trained_context
+    from agiasi.gguf import GEMMA_HEAD_MESSAGE, trained_context
+    from agiasi.gguf_types import KQUANT_TYPES
     from agiasi.loading import load_config
 
     types = check_flags(cfg)
@@ -235,6 +257,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
         n_params=n_params,
         run_ggufs=run_ggufs,
     )
+    plan = plan_imatrix(plan, log)
     for t in types:  # the GGUF file names go into the Modelfile's FROM line
         modelfile_value(f"./{plan.stem}-{t}.gguf", "the GGUF file name", bare=True)
     return plan
@@ -272,7 +295,7 @@ def check_flags(cfg: ExportConfig) -> list[str]:
     """What the flags alone can get wrong (types, combinations, the --text file, the
     --benchmark spec), before anything is read: the GGUF types asked for."""
     from agiasi.evaluate import eval_text
-    from agiasi.gguf import parse_types
+    from agiasi.gguf_types import parse_types
 
     check(cfg)
     if not cfg.out or not str(cfg.out).strip():
@@ -292,6 +315,7 @@ def check_flags(cfg: ExportConfig) -> list[str]:
         parse_export_spec(cfg.benchmark)  # a typo fails now, not after the export
     if cfg.output_tensor_type:
         parse_types(cfg.output_tensor_type)
+    check_imatrix_flags(cfg, types)
     return types
 
 
@@ -451,29 +475,3 @@ def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
 
 
 # --------------------------------------------------------------------------- 3. GGUF
-
-
-def write_ggufs(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say) -> dict[str, Path]:
-    """F32/F16/BF16 from the HF folder (one tensor at a time); K-quants, and Q8_0 where
-    llama.cpp's quantizer is installed, from an F16 (else Q8_0 through gguf-py)."""
-    from agiasi.gguf import KQUANT_TYPES, write_gguf
-    from agiasi.quantize import have_quantizer, quantize_gguf
-
-    ggufs: dict[str, Path] = {}
-    types = plan.types
-    from_f16 = [t for t in types if t in KQUANT_TYPES or (t == "q8_0" and have_quantizer())]
-    need_f16 = bool(from_f16)
-    direct = [t for t in types if t not in from_f16]
-    for t in direct + (["f16"] if need_f16 and "f16" not in types else []):
-        ggufs[t] = write_gguf(
-            hf_dir, folder / f"{plan.stem}-{t}.gguf", t, plan.cfg.output_tensor_type
-        )
-        maybe_crash("export_gguf_written")
-        log(f"export: {ggufs[t].name}")
-    for t in from_f16:
-        out = folder / f"{plan.stem}-{t}.gguf"
-        ggufs[t] = quantize_gguf(ggufs["f16"], out, t, plan.cfg.output_tensor_type)
-        log(f"export: {ggufs[t].name}")
-    if need_f16 and "f16" not in types:
-        ggufs.pop("f16").unlink()
-    return ggufs

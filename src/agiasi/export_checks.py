@@ -110,11 +110,11 @@ def check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
 
 def check_free_disk(out: Path, n_params: int, dtype: torch.dtype, types: list[str]) -> None:
     """Refuse an export that cannot fit on the output's disk (estimated from the shapes)."""
-    from agiasi.gguf import GGUF_TYPE_TABLE, KQUANT_TYPES
+    from agiasi.gguf_types import GGUF_TYPE_TABLE, KQUANT_TYPES
 
     per = torch.tensor([], dtype=dtype).element_size()
     need = n_params * per
-    need += sum(n_params * GGUF_TYPE_TABLE[t][1] for t in types)
+    need += sum(n_params * GGUF_TYPE_TABLE[t].bytes_per_param for t in types)
     if any(t in KQUANT_TYPES for t in types) and "f16" not in types:
         need += n_params * 2  # the F16 the quantizer reads, removed afterwards
     need = int(need * 1.05) + 64 * 2**20

@@ -24,6 +24,7 @@ from agiasi.export_files import (
     model_card,
     soul_record,
 )
+from agiasi.export_quant import imatrix_effect, no_imatrix_controls
 from agiasi.merge import MERGE_BASES
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
+def base_report(
+    plan: ExportPlan, ggufs: dict[str, Path], imatrix: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "checkpoint": str(plan.checkpoint),
         "base_model": plan.base_id,
@@ -46,6 +49,8 @@ def base_report(plan: ExportPlan, ggufs: dict[str, Path]) -> dict[str, Any]:
         "soul": soul_record(plan.manifest),
         "num_ctx": plan.cfg.num_ctx,
         "files": {t: p.name for t, p in ggufs.items()},
+        "sizes": {t: p.stat().st_size for t, p in ggufs.items()},
+        "imatrix": imatrix,
         "measure": {"status": "pending" if plan.cfg.measure else "skipped (--no-measure)"},
     }
 
@@ -59,13 +64,16 @@ def finish_report(
     if not plan.cfg.measure:
         log(f"export: done → {plan.out}")
         return report
-    inputs = parity_inputs(plan, ggufs, tok, log)
-    release_memory()  # what the write stages freed goes back before the models load
     try:
-        measured = parity_report(inputs, log)
-        if plan.cfg.benchmark:
-            measured["benchmark"] = benchmark_rows(plan, inputs, log)
-    except MeasureError as e:
+        with no_imatrix_controls(plan, ggufs, log) as controls:
+            inputs = parity_inputs(plan, ggufs, tok, log, controls)
+            release_memory()  # what the write stages freed goes back before the models load
+            measured = parity_report(inputs, log)
+            if plan.cfg.benchmark:
+                measured["benchmark"] = benchmark_rows(plan, inputs, log)
+    except AgiasiError as e:
+        if not isinstance(e, MeasureError):
+            e = MeasureError("imatrix controls", str(e))
         report["measure"] = {"status": "failed", "stage": e.stage, "error": e.message}
         write_report_and_card(plan.out, report, plan)
         raise AgiasiError(
@@ -74,6 +82,8 @@ def finish_report(
         ) from None
     status = measured.pop("measure")
     report.update(measured)
+    if report.get("imatrix"):
+        report["imatrix"]["effect"] = imatrix_effect(measured["parity"], plan.imatrix_types)
     failure = failed_check(measured)
     if failure:
         stage, why = failure
@@ -92,7 +102,7 @@ def finish_report(
     return report
 
 
-def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say):
+def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say, controls=None):
     """What the measure compares: the checkpoint, the written folder and GGUFs, and both merge
     bases where the checkpoint was trained on NF4 and two fp32 copies of it fit."""
     from agiasi.parity import COMPARE_MERGE_BASES_MAX_PARAMS, ParityInputs
@@ -111,6 +121,7 @@ def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say):
         hf_config=exported_config(plan.hf_config, plan.dtype),
         hf_dir=plan.out / "hf",
         ggufs=ggufs,
+        controls=controls or {},
         tokenizer=tok,
         num_ctx=plan.cfg.num_ctx,
         text=plan.cfg.text,
@@ -126,7 +137,7 @@ def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
     same JGLUE items, one model in memory at a time; a failure is the measure's failure."""
     from agiasi.benchmark import export_rows
     from agiasi.evaluate import open_eval_model
-    from agiasi.parity import MeasureError, measure_device, parity_n_ctx
+    from agiasi.parity import MeasureError, gguf_stages, measure_device, parity_n_ctx
 
     device = str(measure_device())
     mcfg = plan.model_config
@@ -143,7 +154,7 @@ def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
         ("hf", lambda: open_eval_model(plan.out / "hf", device=device)),
     ]
     if plan.run_ggufs:
-        for t, path in inputs.ggufs.items():
+        for t, path in gguf_stages(inputs).items():
             stages.append(
                 (
                     f"gguf {t}",

@@ -22,35 +22,9 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.gguf_types import DIRECT_TYPES
 from agiasi.gguf_vocab import bpe_vocabulary, sentencepiece_vocabulary
 from agiasi.weights import EMBED_KEY, HEAD_KEY, check_plain
-
-# The one table of GGUF types agiasi writes: who writes each (gguf-py here, or llama.cpp's own
-# quantizer, agiasi.quantize) and its bytes per parameter (the export's free-disk check;
-# K-quants: llama.cpp's bits per weight).
-GGUF_TYPE_TABLE: dict[str, tuple[str, float]] = {
-    "f32": ("gguf-py", 4.0),
-    "f16": ("gguf-py", 2.0),
-    "bf16": ("gguf-py", 2.0),
-    "q8_0": ("gguf-py", 34 / 32),
-    "q4_k_m": ("llama.cpp", 4.9 / 8),
-    "q5_k_m": ("llama.cpp", 5.7 / 8),
-    "q6_k": ("llama.cpp", 6.6 / 8),
-}
-DIRECT_TYPES = tuple(t for t, (by, _) in GGUF_TYPE_TABLE.items() if by == "gguf-py")
-KQUANT_TYPES = tuple(t for t, (by, _) in GGUF_TYPE_TABLE.items() if by == "llama.cpp")
-GGUF_TYPES = tuple(GGUF_TYPE_TABLE)
-
-
-def parse_types(text: str | list[str]) -> list[str]:
-    items = text if isinstance(text, list) else [t.strip() for t in text.split(",")]
-    types = [t.lower() for t in items if t]
-    bad = [t for t in types if t not in GGUF_TYPES]
-    if bad:
-        raise AgiasiError(
-            f"unknown GGUF type(s) {', '.join(bad)}; choose from {', '.join(GGUF_TYPES)}"
-        )
-    return types
 
 
 def rope_scaling_of(config: dict) -> dict | None:
@@ -432,6 +406,16 @@ def _common_parameters(w, cfg: dict, hf_dir: Path, gguf_type: str) -> None:
     )
 
 
+def tensor_name_map(arch: GGUFArch, cfg: dict):
+    """gguf-py's HF → GGUF tensor names for this architecture: the names the file gets, and so
+    the names llama.cpp's quantizer and importance matrix use."""
+    import gguf
+
+    return gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH[arch.gguf_name.upper()], int(cfg["num_hidden_layers"])
+    )
+
+
 def _tensor_plan(
     w, arch: GGUFArch, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None
 ) -> list:
@@ -443,10 +427,7 @@ def _tensor_plan(
         if not cfg.get("tie_word_embeddings", False):
             raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
         head_source = EMBED_KEY
-    name_map = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH[arch.gguf_name.upper()],
-        int(cfg["num_hidden_layers"]),
-    )
+    name_map = tensor_name_map(arch, cfg)
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,

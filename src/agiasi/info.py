@@ -1,8 +1,10 @@
-"""``agiasi info``: what agiasi would build on a model, read from its config alone."""
+"""``agiasi info``: what agiasi would build on a model, read from its config alone; for a GGUF
+file, what it holds (its tensor types, and whether an importance matrix made them)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +78,49 @@ def _gguf_support(model_type: str) -> str:
         return "no (not in agiasi's architecture table)"
     plain = arch.exports_gguf and not arch.gguf_tied_head_only
     return arch.gguf_support if plain else f"{arch.gguf_support} ({arch.notes})"
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """A GGUF file's architecture, file type, tensors per GGML type, and the importance matrix
+    llama.cpp's quantizer recorded (``quantize.imatrix.*``, None when none was used)."""
+    from collections import Counter
+
+    import gguf
+
+    from agiasi.errors import AgiasiError
+
+    p = Path(path)
+    if not p.is_file():
+        raise AgiasiError(f"{p}: no such GGUF file")
+    try:
+        r = gguf.GGUFReader(str(p))
+    except (OSError, ValueError) as e:
+        raise AgiasiError(f"{p} is not a readable GGUF file: {e}") from None
+
+    def value(key: str):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else None
+
+    ftype = value("general.file_type")
+    imatrix = None
+    if value("quantize.imatrix.entries_count") is not None:
+        imatrix = {
+            "entries": value("quantize.imatrix.entries_count"),
+            "chunks": value("quantize.imatrix.chunks_count"),
+            "dataset": value("quantize.imatrix.dataset"),
+            "file": value("quantize.imatrix.file"),
+        }
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    return {
+        "file": str(p),
+        "type": value("general.type") or "model",
+        "architecture": value("general.architecture"),
+        "file_type": gguf.LlamaFileType(ftype).name if ftype is not None else None,
+        "tensors": len(r.tensors),
+        "tensor_types": dict(sorted(types.items())),
+        "imatrix": imatrix,
+        "size_bytes": p.stat().st_size,
+    }
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -104,6 +104,12 @@ class ParityInputs:
     n_params: int  # counted by the export plan from the shapes it writes
     merge_plans: dict[str, Any] = field(default_factory=dict)  # kind → MergePlan (small models)
     run_ggufs: bool = True
+    controls: dict[str, Path] = field(default_factory=dict)  # type → quantized without imatrix
+
+
+def gguf_stages(inp: ParityInputs) -> dict[str, Path]:
+    """The GGUFs the measure runs: each written file, then each no-imatrix control."""
+    return {**inp.ggufs, **{f"{t} (no imatrix)": p for t, p in inp.controls.items()}}
 
 
 # llama.cpp sizes its KV cache and (with all logits) its output buffer by n_ctx: 4096 tokens of
@@ -227,6 +233,8 @@ class _Run:
     greedy_hf: list[int] | None = None
     ids: list[int] | None = None
     window: int = 512
+    heldout: list[list[int]] = field(default_factory=list)  # windows for the held-out KL
+    heldout_logits: list = field(default_factory=list)  # the HF folder's logits on them
 
     def skip(self, what: str) -> None:
         self.report["measure"]["skipped"].append(what)
@@ -317,8 +325,20 @@ def _wrapper_and_hf_rows(run: _Run, device, dtype, n_params: int) -> None:
     run.report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": run.window}
     run.report["parity"]["hf"] = {"ppl": perplexity(partial(hf_logits, hf), ids, run.window)}
     run.greedy_hf = hf_greedy(hf, run.prompts[0], 32)
+    run.heldout = heldout_windows(ids, run.window)
+    run.heldout_logits = [hf_logits(hf, w) for w in run.heldout]
     del hf
     release_memory()
+
+
+# Tokens of held-out text on which each GGUF's KL to the HF folder is measured: the HF logits
+# are kept for them (1024 × a 152k vocabulary in fp32 is 620 MB; the tiny model's 16 MB).
+HELDOUT_KL_TOKENS = 1024
+
+
+def heldout_windows(ids: list[int], window: int) -> list[list[int]]:
+    ids = ids[:HELDOUT_KL_TOKENS]
+    return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
 
 
 def _gguf_rows(run: _Run) -> None:
@@ -332,7 +352,7 @@ def _gguf_rows(run: _Run) -> None:
         return run.skip("gguf rows: running a GGUF needs llama-cpp-python")
     if run.hf_logits is None:
         return run.skip("gguf rows: they compare against the HF folder, which was skipped")
-    for t, path in inp.ggufs.items():
+    for t, path in gguf_stages(inp).items():
         g = GGUFModel(path, n_ctx=parity_n_ctx(inp.num_ctx))
         try:
             row = compare_all(run.hf_logits, [g.logits(p) for p in run.prompts])
@@ -344,6 +364,10 @@ def _gguf_rows(run: _Run) -> None:
                 for s, p in zip(PARITY_PROMPTS, run.prompts, strict=True)
             )
             row["ppl"] = perplexity(g.logits, run.ids, run.window)
+            row["size_bytes"] = path.stat().st_size
+            if run.heldout:  # KL on held-out text: the prompts above are a few dozen tokens
+                held = compare_all(run.heldout_logits, [g.logits(w) for w in run.heldout])
+                row["heldout_kl"], row["heldout_top1"] = held["mean_kl"], held["top1"]
         finally:
             g.close()
         run.report["parity"][f"gguf {t} vs hf"] = row

@@ -60,7 +60,12 @@ def test_demo_default_run(tmp_path, capsys):
     exp = out / "export"
     names = sorted(os.listdir(exp))
     assert {"Modelfile", "README.md", "export_report.json", "hf"} <= set(names)
-    assert sum(n.endswith(".gguf") for n in names) == 2  # q8_0 and q4_k_m, f16 intermediate gone
+    # q8_0, q4_k_m and the importance matrix Q4_K_M was made with; the f16 intermediate gone
+    assert sorted(n.rsplit("-", 1)[-1] for n in names if n.endswith(".gguf")) == [
+        "imatrix.gguf",
+        "q4_k_m.gguf",
+        "q8_0.gguf",
+    ]
     assert "PARAMETER num_ctx 256" in (exp / "Modelfile").read_text()
     er = report["export_report"]
     assert er["merge_base"] == "nf4"
@@ -68,6 +73,9 @@ def test_demo_default_run(tmp_path, capsys):
     assert er["parity"]["gguf q8_0 vs hf"]["top1"] >= 0.90
     assert er["parity"]["gguf q8_0 vs hf"]["tokens_equal"]
     assert er["merge_bases"]["nf4"]["mean_kl"] < er["merge_bases"]["w16"]["mean_kl"]
+    im = er["imatrix"]
+    assert im["types"] == ["q4_k_m"] and im["chunks"] == 64 and im["chunk_size"] == 256
+    assert im["effect"]["q4_k_m"]["heldout_kl_without"] > 0
     p = report["perplexity"]
     print(
         f"held-out ppl: base {p['base']:.2f}, soul {p['soul']:.2f}, control {p['control_no_soul']:.2f}"

@@ -63,8 +63,9 @@ def plain_transformers_logits(hf_dir, ids):
 def test_phi3_export_writes_exactly_the_files(phi3_export):
     _, out, report = phi3_export
     names = sorted(os.listdir(out))
-    assert names[:4] == ["Modelfile", "README.md", "export_report.json", "hf"]
-    assert sorted(n.rsplit("-", 1)[-1] for n in names[4:]) == [
+    # the importance matrix Q4_K_M was quantized with sits beside the GGUFs
+    assert names[:5] == ["Modelfile", "README.md", "export_report.json", "hf", "imatrix.gguf"]
+    assert sorted(n.rsplit("-", 1)[-1] for n in names[5:]) == [
         "f16.gguf",
         "f32.gguf",
         "q4_k_m.gguf",
