@@ -54,9 +54,11 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
 
     def means(self) -> dict[str, np.ndarray]:
-        """What the quantizer takes: sum / count per column (llama.cpp's ``load_imatrix``)."""
+        """What the quantizer takes: sum / count per column, computed as llama-quantize computes
+        it from the file (float32 sums divided in float32), so a file quantized again with
+        ``llama-quantize --imatrix imatrix.gguf`` comes out byte-identical."""
         return {
-            n: (s / self.counts[n]).astype(np.float32)
+            n: s.astype(np.float32) / np.float32(self.counts[n])
             if self.counts[n]
             else np.ones_like(s, np.float32)
             for n, s in self.sums.items()

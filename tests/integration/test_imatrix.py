@@ -108,10 +108,12 @@ def test_the_file_round_trips_in_llama_cpps_layout(shipped_matrix, tmp_path):
     assert back.counts == im.counts
     for n, s in im.sums.items():
         assert np.array_equal(back.sums[n], s.astype(np.float32).astype(np.float64))
-    # what llama.cpp's quantizer is handed: the per-column mean
-    means = back.means()
-    n = next(iter(means))
-    assert np.allclose(means[n], back.sums[n] / back.counts[n], rtol=1e-6)
+    # what the quantizer is handed: the per-column mean as llama-quantize computes it from the
+    # file (float32 sum / float32 count), from the file's values and from the ones in memory
+    for m in (back.means(), im.means()):
+        for n, v in m.items():
+            want = back.sums[n].astype(np.float32) / np.float32(back.counts[n])
+            assert v.dtype == np.float32 and np.array_equal(v, want), n
 
 
 def _quantize(src, dst, t, matrix=None):
