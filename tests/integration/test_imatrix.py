@@ -220,6 +220,7 @@ def test_export_computes_the_matrix_and_reports_with_and_without(tiny_phi3_tok, 
             gguf="f16,q4_k_m,iq2_xs",
             num_ctx=256,
             calibration_tokens=2048,
+            benchmark="jcommonsenseqa:8",
         ),
         log=quiet,
     )
@@ -239,6 +240,27 @@ def test_export_computes_the_matrix_and_reports_with_and_without(tiny_phi3_tok, 
     assert "gguf q4_k_m (no imatrix) vs hf" in report["parity"]
     assert "gguf iq2_xs (no imatrix) vs hf" not in report["parity"]
     assert json.loads((out / "export_report.json").read_text())["imatrix"] == im
+    # the benchmark scores the control too, on the same items
+    rows = report["benchmark"]["rows"]
+    assert {"gguf q4_k_m", "gguf q4_k_m (no imatrix)", "gguf iq2_xs"} <= set(rows)
+
+
+def test_imatrix_none_warns_for_low_bit_types_and_writes_no_matrix(tiny_phi3_tok, tmp_path):
+    ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
+    said = []
+    report = export(
+        ExportConfig(
+            checkpoint=str(ckpt),
+            out=str(tmp_path / "out"),
+            gguf="q5_k_m,q4_k_m",
+            imatrix="none",
+            measure=False,
+        ),
+        log=said.append,
+    )
+    warn = [m for m in said if "without an importance matrix" in m]
+    assert len(warn) == 1 and "q4_k_m" in warn[0] and "q5_k_m" not in warn[0]
+    assert report["imatrix"] is None and not (tmp_path / "out" / "imatrix.gguf").exists()
 
 
 def test_the_run_validation_data_is_the_default_calibration(tiny_phi3_tok, tmp_path):
