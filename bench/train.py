@@ -15,6 +15,7 @@ Implementations:
     nosoul  agiasi's step without the soul (isolates the soul's cost)
     so8c, nosoulc   the same with --compile (each decoder layer torch.compile'd)
     so8o    so8 with --offload-activations (checkpointed layer inputs in pinned CPU memory)
+    IMPL@N  the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ def build(impl: str, model_dir: Path):
         return model, step_loss
     from agiasi import AGIASI_SO8T_Wrapper
 
+    impl, _, tile = impl.partition("@")  # so8o@4096: the MLP tiled at 4096 tokens (@0: never)
     kwargs = {
         "soul": not impl.startswith("nosoul"),
         "rotation": "full" if impl == "full" else "so8",
         "compile": impl.endswith("c"),
         "offload_activations": impl.endswith("o"),
+        **({"mlp_tile": int(tile)} if tile else {}),
     }
     w = AGIASI_SO8T_Wrapper(
         str(model_dir), device="cuda", quantization="nf4", gradient_checkpointing=True, **kwargs
@@ -270,9 +273,9 @@ def main() -> None:
         return
     make_random_model(args.model_dir)
     jobs = []
-    for row in args.rows.split(","):
+    for row in filter(None, args.rows.split(",")):
         seq, batch = (int(x) for x in row.split("x"))
-        for impl in args.impls.split(","):
+        for impl in filter(None, args.impls.split(",")):
             jobs.append({"impl": impl, "seq": seq, "batch": batch})
     for pair in filter(None, args.extra.split(",")):
         row, impl = pair.split(":")

@@ -314,7 +314,7 @@ def _plot_flags(p) -> None:
 
 
 # `agiasi info` reads a config only: how a model would be run does not apply.
-_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype")
+_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype", "mlp_tile")
 
 COMMANDS = [
     _Command(

@@ -135,6 +135,12 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             enable_offloaded_checkpointing(
                 getattr(self.causal_lm, self.causal_lm.base_model_prefix)
             )
+        if config.mlp_tile:
+            from agiasi.tiling import enable_tiled_mlp
+
+            enable_tiled_mlp(
+                getattr(self.causal_lm, self.causal_lm.base_model_prefix), config.mlp_tile
+            )
         if self.device_.type == "cuda":
             # Loading and quantizing leave freed blocks in the allocator's cache; hand them back
             # to the device (other processes on a shared 12 GB card can use them).

@@ -64,6 +64,12 @@ class ModelConfig:
         False, "keep checkpointed layer inputs in pinned CPU memory (long sequences on 12 GB)"
     )
     compile: bool = option(False, "torch.compile each decoder layer (faster small batches on GPU)")
+    mlp_tile: int = option(
+        8192,
+        "run each layer's MLP on tiles of this many tokens when a batch holds more (long "
+        "sequences in less memory; exact); 0: never tile",
+        ge=0,
+    )
     trust_remote_code: bool = option(
         False, "run the model's own Python code from its folder or the hub (only if you trust it)"
     )
@@ -133,7 +139,7 @@ def match_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, int]:
 # How a model is *run* (dtype, compile, checkpointing, remote code) is chosen on each command, not
 # inherited from the checkpoint: a bf16 GPU run must not make CPU evaluation 40× slower, and a
 # file must never switch remote code on.
-RUNTIME_FIELDS = ("dtype", "compile", "gradient_checkpointing", "offload_activations")
+RUNTIME_FIELDS = ("dtype", "compile", "gradient_checkpointing", "offload_activations", "mlp_tile")
 
 
 def checkpoint_model_config(
