@@ -124,6 +124,14 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             soul = Soul(config.soul_config(self.hidden_size)).to(self.device_)
             self.causal_lm.set_output_embeddings(SoulHead(head, soul))
             self._soul = soul
+        self._set_up_running(config)
+
+    # ---------------------------------------------------------------- construction
+
+    def _set_up_running(self, config: ModelConfig) -> None:
+        """How the decoder runs, not what it computes: recomputation, offloaded layer inputs,
+        the tiled MLP, compilation (all exact; memory and speed only)."""
+        decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         if config.gradient_checkpointing:
             self.causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -132,15 +140,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         if config.offload_activations:
             from agiasi.offload import enable_offloaded_checkpointing
 
-            enable_offloaded_checkpointing(
-                getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-            )
+            enable_offloaded_checkpointing(decoder)
         if config.mlp_tile:
             from agiasi.tiling import enable_tiled_mlp
 
-            enable_tiled_mlp(
-                getattr(self.causal_lm, self.causal_lm.base_model_prefix), config.mlp_tile
-            )
+            enable_tiled_mlp(decoder, config.mlp_tile)
         if self.device_.type == "cuda":
             # Loading and quantizing leave freed blocks in the allocator's cache; hand them back
             # to the device (other processes on a shared 12 GB card can use them).
@@ -148,10 +152,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         if config.compile:
             # Each decoder layer compiled on its own: 32 identical layers share one graph, and
             # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks.
-            for layer in getattr(self.causal_lm, self.causal_lm.base_model_prefix).layers:
+            for layer in decoder.layers:
                 layer.compile(dynamic=False)
-
-    # ---------------------------------------------------------------- construction
 
     def _load_base(self) -> nn.Module:
 
