@@ -50,7 +50,8 @@ def enable_tiled_mlp(decoder: nn.Module, tile: int = DEFAULT_TILE) -> int:
     if tile < 1:
         raise ValueError("tile must be at least 1 token")
     n = 0
-    for layer in decoder.layers:
+    # architectures outside the table may name their layers otherwise (GPT-2: ``h``): untiled
+    for layer in getattr(decoder, "layers", None) or []:
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
             continue

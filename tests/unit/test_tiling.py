@@ -108,3 +108,9 @@ def test_the_wrapper_trains_the_same_with_tiles_and_offloaded_checkpoints(tiny_p
     assert set(g0) == set(g1) and any("lora_" in n for n in g0)
     for n, g in g0.items():
         torch.testing.assert_close(g1[n], g, rtol=RTOL, atol=RTOL * g.abs().max(), msg=n)
+
+
+def test_a_decoder_without_layers_is_left_alone():
+    from torch import nn
+
+    assert enable_tiled_mlp(nn.Module(), tile=16) == 0
