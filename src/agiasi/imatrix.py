@@ -290,6 +290,15 @@ def check_matches(im: Imatrix, shapes: dict[str, tuple[int, ...]], where: str) -
                 f"{where} is an importance matrix for another model: {n} has {s.shape[0]} "
                 f"columns there and {shapes[n][-1]} here"
             )
+    # every decoder matrix (what llama-imatrix collects): a partial matrix would leave some
+    # tensors quantized without it, and the IQ types refuse that halfway through the export
+    want = [n for n, shape in shapes.items() if n.startswith("blk.") and len(shape) == 2]
+    missing = [n for n in want if n not in im.sums]
+    if missing:
+        raise AgiasiError(
+            f"{where} covers {len(want) - len(missing)} of this model's {len(want)} decoder "
+            f"matrices (no {missing[0]}): made for another model, or from a partial run"
+        )
 
 
 class QuantizerImatrix:

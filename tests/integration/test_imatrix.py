@@ -289,6 +289,7 @@ def test_the_run_validation_data_is_the_default_calibration(tiny_phi3_tok, tmp_p
         (["--calibration", "SAME", "--text", "SAME"], "--calibration and --text are the same"),
         (["--gguf", "q4_k_m", "--imatrix", "OTHER"], "an importance matrix for another model"),
         (["--gguf", "q4_k_m", "--imatrix", "NOTIMATRIX"], "is not an importance matrix"),
+        (["--gguf", "q4_k_m", "--imatrix", "PARTIAL"], "decoder matrices (no blk.1."),
     ],
 )
 def test_bad_imatrix_flags_exit_2_and_write_nothing(
@@ -303,6 +304,18 @@ def test_bad_imatrix_flags_exit_2_and_write_nothing(
     write_imatrix(tmp_path / "other.gguf", other)
     subs = {"SAME": str(same), "OTHER": str(tmp_path / "other.gguf")}
     subs["NOTIMATRIX"] = str(write_gguf(tiny_phi3_tok, tmp_path / "model.gguf", "f16"))
+    # layer 0 of the right model only: names and columns right, the other layers missing
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_phi3_tok)
+    names = gguf_names(cfg.to_dict(), LazyWeights(tiny_phi3_tok).keys())
+    shapes = {g: LazyWeights(tiny_phi3_tok).shape(k) for k, g in names.items()}
+    part = {g: s for g, s in shapes.items() if g.startswith("blk.0.")}
+    partial = Imatrix(
+        sums={g: np.ones(s[-1]) for g, s in part.items()}, counts={g: 4 for g in part}
+    )
+    partial.datasets = ["x"]
+    subs["PARTIAL"] = str(write_imatrix(tmp_path / "partial.gguf", partial))
     flags = [subs.get(f, f) for f in flags]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["export", str(ckpt), "--out", str(tmp_path / "out"), *flags]) == 2
