@@ -209,7 +209,9 @@ def no_imatrix_controls(plan: ExportPlan, ggufs: dict[str, Path], log=_say):
         src = ggufs.get("f16") or write_gguf(plan.out / "hf", tmp / "f16.gguf", "f16")
         controls = {}
         for t in types:
-            controls[t] = quantize_gguf(src, tmp / f"{t}.gguf", t, plan.cfg.output_tensor_type)
+            controls[t] = quantize_gguf(
+                src, tmp / f"{plan.stem}-{t}-no-imatrix.gguf", t, plan.cfg.output_tensor_type
+            )
         log(f"export: {', '.join(types)} also quantized without the matrix, to measure it")
         yield controls
     finally:
