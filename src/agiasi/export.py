@@ -139,6 +139,7 @@ class ExportPlan:
     imatrix_types: list[str] = field(default_factory=list)  # quantized with the matrix
     calibration: Any = None  # agiasi.calibration.Calibration, when the matrix is computed
     imatrix_file: Path | None = None  # --imatrix FILE
+    given_imatrix: Any = None  # agiasi.imatrix.Imatrix read from it (checked in the plan)
 
     @property
     def stem(self) -> str:

@@ -89,8 +89,9 @@ def plan_imatrix(plan: ExportPlan, log=_say) -> ExportPlan:
         path = Path(cfg.imatrix)
         names = gguf_names(plan.hf_config.to_dict(), plan.shapes)
         shapes = {names[k]: s for k, s in plan.shapes.items() if k in names}
-        check_matches(read_imatrix(path), shapes, str(path))
-        return replace(plan, imatrix_types=with_matrix, imatrix_file=path)
+        given = read_imatrix(path)
+        check_matches(given, shapes, str(path))
+        return replace(plan, imatrix_types=with_matrix, imatrix_file=path, given_imatrix=given)
     cal = choose_calibration(cfg.calibration, plan.checkpoint, cfg.text)
     log(f"export: importance matrix for {', '.join(with_matrix)} on {cal.source}")
     return replace(plan, imatrix_types=with_matrix, calibration=cal)
@@ -131,18 +132,16 @@ def write_ggufs(
 def importance_matrix(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say):
     """The matrix for the quantizer and its report entry: read from ``--imatrix FILE``, or
     computed on the calibration text and written to ``imatrix.gguf``."""
-    from agiasi.imatrix import QuantizerImatrix, read_imatrix
+    from agiasi.imatrix import QuantizerImatrix, write_imatrix
 
     info: dict[str, Any] = {"types": list(plan.imatrix_types)}
-    if plan.imatrix_file is not None:
-        im = read_imatrix(plan.imatrix_file)
+    if plan.given_imatrix is not None:
+        im = plan.given_imatrix
         info.update(file=str(plan.imatrix_file), source="--imatrix")
         name = plan.imatrix_file.name
     else:
         start = time.perf_counter()
         im = compute_for_export(plan, hf_dir, log)
-        from agiasi.imatrix import write_imatrix
-
         write_imatrix(folder / IMATRIX_FILE, im)
         info.update(
             file=IMATRIX_FILE,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -250,12 +249,12 @@ def read_imatrix(path: Path) -> Imatrix:
     except (OSError, ValueError) as e:
         raise AgiasiError(f"{path} is not a GGUF importance matrix: {e}") from None
     kind = r.fields.get("general.type")
-    if kind is None or _field_value(kind) != "imatrix":
+    if kind is None or kind.contents() != "imatrix":
         raise AgiasiError(f"{path} is not an importance matrix (general.type is not 'imatrix')")
     im = Imatrix(
-        chunk_size=int(_field_value(r.fields["imatrix.chunk_size"])),
-        chunks=int(_field_value(r.fields["imatrix.chunk_count"])),
-        datasets=list(_field_value(r.fields["imatrix.datasets"]))
+        chunk_size=int(r.fields["imatrix.chunk_size"].contents()),
+        chunks=int(r.fields["imatrix.chunk_count"].contents()),
+        datasets=list(r.fields["imatrix.datasets"].contents())
         if "imatrix.datasets" in r.fields
         else [],
     )
@@ -268,11 +267,6 @@ def read_imatrix(path: Path) -> Imatrix:
     if set(im.sums) != set(im.counts) or not im.sums:
         raise AgiasiError(f"{path}: the importance matrix has unmatched or no sums and counts")
     return im
-
-
-def _field_value(f) -> Any:
-    # gguf-py >= 0.17 decodes a field's contents; one value for scalars and strings
-    return f.contents()
 
 
 def check_matches(im: Imatrix, shapes: dict[str, tuple[int, ...]], where: str) -> None:

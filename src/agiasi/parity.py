@@ -233,8 +233,7 @@ class _Run:
     greedy_hf: list[int] | None = None
     ids: list[int] | None = None
     window: int = 512
-    heldout: list[list[int]] = field(default_factory=list)  # windows for the held-out KL
-    heldout_logits: list = field(default_factory=list)  # the HF folder's logits on them
+    heldout_logits: list = field(default_factory=list)  # the HF folder's, first windows
 
     def skip(self, what: str) -> None:
         self.report["measure"]["skipped"].append(what)
@@ -323,22 +322,33 @@ def _wrapper_and_hf_rows(run: _Run, device, dtype, n_params: int) -> None:
     ids, cpt = text_ids(run.inp.tokenizer, run.inp.text)
     run.ids, run.window = ids, min(run.inp.num_ctx, 512)
     run.report["eval_text"] = {"tokens": len(ids), "chars_per_token": cpt, "window": run.window}
-    run.report["parity"]["hf"] = {"ppl": perplexity(partial(hf_logits, hf), ids, run.window)}
+    kept = _FirstWindows(partial(hf_logits, hf))
+    run.report["parity"]["hf"] = {"ppl": perplexity(kept, ids, run.window)}
+    run.heldout_logits = kept.logits
     run.greedy_hf = hf_greedy(hf, run.prompts[0], 32)
-    run.heldout = heldout_windows(ids, run.window)
-    run.heldout_logits = [hf_logits(hf, w) for w in run.heldout]
     del hf
     release_memory()
 
 
-# Tokens of held-out text on which each GGUF's KL to the HF folder is measured: the HF logits
-# are kept for them (1024 × a 152k vocabulary in fp32 is 620 MB; the tiny model's 16 MB).
+# Tokens of held-out text on which each GGUF's KL to the HF folder is measured: the logits of
+# the perplexity windows that start below it are kept (1024 × a 152k vocabulary in fp32 is
+# 620 MB; the tiny model's 16 MB), so no window is evaluated twice.
 HELDOUT_KL_TOKENS = 1024
 
 
-def heldout_windows(ids: list[int], window: int) -> list[list[int]]:
-    ids = ids[:HELDOUT_KL_TOKENS]
-    return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+class _FirstWindows:
+    """A logits function that keeps its outputs for the windows of the first
+    :data:`HELDOUT_KL_TOKENS` tokens, as :func:`agiasi.evaluate.perplexity` calls it in order."""
+
+    def __init__(self, fn):
+        self.fn, self.logits, self.seen = fn, [], 0
+
+    def __call__(self, ids: list[int]):
+        out = self.fn(ids)
+        if self.seen < HELDOUT_KL_TOKENS:
+            self.logits.append(out)
+        self.seen += len(ids)
+        return out
 
 
 def _gguf_rows(run: _Run) -> None:
@@ -363,10 +373,11 @@ def _gguf_rows(run: _Run) -> None:
                 and g.tokenize(s, add_special=True) == inp.tokenizer(s)["input_ids"]
                 for s, p in zip(PARITY_PROMPTS, run.prompts, strict=True)
             )
-            row["ppl"] = perplexity(g.logits, run.ids, run.window)
+            kept = _FirstWindows(g.logits)
+            row["ppl"] = perplexity(kept, run.ids, run.window)
             row["size_bytes"] = path.stat().st_size
-            if run.heldout:  # KL on held-out text: the prompts above are a few dozen tokens
-                held = compare_all(run.heldout_logits, [g.logits(w) for w in run.heldout])
+            if run.heldout_logits:  # KL on held-out text: the prompts are a few dozen tokens
+                held = compare_all(run.heldout_logits, kept.logits)
                 row["heldout_kl"], row["heldout_top1"] = held["mean_kl"], held["top1"]
         finally:
             g.close()
