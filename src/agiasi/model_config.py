@@ -61,7 +61,9 @@ class ModelConfig:
         False, "recompute each decoder layer in the backward pass (less memory, ~30% more compute)"
     )
     offload_activations: bool = option(
-        False, "keep checkpointed layer inputs in pinned CPU memory (long sequences on 12 GB)"
+        False,
+        "keep checkpointed layer inputs in pinned CPU memory, copied beside the compute (long "
+        "sequences on 12 GB; on a GPU also the faster checkpoint)",
     )
     compile: bool = option(False, "torch.compile each decoder layer (faster small batches on GPU)")
     mlp_tile: int = option(

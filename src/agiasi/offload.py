@@ -12,22 +12,109 @@ The recomputation replays the RNG (LoRA dropout) exactly as ``torch.utils.checkp
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 
+class _Saved:
+    """One layer's input in host memory, and its way back."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device, copied) -> None:
+        self.host: torch.Tensor | None = host
+        self.device = device
+        self.copied = copied  # event: the copy to the host is done
+        self.on_device: torch.Tensor | None = None
+        self.fetched = None  # event: the copy back is done
+
+
+class _Offloader:
+    """The side stream the copies run on, and the layers whose inputs sit in host memory.
+
+    Why a side stream: a copy enqueued on the compute stream stalls every kernel behind it
+    (a 4,096-token layer input of Phi-3.5-mini is 24 MiB, ~0.5 ms over PCIe, 64 copies a step:
+    ~10 % of the step). On its own stream it overlaps the next layer's compute. Why the stack:
+    the backward recomputes layers in the reverse order of the forward, so while layer i is
+    recomputed the input of layer i-1 (the one below it on the stack) is already on its way.
+    The stack holds weak references: a forward whose graph is dropped without a backward
+    leaves nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+        self.stack: list[weakref.ref] = []
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def offload(self, hidden: torch.Tensor) -> _Saved:
+        host = torch.empty(
+            hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda
+        )
+        copied = None
+        if hidden.is_cuda:
+            side = self._side(hidden.device)
+            side.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(side):
+                host.copy_(hidden, non_blocking=True)
+            hidden.record_stream(side)  # its memory is not reused before the copy has read it
+            copied = side.record_event()
+        else:
+            host.copy_(hidden)
+        saved = _Saved(host, hidden.device, copied)
+        self.stack.append(weakref.ref(saved))
+        return saved
+
+    def _fetch(self, saved: _Saved) -> None:
+        """Start bringing ``saved`` back to its device (no wait); idempotent."""
+        if saved.on_device is not None or saved.host is None:
+            return
+        if saved.device.type != "cuda":
+            saved.on_device = saved.host.to(saved.device)
+            return
+        # allocated from the compute stream's pool (a side-stream pool's blocks would sit idle
+        # beside it: +0.25 GiB reserved at 4,096 tokens), filled on the side stream
+        dst = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
+        side = self._side(saved.device)
+        side.wait_stream(torch.cuda.current_stream(saved.device))
+        with torch.cuda.stream(side):
+            side.wait_event(saved.copied)
+            dst.copy_(saved.host, non_blocking=True)
+        dst.record_stream(side)
+        saved.on_device = dst
+        saved.fetched = side.record_event()
+
+    def take(self, saved: _Saved) -> torch.Tensor:
+        """``saved``'s tensor on its device, ready for the compute stream; prefetches the next."""
+        refs = [r() for r in self.stack]
+        # entries above it: newer forwards that never saw a backward (dropped)
+        keep = refs.index(saved) if saved in refs else len(refs)
+        self.stack = [
+            r for r, x in zip(self.stack[:keep], refs[:keep], strict=True) if x is not None
+        ]
+        self._fetch(saved)
+        h = saved.on_device
+        if saved.fetched is not None:
+            torch.cuda.current_stream(saved.device).wait_event(saved.fetched)
+        saved.host = saved.on_device = None
+        if self.stack and (below := self.stack[-1]()) is not None:
+            self._fetch(below)
+        return h
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(ctx, offloader: _Offloader, run, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
         ctx.run = run
         ctx.args = args
         ctx.device = hidden.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        buf = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
-        buf.copy_(hidden, non_blocking=True)
-        ctx.saved_hidden = buf
+        ctx.offloader = offloader
+        ctx.saved = offloader.offload(hidden)
         with torch.no_grad():
             out = run(hidden, *args)
         if not isinstance(out, torch.Tensor):
@@ -36,7 +123,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        h = ctx.saved_hidden.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        h = ctx.offloader.take(ctx.saved).detach().requires_grad_(True)
+        ctx.saved = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
@@ -45,25 +133,32 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = ctx.run(h, *ctx.args)
         torch.autograd.backward(out, grad_out)
-        ctx.saved_hidden = None
-        return (None, h.grad) + (None,) * len(ctx.args)
+        return (None, None, h.grad) + (None,) * len(ctx.args)
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+def offloaded_checkpoint(
+    run, hidden: torch.Tensor, *args: Any, offloader: _Offloader
+) -> torch.Tensor:
     """Drop-in for HF's ``_gradient_checkpointing_func(partial(forward, **kwargs), hidden)``."""
+    if not torch.is_grad_enabled():  # no backward will come: nothing to keep
+        return run(hidden, *args)
     if not hidden.requires_grad:
         # The first layer's input comes from a frozen embedding; without this the layer's
         # output would not require grad and its LoRA would never see a backward pass.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(run, hidden, *args)
+    return _OffloadedCheckpoint.apply(offloader, run, hidden, *args)
 
 
 def enable_offloaded_checkpointing(decoder: torch.nn.Module) -> int:
-    """Route every decoder layer's checkpoint through :func:`offloaded_checkpoint`."""
+    """Route every decoder layer's checkpoint through :func:`offloaded_checkpoint` (one
+    offloader, so layer i's backward can prefetch layer i-1's input)."""
+    from functools import partial
+
+    func = partial(offloaded_checkpoint, offloader=_Offloader())
     n = 0
     for layer in decoder.layers:
         if not getattr(layer, "gradient_checkpointing", False):
             raise RuntimeError("enable gradient checkpointing before offloading its activations")
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+        layer._gradient_checkpointing_func = func
         n += 1
     return n

@@ -23,21 +23,44 @@ def test_nf4_first_step_finite_on_cuda(tiny_phi3):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_offload_equals_standard_checkpointing_on_cuda(tiny_phi3):
+def _two_steps(path, offload: bool, ids):
+    torch.manual_seed(0)  # the same LoRA init in every build (lora_A is drawn at random)
+    w = make_wrapper(
+        path,
+        device="cuda",
+        gradient_checkpointing=True,
+        offload_activations=offload,
+        lora_dropout=0.1,
+    ).train()
+    torch.manual_seed(0)
+    torch.cuda.manual_seed(0)
     losses = []
+    for _ in range(2):
+        w.zero_grad(set_to_none=True)
+        loss = w(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in w.named_parameters() if p.requires_grad}
+
+
+def test_offload_equals_standard_checkpointing_on_cuda(tiny_phi3):
+    """The copies run on a side stream and the backward prefetches the next layer's input:
+    the loss and every LoRA gradient must equal the standard checkpoint's (same dropout masks
+    replayed) over two steps, as closely as the standard path repeats itself. The backward's
+    atomics add in any order, so the floor is measured: the standard path run twice."""
     ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    for offload in (False, True):
-        w = make_wrapper(
-            tiny_phi3,
-            device="cuda",
-            gradient_checkpointing=True,
-            offload_activations=offload,
-            lora_dropout=0.1,
-        ).train()
-        torch.manual_seed(0)
-        torch.cuda.manual_seed(0)
-        losses.append(w(ids, labels=ids, return_logits=False).loss.item())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    std_losses, std = _two_steps(tiny_phi3, False, ids)
+    _, again = _two_steps(tiny_phi3, False, ids)
+    off_losses, off = _two_steps(tiny_phi3, True, ids)
+    assert off_losses == pytest.approx(std_losses, rel=1e-6)  # the forward is deterministic
+    assert off.keys() == std.keys()
+    for name, g in std.items():
+        scale = float(g.abs().max())
+        floor = float((again[name] - g).abs().max())
+        diff = float((off[name] - g).abs().max())
+        print(f"{name}: max|g| {scale:.3e} std-vs-std {floor:.3e} offload-vs-std {diff:.3e}")
+        # a race (a layer recomputed from another layer's input) is wrong at O(scale)
+        assert diff <= 4 * floor + 16 * torch.finfo(g.dtype).eps * scale, name
 
 
 def test_trainer_features_on_cuda(tmp_path):
