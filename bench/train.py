@@ -1,11 +1,17 @@
-"""Training speed and memory: agiasi vs plain PEFT QLoRA on Phi-3.5-mini's exact shape.
+"""Training speed and memory: agiasi vs plain PEFT QLoRA vs Unsloth on Phi-3.5-mini's shape.
 
 A random-weight model with Phi-3.5-mini's config costs the same memory and time as the real
-one. Every (row, implementation) pair runs in its own process on a clean GPU, and the driver
-prints one table with ratios to the reference measured in the same run:
+one. Every (row, implementation) pair runs in its own process on a clean GPU under an 11.5 GiB
+cap (what a 12 GB card has), and the driver prints one table with ratios to the reference and
+to Unsloth measured in the same run:
 
     python bench/train.py                      # all rows, prints the table, writes bench/out.json
     python bench/train.py --rows 512x1 --impls ref,so8
+    python bench/train.py --shape llama-phi-dims --impls ref,unsloth,so8c   # Unsloth's fast path
+
+Shapes: ``phi-3.5-mini`` (Phi3ForCausalLM, fused qkv/gate_up) and ``llama-phi-dims`` (a
+LlamaForCausalLM with Phi-3.5-mini's dimensions: hidden 3072, 32 layers, intermediate 8192,
+vocab 32064; the architecture Unsloth has hand-written kernels for).
 
 Implementations:
     ref     plain PEFT QLoRA: NF4 (double quant, bf16 compute), prepare_model_for_kbit_training,
@@ -13,9 +19,16 @@ Implementations:
     so8     agiasi's training step with the so8 soul (AGIASI_SO8T_Wrapper, chunked head+loss)
     full    the same with the note's dense orthogonal soul
     nosoul  agiasi's step without the soul (isolates the soul's cost)
-    so8c, nosoulc   the same with --compile (each decoder layer torch.compile'd)
-    so8o    so8 with --offload-activations (checkpointed layer inputs in pinned CPU memory)
-    IMPL@N  the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
+    unsloth Unsloth as its users run it for speed: FastLanguageModel, load_in_4bit, LoRA r16/α32
+            on the same targets, dropout 0 (its fast path), use_gradient_checkpointing="unsloth"
+            (checkpoints offloaded to CPU), its own fused loss, the same AdamW
+  flags after so8/full/nosoul (any order):
+    c       --compile (each decoder layer torch.compile'd)
+    o       --offload-activations (checkpointed layer inputs in pinned CPU memory)
+  suffixes:
+    -d0     LoRA dropout 0 (Unsloth's setting; the default and ref use the note's 0.05)
+    @N      the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
+e.g. so8co-d0@4096.  MFU counts 6·N FLOPs a token (N = the model's parameters) at 790 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -34,19 +47,75 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "src/agiasi/assets/configs/phi-3.5-mini-shape/config.json"
+SHAPES = {"phi-3.5-mini": "/tmp/phi35-random", "llama-phi-dims": "/tmp/llama-phidims-random"}
+PEAK_FLOPS = 790e12  # dense bf16 on an H200 (measured 788 TFLOP/s on 8192³ products)
 ROWS = ["512x1", "512x8", "2048x1", "4096x1"]
 IMPLS = ["ref", "so8", "nosoul"]
 LIMIT_GIB = 11.5
 
 
-def make_random_model(path: Path) -> None:
-    """Random bf16 weights with Phi-3.5-mini's shape, initialised on the GPU (fast)."""
+def shape_config(shape: str):
+    """The HF config of a benchmark shape (Phi-3.5-mini's file, or a Llama of its dimensions)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    phi = AutoConfig.from_pretrained(CONFIG.parent)
+    if shape == "phi-3.5-mini":
+        return phi
+    return LlamaConfig(
+        vocab_size=phi.vocab_size,
+        hidden_size=phi.hidden_size,
+        intermediate_size=phi.intermediate_size,
+        num_hidden_layers=phi.num_hidden_layers,
+        num_attention_heads=phi.num_attention_heads,
+        num_key_value_heads=phi.num_key_value_heads,
+        max_position_embeddings=phi.max_position_embeddings,
+        rms_norm_eps=phi.rms_norm_eps,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+
+
+def save_tokenizer(path: Path) -> None:
+    """A word-level tokenizer of 32,000 ids: Unsloth's loader opens one with the model (the
+    benchmark feeds random ids and never tokenizes)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(32000)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")),
+        unk_token="t0",
+        bos_token="t1",
+        eos_token="t2",
+        pad_token="t3",
+    )
+    tok.save_pretrained(path)
+
+
+def param_count(model_dir: Path) -> int:
+    """Parameters of the bf16 model (the N of 6·N FLOPs a token), counted on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_random_model(path: Path, shape: str = "phi-3.5-mini") -> None:
+    """Random bf16 weights of the shape, initialised on the GPU (fast), plus a tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "tokenizer.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(path)
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
         return
-    cfg = AutoConfig.from_pretrained(CONFIG.parent)
+    cfg = shape_config(shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -55,9 +124,61 @@ def make_random_model(path: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def build(impl: str, model_dir: Path):
+def lora_targets(model_dir: Path) -> list[str]:
+    """The same LoRA targets for every implementation: attention's projections."""
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    return (
+        ["qkv_proj", "o_proj"] if model_type == "phi3" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+def parse_impl(impl: str) -> dict:
+    """``so8co-d0@4096`` → soul/rotation/compile/offload/dropout/tile (see the module doc)."""
+    name, _, tile = impl.partition("@")
+    name, _, dropout = name.partition("-d")
+    base = next((b for b in ("nosoul", "full", "so8") if name.startswith(b)), None)
+    flags = name[len(base or "") :]
+    if base is None or set(flags) - set("co"):
+        raise SystemExit(f"unknown implementation {impl!r}")
+    return {
+        "soul": base != "nosoul",
+        "rotation": "full" if base == "full" else "so8",
+        "compile": "c" in flags,
+        "offload_activations": "o" in flags,
+        "lora_dropout": float(dropout) if dropout else 0.05,
+        **({"mlp_tile": int(tile)} if tile else {}),
+    }
+
+
+def build(impl: str, model_dir: Path, seq: int = 4096):
     import torch
 
+    if impl == "unsloth":
+        from unsloth import FastLanguageModel  # imported before transformers (--child)
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(model_dir),
+            max_seq_length=seq,
+            dtype=torch.bfloat16,
+            load_in_4bit=True,
+            local_files_only=True,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0,
+            target_modules=lora_targets(model_dir),
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=0,
+        )
+        model.train()
+
+        def step_loss(ids):
+            return model(input_ids=ids, labels=ids).loss
+
+        return model, step_loss
     if impl == "ref":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -78,7 +199,7 @@ def build(impl: str, model_dir: Path):
                 r=16,
                 lora_alpha=32,
                 lora_dropout=0.05,
-                target_modules=["qkv_proj", "o_proj"],
+                target_modules=lora_targets(model_dir),
                 task_type="CAUSAL_LM",
             ),
         )
@@ -90,16 +211,13 @@ def build(impl: str, model_dir: Path):
         return model, step_loss
     from agiasi import AGIASI_SO8T_Wrapper
 
-    impl, _, tile = impl.partition("@")  # so8o@4096: the MLP tiled at 4096 tokens (@0: never)
-    kwargs = {
-        "soul": not impl.startswith("nosoul"),
-        "rotation": "full" if impl == "full" else "so8",
-        "compile": impl.endswith("c"),
-        "offload_activations": impl.endswith("o"),
-        **({"mlp_tile": int(tile)} if tile else {}),
-    }
     w = AGIASI_SO8T_Wrapper(
-        str(model_dir), device="cuda", quantization="nf4", gradient_checkpointing=True, **kwargs
+        str(model_dir),
+        device="cuda",
+        quantization="nf4",
+        gradient_checkpointing=True,
+        lora_targets=lora_targets(model_dir),
+        **parse_impl(impl),
     )
     w.train()
     if w.soul is not None:
@@ -112,54 +230,70 @@ def build(impl: str, model_dir: Path):
     return w, step_loss
 
 
-def run_one(
-    impl: str, seq: int, batch: int, model_dir: Path, steps: int, warmup: int, limit: bool
-) -> dict:
+def cap_memory() -> None:
+    """What a 12 GB card leaves a process: 11.5 GiB (the CUDA context aside)."""
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(LIMIT_GIB * 2**30 / total)
+
+
+def run_rows(
+    impl: str, rows: list[tuple[int, int]], model_dir: Path, steps: int, warmup: int, limit: bool
+) -> list[dict]:
+    """Each (seq, batch) row on one model, built once: peak memory is reset (and the cache
+    emptied) between rows, which run from the smallest to the largest."""
+    import torch
+
     if limit:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(LIMIT_GIB * 2**30 / total)
-    model, step_loss = build(impl, model_dir)
+        cap_memory()
+    model, step_loss = build(impl, model_dir, max(seq for seq, _ in rows))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, 32000, (batch, seq), generator=g).cuda()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = step_loss(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    med = statistics.median(times)
-    return {
-        "impl": impl,
-        "seq": seq,
-        "batch": batch,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "step_s": med,
-        "tokens_per_s": seq * batch / med,
-        "first_loss": losses[0],
-        "trainable": sum(p.numel() for p in params),
-    }
+    out = []
+    for seq, batch in sorted(rows, key=lambda r: r[0] * r[1]):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, 32000, (batch, seq), generator=g).cuda()
+        times, losses = [], []
+        for i in range(warmup + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step_loss(ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+        med = statistics.median(times)
+        out.append(
+            {
+                "impl": impl,
+                "seq": seq,
+                "batch": batch,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "step_s": med,
+                "tokens_per_s": seq * batch / med,
+                "first_loss": losses[0],
+                "trainable": sum(p.numel() for p in params),
+                "capped": limit,
+            }
+        )
+        print(f"  {impl} {seq}x{batch}: {seq * batch / med:.0f} tok/s", file=sys.stderr, flush=True)
+    return out
 
 
 def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
     """Increasing lengths in one process under an 11.5 GiB cap; the last one that ran."""
     import torch
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(LIMIT_GIB * 2**30 / total)
-    model, step_loss = build(impl, model_dir)
+    cap_memory()
+    model, step_loss = build(impl, model_dir, max(candidates))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     best = None
@@ -193,46 +327,37 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
     return best or {"impl": impl, "seq": 0, "longest": True}
 
 
-def table(results: list[dict]) -> str:
-    ref = {
-        (r["seq"], r["batch"]): r for r in results if r["impl"] == "ref" and not r.get("longest")
-    }
-    plain = {
-        (r["impl"], r["seq"], r["batch"]): r
-        for r in results
-        if r["impl"].startswith("nosoul") and not r.get("longest")
-    }
+def table(results: list[dict], n_params: int | None = None) -> str:
+    """One line per run; ×ref and ×uns are tokens/s ratios to plain PEFT and Unsloth's row."""
+
+    def by(impl):
+        return {
+            (r["seq"], r["batch"]): r for r in results if r["impl"] == impl and not r.get("longest")
+        }
+
+    ref, uns = by("ref"), by("unsloth")
     lines = [
-        f"{'row':<16}{'impl':<8}{'reserved':>9}{'alloc':>8}{'step s':>9}{'tok/s':>9}"
-        f"{'×ref':>7}{'mem×ref':>8}{'loss':>8}{'soul cost':>18}"
+        f"{'row':<16}{'impl':<14}{'reserved':>9}{'alloc':>8}{'step s':>9}{'tok/s':>9}"
+        f"{'×ref':>7}{'×uns':>7}{'mem×uns':>8}{'MFU':>6}{'loss':>8}"
     ]
     for r in results:
         if not r.get("seq"):
-            lines.append(f"{'longest':<16}{r['impl']:<8}  (nothing fit)")
+            lines.append(f"{'longest':<16}{r['impl']:<14}  (nothing fit)")
             continue
         key = (r["seq"], r["batch"])
         row = f"{r['seq']}x{r['batch']}" + (" longest" if r.get("longest") else "")
-        base = ref.get(key)
-        speed = (
-            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}"
-            if base and not r.get("longest")
-            else "-"
-        )
-        mem = (
-            f"{r['peak_reserved_gib'] / base['peak_reserved_gib']:.2f}"
-            if base and not r.get("longest")
-            else "-"
-        )
-        cost = "-"
-        ns = plain.get(("nosoulc" if r["impl"].endswith("c") else "nosoul", *key))
-        if r["impl"] in ("so8", "full", "so8c") and ns and not r.get("longest"):
-            cost = (
-                f"{100 * (r['step_s'] / ns['step_s'] - 1):+.1f}% "
-                f"{1024 * (r['peak_reserved_gib'] - ns['peak_reserved_gib']):+.0f}MiB"
-            )
+
+        def ratio(base, field, r=r):
+            if not base or r.get("longest"):
+                return "-"
+            return f"{r[field] / base[field]:.2f}"
+
+        mfu = f"{6 * n_params * r['tokens_per_s'] / PEAK_FLOPS:.0%}" if n_params else "-"
         lines.append(
-            f"{row:<16}{r['impl']:<8}{r['peak_reserved_gib']:>9.2f}{r['peak_allocated_gib']:>8.2f}"
-            f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{speed:>7}{mem:>8}{r.get('first_loss', 0):>8.3f}{cost:>18}"
+            f"{row:<16}{r['impl']:<14}{r['peak_reserved_gib']:>9.2f}{r['peak_allocated_gib']:>8.2f}"
+            f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{ratio(ref.get(key), 'tokens_per_s'):>7}"
+            f"{ratio(uns.get(key), 'tokens_per_s'):>7}{ratio(uns.get(key), 'peak_reserved_gib'):>8}"
+            f"{mfu:>6}{r.get('first_loss', 0):>8.3f}"
         )
     return "\n".join(lines)
 
@@ -247,40 +372,47 @@ def main() -> None:
     ap.add_argument(
         "--longest", default="ref:8192,12288,16384,24576;so8:16384,24576,32768,40960,49152"
     )
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/phi35-random"))
+    ap.add_argument("--shape", default="phi-3.5-mini", choices=sorted(SHAPES))
+    ap.add_argument("--model-dir", type=Path, help="where the random model lives (per shape)")
+    ap.add_argument("--no-cap", action="store_true", help="rows without the 11.5 GiB cap")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out.json")
+    ap.add_argument("--job-timeout", type=float, help="seconds one implementation may take")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.model_dir = args.model_dir or Path(SHAPES[args.shape])
     if args.child:
         spec = json.loads(args.child)
-        if spec["impl"] != "ref":
+        if spec["impl"] == "unsloth":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            import unsloth  # noqa: F401  (it patches transformers: imported first, as it asks)
+        elif spec["impl"] != "ref":
             import agiasi  # noqa: F401  (its CUDA allocator default applies before the first allocation)
         if spec.get("longest"):
-            res = longest(spec["impl"], args.model_dir, spec["candidates"])
+            res = [longest(spec["impl"], args.model_dir, spec["candidates"])]
         else:
-            res = run_one(
+            res = run_rows(
                 spec["impl"],
-                spec["seq"],
-                spec["batch"],
+                [tuple(r) for r in spec["rows"]],
                 args.model_dir,
                 args.steps,
                 args.warmup,
-                limit=False,
+                limit=not spec.get("no_cap"),
             )
         print("RESULT " + json.dumps(res), flush=True)
         return
-    make_random_model(args.model_dir)
-    jobs = []
+    make_random_model(args.model_dir, args.shape)
+    n_params = param_count(args.model_dir)
+    rows = {impl: [] for impl in filter(None, args.impls.split(","))}
     for row in filter(None, args.rows.split(",")):
-        seq, batch = (int(x) for x in row.split("x"))
-        for impl in filter(None, args.impls.split(",")):
-            jobs.append({"impl": impl, "seq": seq, "batch": batch})
+        for impl in rows:
+            rows[impl].append([int(x) for x in row.split("x")])
     for pair in filter(None, args.extra.split(",")):
         row, impl = pair.split(":")
-        seq, batch = (int(x) for x in row.split("x"))
-        jobs.append({"impl": impl, "seq": seq, "batch": batch})
+        rows.setdefault(impl, []).append([int(x) for x in row.split("x")])
+    # one process per implementation, its rows on one model (loading is most of a row's time)
+    jobs = [{"impl": i, "rows": r, "no_cap": args.no_cap} for i, r in rows.items() if r]
     for part in filter(None, args.longest.split(";")):
         impl, cands = part.split(":")
         jobs.append(
@@ -305,20 +437,23 @@ def main() -> None:
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            timeout=args.job_timeout,
         )
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"FAILED {job}: {out.stderr[-1500:]}", flush=True)
             continue
-        res = json.loads(line[-1][7:])
-        results.append(res)
-        print(
-            f"{job} -> {res.get('tokens_per_s', 0):.0f} tok/s, {res.get('peak_reserved_gib', 0):.2f} GiB "
-            f"({time.time() - t0:.0f}s)",
-            flush=True,
-        )
+        for res in json.loads(line[-1][7:]):
+            results.append({**res, "shape": args.shape})
+            print(
+                f"{res['impl']} {res.get('seq')}x{res.get('batch')} -> "
+                f"{res.get('tokens_per_s', 0):.0f} tok/s, {res.get('peak_reserved_gib', 0):.2f} GiB",
+                flush=True,
+            )
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
         args.out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    print(f"shape {args.shape}, {n_params / 1e9:.2f} B parameters")
+    print(table(results, n_params))
 
 
 if __name__ == "__main__":
