@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from agiasi.errors import AgiasiError
+
 
 class _Saved:
     """One layer's input in host memory, and its way back."""
@@ -162,3 +164,38 @@ def enable_offloaded_checkpointing(decoder: torch.nn.Module) -> int:
         layer._gradient_checkpointing_func = func
         n += 1
     return n
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable in bytes (Linux), None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(
+    hidden: int, layers: int, tokens: int, itemsize: int, available: int | None = None
+) -> str:
+    """Refuse a run whose offloaded layer inputs would not fit in host memory, before the model
+    loads: pinned pages cannot be swapped, so an overflow kills the machine's other programs
+    (or this one) halfway through a step instead of failing here with a reason."""
+    need = hidden * layers * tokens * itemsize
+    available = available_host_memory() if available is None else available
+    if available is not None and need > 0.8 * available:
+        raise AgiasiError(
+            f"--offload-activations would keep {_size(need)} of layer inputs in pinned host "
+            f"memory ({tokens:,} tokens a micro-batch × {layers} layers × {hidden} × {itemsize} "
+            f"bytes), but only {_size(available)} is available: lower --max-length or "
+            "--batch-size, or leave out --offload-activations"
+        )
+    have = f", {_size(available)} available" if available is not None else ""
+    return f"offloaded checkpoints: up to {_size(need)} of pinned host memory a micro-batch{have}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"

@@ -22,7 +22,9 @@ from agiasi.checkpoint import (
 from agiasi.data import BatchStream, Data, load_data
 from agiasi.distributed import Dist, all_gather, broadcast
 from agiasi.errors import AgiasiError
+from agiasi.loading import load_config, resolve_dtype
 from agiasi.model import AGIASI_SO8T_Wrapper
+from agiasi.offload import check_host_memory
 from agiasi.runfolder import METRICS, last_loss, prepare_run_folder, read_best, run_identity
 from agiasi.schedule import lr_warmup_steps
 from agiasi.shipped import default_dataset
@@ -212,6 +214,15 @@ def _already_done(cfg: TrainConfig, resume_from: Path, done: int, out_dir: Path,
     return TrainResult(out_dir, resume_from, done, last_loss(metrics, done), metrics)
 
 
+def _offload_budget(cfg: TrainConfig, device: torch.device) -> str:
+    """The pinned host memory offloading will take, checked against what the host has."""
+    text = load_config(cfg.base_model, cfg.trust_remote_code)
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    itemsize = torch.empty((), dtype=resolve_dtype(cfg.dtype, device)).element_size()
+    tokens = cfg.batch_size * cfg.max_length
+    return check_host_memory(text.hidden_size, text.num_hidden_layers, tokens, itemsize)
+
+
 def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> Session:
     """Resume point → data → model → optimizer → restored state → the run folder's first
     writes (only after everything that can fail at start-up has passed)."""
@@ -226,6 +237,8 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
         return run
     torch.manual_seed(cfg.seed)
     run.data, run.pad_id = prepare_data(cfg, say)
+    if cfg.offload_activations:
+        say(_offload_budget(cfg, device))
     torch.manual_seed(cfg.seed)
     run.wrapper = AGIASI_SO8T_Wrapper(config=cfg.model_config(), device=device)
     run.wrapper.train()

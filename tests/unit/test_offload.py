@@ -4,9 +4,16 @@ offloaded inputs empties in the backward, and a forward with no backward leaves 
 import gc
 from functools import partial
 
+import pytest
 import torch
 
-from agiasi.offload import _Offloader, offloaded_checkpoint
+from agiasi.errors import AgiasiError
+from agiasi.offload import (
+    _Offloader,
+    available_host_memory,
+    check_host_memory,
+    offloaded_checkpoint,
+)
 
 
 def _layers(n=4, width=8):
@@ -52,3 +59,32 @@ def test_a_forward_without_backward_leaves_nothing():
     with torch.no_grad():
         _run(layers, torch.randn(3, 8), func)
     assert off.stack == []  # no backward will come: nothing kept
+
+
+def test_host_memory_check_counts_every_layer_input():
+    # Phi-3.5-mini at 32k tokens in bf16: 3072 × 32 layers × 32768 × 2 bytes = 6 GiB exactly
+    msg = check_host_memory(3072, 32, 32768, 2, available=16 * 2**30)
+    assert "6.00 GiB" in msg and "16.00 GiB available" in msg
+    with pytest.raises(AgiasiError, match=r"6\.00 GiB of layer inputs.*only 7\.00 GiB is"):
+        check_host_memory(3072, 32, 32768, 2, available=7 * 2**30)  # 6 > 0.8 × 7
+    assert available_host_memory() is None or available_host_memory() > 0
+
+
+def test_train_refuses_offload_beyond_host_memory(tiny_phi3_tok, tmp_path, monkeypatch, capsys):
+    from agiasi import offload
+    from agiasi.cli import main
+
+    monkeypatch.setattr(offload, "available_host_memory", lambda: 2**14)  # 16 KiB left
+    run = tmp_path / "run"
+    rc = main(["train", "--base-model", str(tiny_phi3_tok), "--output-dir", str(run),
+               "--max-steps", "2", "--max-length", "64", "--quantization", "none",
+               "--gradient-checkpointing", "--offload-activations", "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    # 64 hidden × 2 layers × 64 tokens × 4 bytes (float32 on the CPU) = 32 KiB
+    assert "would keep 0.03 MiB" in err and "only 0.02 MiB is available" in err
+    assert "Traceback" not in err
+    assert (
+        "--offload-activations would keep" in err and "(64 tokens a micro-batch × 2 layers" in err
+    )
+    assert not run.exists() or not any(run.glob("step_*"))
