@@ -1,9 +1,10 @@
 """Training speed and memory: agiasi vs plain PEFT QLoRA vs Unsloth on Phi-3.5-mini's shape.
 
 A random-weight model with Phi-3.5-mini's config costs the same memory and time as the real
-one. Every (row, implementation) pair runs in its own process on a clean GPU under an 11.5 GiB
-cap (what a 12 GB card has), and the driver prints one table with ratios to the reference and
-to Unsloth measured in the same run:
+one. Each implementation runs in its own process on a clean GPU under an 11.5 GiB cap (what a
+12 GB card has), its rows one after another on one loaded model (peak memory reset between
+rows), and the driver prints one table with ratios to the reference and to Unsloth measured in
+the same run:
 
     python bench/train.py                      # all rows, prints the table, writes bench/out.json
     python bench/train.py --rows 512x1 --impls ref,so8
