@@ -1,7 +1,8 @@
 """Where a training step's time goes: torch.profiler over 3 steps of one implementation.
 
 python bench/profile_step.py --impl nosoul --seq 512 --batch 1   (after bench/train.py made
-the random model in /tmp/phi35-random)
+the random model in /tmp/phi35-random; any of bench/train.py's implementation names, unsloth
+and so8co-d0 included; --model-dir /tmp/llama-phidims-random for the Llama shape)
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/phi35-random"))
     args = ap.parse_args()
-    model, step_loss = build(args.impl, args.model_dir)
+    if args.impl == "unsloth":
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import unsloth  # noqa: F401  (before transformers, as it asks)
+    model, step_loss = build(args.impl, args.model_dir, args.seq)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     ids = torch.randint(0, 32000, (args.batch, args.seq)).cuda()
