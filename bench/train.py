@@ -62,15 +62,12 @@ def shape_config(shape: str):
     phi = AutoConfig.from_pretrained(CONFIG.parent)
     if shape == "phi-3.5-mini":
         return phi
+    same = (
+        "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+        "num_key_value_heads max_position_embeddings rms_norm_eps"
+    ).split()
     return LlamaConfig(
-        vocab_size=phi.vocab_size,
-        hidden_size=phi.hidden_size,
-        intermediate_size=phi.intermediate_size,
-        num_hidden_layers=phi.num_hidden_layers,
-        num_attention_heads=phi.num_attention_heads,
-        num_key_value_heads=phi.num_key_value_heads,
-        max_position_embeddings=phi.max_position_embeddings,
-        rms_norm_eps=phi.rms_norm_eps,
+        **{k: getattr(phi, k) for k in same},
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
