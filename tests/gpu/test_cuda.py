@@ -34,13 +34,17 @@ def _two_steps(path, offload: bool, ids):
     ).train()
     torch.manual_seed(0)
     torch.cuda.manual_seed(0)
+    params = [p for p in w.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)  # step 2 then sees lora_B ≠ 0: lora_A's grads too
     losses = []
     for _ in range(2):
-        w.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss = w(ids, labels=ids, return_logits=False).loss
         loss.backward()
         losses.append(loss.item())
-    return losses, {n: p.grad.clone() for n, p in w.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in w.named_parameters() if p.requires_grad}
+        opt.step()
+    return losses, grads
 
 
 def test_offload_equals_standard_checkpointing_on_cuda(tiny_phi3):
@@ -52,7 +56,7 @@ def test_offload_equals_standard_checkpointing_on_cuda(tiny_phi3):
     std_losses, std = _two_steps(tiny_phi3, False, ids)
     _, again = _two_steps(tiny_phi3, False, ids)
     off_losses, off = _two_steps(tiny_phi3, True, ids)
-    assert off_losses == pytest.approx(std_losses, rel=1e-6)  # the forward is deterministic
+    assert off_losses == pytest.approx(std_losses, rel=1e-5)  # same weights, same forward
     assert off.keys() == std.keys()
     for name, g in std.items():
         scale = float(g.abs().max())
