@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,6 +67,10 @@ def measured(name: str, code: str, args: list[str], env: dict[str, str], log: Pa
         raise SystemExit(f"{name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     kib = int(p.stderr.rsplit("PEAK_KIB", 1)[1].split()[0])
     row = {"impl": name, "wall_s": round(wall, 1), "peak_rss_gib": round(kib / 2**20, 2)}
+    # the export's own progress lines that end in "(…, N s)": its stages, timed by itself
+    stages = re.findall(r"export: (.+?) \((?:[^()]*, )?([\d.]+) s\)\s*$", p.stdout + p.stderr, re.M)
+    if stages:
+        row["stages_s"] = {what: float(s) for what, s in stages}
     print(json.dumps(row), flush=True)
     return row
 

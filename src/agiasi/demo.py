@@ -59,7 +59,7 @@ class _Timer(dict):
 def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     """inject → train (soul, control, the note's mix) → export → llama.cpp → report."""
     from agiasi.export_files import format_report
-    from agiasi.gguf import trained_context
+    from agiasi.gguf_arch import trained_context
     from agiasi.shipped import default_dataset, default_heldout
 
     check(cfg)

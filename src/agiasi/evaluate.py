@@ -364,7 +364,7 @@ def _torch_eval_model(kind: str, path, model, tok_src, hf_config, dev) -> EvalMo
     """An HF model or the wrapper with its HF tokenizer, under both tokenizer rules."""
     from transformers import AutoTokenizer
 
-    from agiasi.gguf import trained_context
+    from agiasi.gguf_arch import trained_context
     from agiasi.loglik import TorchScorer
 
     tok = AutoTokenizer.from_pretrained(tok_src)

@@ -6,11 +6,12 @@ Stages, each a function below:
    the checkpoint, the output path (never inside the checkpoint, its run or the base model),
    the base model's files, the optional dependencies the requested outputs need, free disk.
 2. :func:`write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
-   base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.shards`): memory holds
-   about one tensor, never the model.
-3. :func:`agiasi.export_quant.write_ggufs` — GGUF files from the written HF folder
-   (:mod:`agiasi.gguf`), the importance matrix (:mod:`agiasi.imatrix`) and the K and IQ quants
-   through llama.cpp's quantizer.
+   base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.weights`) and, on the
+   same pass, into the F16/F32/BF16 GGUFs (:class:`agiasi.gguf.GGUFStream`): memory holds
+   about two tensors (the next one is merged while this one is written), never the model, and
+   nothing is read back.
+3. :func:`agiasi.export_quant.write_ggufs` — the importance matrix (:mod:`agiasi.imatrix`),
+   then Q8_0 and the K and IQ quants from the F16 through llama.cpp's quantizer.
 4. :func:`agiasi.export_measure.finish_report` — the fidelity measure (:mod:`agiasi.parity`,
    one model at a time), the ``--benchmark`` rows and the model card.
 
@@ -26,6 +27,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,8 +189,8 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
     for stale in clean_stale_temp(plan.out):
         log(f"export: removed {stale.name}, left half-written by a killed export")
     with atomic_folder(plan.out) as tmp:
-        tok = write_hf_folder(plan, tmp / "hf", log)
-        ggufs, imatrix = write_ggufs(plan, tmp / "hf", tmp, log)
+        tok, streamed = write_hf_folder(plan, tmp / "hf", tmp, log)
+        ggufs, imatrix = write_ggufs(plan, streamed, tmp / "hf", tmp, log)
         report = base_report(plan, ggufs, imatrix)
         (tmp / "Modelfile").write_text(modelfile(tok, ggufs, plan.cfg.num_ctx), encoding="utf-8")
         write_report_and_card(tmp, report, plan)
@@ -208,7 +210,7 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
     from agiasi.checkpoint import check_same_base, check_same_weights
-    from agiasi.gguf import GEMMA_HEAD_MESSAGE, trained_context
+    from agiasi.gguf_arch import GEMMA_HEAD_MESSAGE, trained_context
     from agiasi.gguf_types import KQUANT_TYPES
     from agiasi.loading import load_config
 
@@ -325,7 +327,7 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
     llama.cpp does not know), and the writer takes this config (RoPE type, query scaling)."""
     from agiasi.architectures import vocabulary_kind
-    from agiasi.gguf import writer_for
+    from agiasi.gguf_arch import writer_for
     from agiasi.gguf_vocab import bpe_pre_tokenizer
 
     if vocabulary_kind(arch, base_dir) == "bpe":
@@ -445,34 +447,68 @@ def _read_json(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 2. HF folder
 
 
-def write_hf_folder(plan: ExportPlan, hf_dir: Path, log=_say):
-    """Config, streamed weights, tokenizer (+ ``tokenizer.model``) and generation config.
+def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say):
+    """Config, tokenizer (+ ``tokenizer.model``), generation config, then the merged weights in
+    one stream: each tensor goes into the HF shards and, on the same pass, into every GGUF that
+    gguf-py writes (:func:`agiasi.export_quant.streamed_types`; F16 when K-quants or llama.cpp's
+    Q8_0 follow), so no GGUF reads the folder back.
 
-    Returns the tokenizer (the Modelfile and the measure use it).
+    Returns the tokenizer (the Modelfile and the measure use it) and the GGUFs written.
     """
     from transformers import AutoTokenizer, GenerationConfig
 
+    from agiasi.export_quant import streamed_types
+    from agiasi.gguf import GGUFStream
     from agiasi.weights import write_sharded
 
+    start = time.perf_counter()
     hf_dir.mkdir()
     new_cfg = exported_config(plan.hf_config, plan.dtype)
     new_cfg.save_pretrained(str(hf_dir))
-    log(
-        f"export: merging ({plan.cfg.merge_base} base) and folding into {hf_dir.parent.name}, "
-        f"{str(plan.dtype).removeprefix('torch.')}, {len(plan.shapes)} tensors"
-    )
-    write_sharded(hf_dir, plan.shapes, merged_tensors(plan.merge), plan.dtype)
     tok = AutoTokenizer.from_pretrained(str(plan.base_dir))
     tok.save_pretrained(str(hf_dir))
-    maybe_crash("export_hf_written")
     for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
         if (plan.base_dir / extra).is_file() and not (hf_dir / extra).exists():
             shutil.copy(plan.base_dir / extra, hf_dir / extra)
     if not (hf_dir / "generation_config.json").exists():
         GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
+    types = streamed_types(plan.types)
+    cfg_json = _read_json(hf_dir / "config.json")
+    streams: dict[str, GGUFStream] = {}
+    try:
+        for t in types:
+            streams[t] = GGUFStream(
+                folder / f"{plan.stem}-{t}.gguf",
+                hf_dir,
+                cfg_json,
+                plan.shapes,
+                t,
+                plan.cfg.output_tensor_type,
+            )
+        log(
+            f"export: merging ({plan.cfg.merge_base} base) and folding into "
+            f"{hf_dir.parent.name}, {str(plan.dtype).removeprefix('torch.')}, "
+            f"{len(plan.shapes)} tensors"
+            + (f"; GGUF {', '.join(types)} on the same pass" if types else "")
+        )
+        write_sharded(hf_dir, plan.shapes, _teed(merged_tensors(plan.merge), streams), plan.dtype)
+        maybe_crash("export_hf_written")
+        ggufs = {t: s.finish() for t, s in streams.items()}
+    except BaseException:
+        for s in streams.values():
+            s.abort()
+        raise
     size = sum(f.stat().st_size for f in hf_dir.iterdir())
-    log(f"export: HF folder written ({size / 2**20:.1f} MiB)")
-    return tok
+    log(f"export: HF folder written ({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    for g in ggufs.values():
+        maybe_crash("export_gguf_written")
+        log(f"export: {g.name}")
+    return tok, ggufs
 
 
-# --------------------------------------------------------------------------- 3. GGUF
+def _teed(tensors, streams):
+    """``tensors`` passed on unchanged, each also handed to every GGUF stream on its way."""
+    for name, t in tensors:
+        for s in streams.values():
+            s.add(name, t)
+        yield name, t

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 
 if TYPE_CHECKING:
@@ -97,34 +96,41 @@ def plan_imatrix(plan: ExportPlan, log=_say) -> ExportPlan:
     return replace(plan, imatrix_types=with_matrix, calibration=cal)
 
 
-def write_ggufs(
-    plan: ExportPlan, hf_dir: Path, folder: Path, log=_say
-) -> tuple[dict[str, Path], dict[str, Any] | None]:
-    """The GGUF files, and what the importance matrix was (None when none was used)."""
-    from agiasi.gguf import write_gguf
+def streamed_types(types: list[str]) -> list[str]:
+    """The GGUF types written while the merged tensors stream into the HF folder: those gguf-py
+    writes itself, plus F16 when llama.cpp's quantizer makes the others from it."""
     from agiasi.gguf_types import KQUANT_TYPES
-    from agiasi.quantize import have_quantizer, quantize_gguf
+    from agiasi.quantize import have_quantizer
 
-    ggufs: dict[str, Path] = {}
-    types = plan.types
     from_f16 = [t for t in types if t in KQUANT_TYPES or (t == "q8_0" and have_quantizer())]
-    need_f16 = bool(from_f16)
     direct = [t for t in types if t not in from_f16]
-    for t in direct + (["f16"] if need_f16 and "f16" not in types else []):
-        ggufs[t] = write_gguf(
-            hf_dir, folder / f"{plan.stem}-{t}.gguf", t, plan.cfg.output_tensor_type
-        )
-        maybe_crash("export_gguf_written")
-        log(f"export: {ggufs[t].name}")
+    return direct + (["f16"] if from_f16 and "f16" not in direct else [])
+
+
+def write_ggufs(
+    plan: ExportPlan, streamed: dict[str, Path], hf_dir: Path, folder: Path, log=_say
+) -> tuple[dict[str, Path], dict[str, Any] | None]:
+    """The quantized GGUF files from the streamed F16 (the importance matrix first, when asked),
+    all of them; and what the matrix was (None when none was used). An F16 written only as the
+    quantizer's source is removed."""
+    from agiasi.quantize import quantize_gguf
+
+    ggufs = dict(streamed)
+    from_f16 = [t for t in plan.types if t not in ggufs]
     matrix, info = (
         importance_matrix(plan, hf_dir, folder, log) if plan.imatrix_types else (None, None)
     )
     for t in from_f16:
+        start = time.perf_counter()
         out = folder / f"{plan.stem}-{t}.gguf"
         use = matrix if t in plan.imatrix_types else None
         ggufs[t] = quantize_gguf(ggufs["f16"], out, t, plan.cfg.output_tensor_type, use)
-        log(f"export: {ggufs[t].name}" + (" (importance matrix)" if use else ""))
-    if need_f16 and "f16" not in types:
+        log(
+            f"export: {ggufs[t].name}"
+            + (" (importance matrix)" if use else "")
+            + f" ({time.perf_counter() - start:.1f} s)"
+        )
+    if "f16" in ggufs and "f16" not in plan.types:
         ggufs.pop("f16").unlink()
     return ggufs, info
 
@@ -169,7 +175,7 @@ def compute_for_export(plan: ExportPlan, hf_dir: Path, log=_say):
 
     from agiasi.calibration import calibration_text
     from agiasi.export_files import exported_config
-    from agiasi.gguf import trained_context
+    from agiasi.gguf_arch import trained_context
     from agiasi.imatrix import DEFAULT_CHUNK, calibration_chunks, compute_imatrix, gguf_names
     from agiasi.parity import measure_device
     from agiasi.weights import LazyWeights

@@ -1,14 +1,15 @@
-"""HF folder → GGUF through the ``gguf`` library; K-quants through llama.cpp's quantizer.
+"""GGUF files through the ``gguf`` library: from a plain HF folder, or while its tensors stream.
 
 The file format, the tensor-name table (``gguf.get_tensor_name_map``), the quantizers for
 Q8_0/BF16 (``gguf.quants``) and the special-token reader (``gguf.SpecialVocab``) are the
-library's. Written here by hand — because no library exposes it as a function — is only the
-per-architecture choice of metadata (one small class per llama.cpp architecture, as in
-llama.cpp's own converter; the table of which model types map to which is
-:mod:`agiasi.architectures`), the sentencepiece vocabulary table, and the Llama q/k row
-permutation (HF's rotate-half RoPE layout → GGML's interleaved one). K-quants (Q4_K_M, Q5_K_M,
-Q6_K) and, when it is installed, Q8_0 come from ``llama_cpp.llama_model_quantize``; nothing is
-built or downloaded.
+library's; what each llama.cpp architecture adds is :mod:`agiasi.gguf_arch`. K-quants (Q4_K_M,
+Q5_K_M, Q6_K) and, when it is installed, Q8_0 come from ``llama_cpp.llama_model_quantize``
+(:mod:`agiasi.quantize`); nothing is built or downloaded.
+
+:class:`GGUFStream` writes the header from the tensor *shapes* and then takes each tensor as it
+is produced, so the export writes its F16 GGUF from the merged tensors on their way into the HF
+shards instead of reading the written folder back (a 3.8 B model: 7 GiB less to read and
+convert). :func:`write_gguf` is the same writer fed from a folder.
 """
 
 from __future__ import annotations
@@ -22,314 +23,99 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.gguf_arch import (
+    GGUFArch,
+    rope_theta_of,
+    tensor_name_map,
+    writer_for,
+)
 from agiasi.gguf_types import DIRECT_TYPES
-from agiasi.gguf_vocab import bpe_vocabulary, sentencepiece_vocabulary
 from agiasi.weights import EMBED_KEY, HEAD_KEY, check_plain
 
 
-def rope_scaling_of(config: dict) -> dict | None:
-    """LongRoPE parameters (type ``longrope``, or the older ``su``), else None."""
-    kind, rp = rope_type_of(config)
-    return rp if kind in ("longrope", "su") and rp.get("long_factor") is not None else None
+class GGUFStream:
+    """One GGUF file whose tensors arrive one at a time, in the order of ``shapes``.
 
+    The header (metadata, vocabulary, tensor infos) is written on construction, from the config,
+    the tokenizer files in ``hf_dir`` and ``shapes`` (HF name → shape, the order the tensors will
+    come in; the head, if any, last). :meth:`add` takes every HF tensor — names the
+    architecture skips are dropped — and :meth:`finish` appends the extra tensors (RoPE factors)
+    and moves the file into place. Until then it is a dot-named temporary file that
+    :meth:`abort` removes. Checks that need tensor values (Gemma's head) are the caller's: the
+    export makes them on the base model before the merge.
+    """
 
-def trained_context(config: dict) -> int | None:
-    """The positions a model was trained on: LongRoPE's original window, else its maximum."""
-    n = config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
-    return int(n) if n else None
-
-
-def rope_theta_of(config: dict) -> float:
-    if "rope_theta" in config:
-        return float(config["rope_theta"])
-    rp = config.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        return float(rp["rope_theta"])
-    return 10000.0
-
-
-def rope_type_of(config: dict) -> tuple[str, dict]:
-    """The RoPE variant and its parameters from either spelling (``rope_scaling`` of
-    transformers 4, ``rope_parameters`` of transformers 5); ``"default"`` when plain."""
-    for key in ("rope_scaling", "rope_parameters"):
-        rp = config.get(key)
-        if isinstance(rp, dict):
-            kind = str(rp.get("rope_type", rp.get("type")) or "default").lower()
-            if kind != "default":
-                return kind, rp
-    return "default", {}
-
-
-def llama3_rope_factors(config: dict) -> torch.Tensor:
-    """Llama-3.1's per-frequency RoPE divisors (``rope_type: llama3``), which llama.cpp reads
-    from a ``rope_freqs`` tensor. The formula is transformers' ``_compute_llama3_parameters``
-    (no library exposes it as factors): wavelengths shorter than original/high_freq_factor keep
-    their frequency, longer than original/low_freq_factor are divided by ``factor``, and the
-    band between is interpolated."""
-    _, rp = rope_type_of(config)
-    dim = _head_dim(config)
-    base = rope_theta_of(config)
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    factor = float(rp.get("factor", 8.0))
-    low, high = float(rp.get("low_freq_factor", 1.0)), float(rp.get("high_freq_factor", 4.0))
-    old_ctx = float(rp.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    out = 1.0 / ((1 - smooth) / factor + smooth)
-    out = torch.where(wavelen < old_ctx / high, torch.ones_like(out), out)
-    out = torch.where(wavelen > old_ctx / low, torch.full_like(out, factor), out)
-    return out.to(torch.float32)
-
-
-def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF stores Llama q/k rows for rotate-half RoPE; GGML's LLAMA rope pairs adjacent rows."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-# --------------------------------------------------------------------------- architectures
-
-
-class GGUFArch:
-    """One llama.cpp architecture (like the converter classes of ``convert_hf_to_gguf.py``):
-    the metadata beyond the common keys, extra tensors, and per-tensor transforms."""
-
-    gguf_name = "llama"
-    rope_types: tuple[str, ...] | None = None  # the RoPE variants it writes; None: not checked
-
-    def check(self, cfg: dict, sd) -> None:
-        """Refuse a folder this architecture cannot represent (before anything is written)."""
-        kind, _ = rope_type_of(cfg)
-        if self.rope_types is not None and kind not in self.rope_types:
-            raise AgiasiError(
-                f"RoPE type {kind!r} is not one agiasi writes for llama.cpp's {self.gguf_name} "
-                f"({', '.join(self.rope_types)}); export the HF folder only (--gguf '')"
-            )
-
-    def parameters(self, w, cfg: dict) -> None:
-        """Keys beyond :func:`_common_parameters`."""
-
-    def vocabulary(self, w, hf_dir: Path, vocab: int, kind: str) -> None:
-        if kind == "sentencepiece":
-            sentencepiece_vocabulary(w, hf_dir, vocab)
-        else:
-            bpe_vocabulary(w, hf_dir, vocab)
-
-    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
-        """Tensors the HF state dict does not hold (GGUF names)."""
-        return {}
-
-    def skip(self, hf_name: str) -> bool:
-        """HF tensors the llama.cpp architecture has no place for."""
-        return False
-
-    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
-        return t
-
-
-class LlamaGGUF(GGUFArch):
-    """Llama and Mistral: HF stores q/k rows for rotate-half RoPE, GGML pairs adjacent rows;
-    Llama-3.1's RoPE scaling as a ``rope_freqs`` tensor, linear scaling as metadata."""
-
-    gguf_name = "llama"
-    rope_types = ("default", "llama3", "linear")
-
-    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
+    def __init__(
+        self,
+        out_path: Path,
+        hf_dir: Path,
+        cfg: dict,
+        shapes: dict[str, tuple[int, ...]],
+        gguf_type: str,
+        output_tensor_type: str | None = None,
+    ):
         import gguf
 
-        if rope_type_of(cfg)[0] != "llama3":
-            return {}
-        return {
-            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(cfg)
-        }
+        from agiasi.architectures import gguf_architecture, vocabulary_kind
 
-    def parameters(self, w, cfg: dict) -> None:
-        n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        head_dim = _head_dim(cfg)
-        w.add_rope_dimension_count(head_dim)
-        w.add_vocab_size(int(cfg["vocab_size"]))
-        if cfg.get("head_dim") and head_dim != n_embd // n_head:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        _linear_rope(w, cfg)
+        if gguf_type not in DIRECT_TYPES:
+            raise AgiasiError(
+                f"write_gguf writes {', '.join(DIRECT_TYPES)}; {gguf_type} needs quantize_gguf"
+            )
+        check_plain(shapes)
+        entry = gguf_architecture(cfg.get("model_type", ""))
+        self.arch: GGUFArch = writer_for(entry)
+        self.cfg, self.out_path = cfg, Path(out_path)
+        self.tmp = self.out_path.with_name(f".{self.out_path.name}.tmp")
+        self.extra = self.arch.extra_tensors(cfg)
+        self._w = gguf.GGUFWriter(str(self.tmp), self.arch.gguf_name)
+        try:
+            _common_parameters(self._w, cfg, hf_dir, gguf_type)
+            self.arch.parameters(self._w, cfg)
+            self.arch.vocabulary(
+                self._w, hf_dir, int(cfg["vocab_size"]), vocabulary_kind(entry, hf_dir)
+            )
+            self.plan = _tensor_plan(
+                self._w, self.arch, cfg, shapes, self.extra, gguf_type, output_tensor_type
+            )
+            self._w.write_header_to_file()
+            self._w.write_kv_data_to_file()
+            self._w.write_ti_data_to_file()
+        except BaseException:
+            self.abort()
+            raise
+        self._next = 0
 
-    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
-        n_head = int(cfg["num_attention_heads"])
-        if hf_name.endswith("q_proj.weight"):
-            return _permute_qk(t, n_head)
-        if hf_name.endswith("k_proj.weight"):
-            return _permute_qk(t, int(cfg.get("num_key_value_heads") or n_head))
-        return t
+    def takes(self, hf_name: str) -> bool:
+        """Whether the file holds this HF tensor (the architecture may have no place for it)."""
+        return not (self.arch.skip(hf_name) or hf_name.endswith("rotary_emb.inv_freq"))
 
-
-def _linear_rope(w, cfg: dict) -> None:
-    import gguf
-
-    kind, rp = rope_type_of(cfg)
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rp["factor"]))
-
-
-class Phi3GGUF(GGUFArch):
-    """Phi-3: partial rotary, the original window, sliding window, LongRoPE factor tensors."""
-
-    gguf_name = "phi3"
-
-    def parameters(self, w, cfg: dict) -> None:
-        rope_dims = self._rope_dims(cfg)
-        w.add_rope_dimension_count(rope_dims)
-        orig = trained_context(cfg) or 4096
-        w.add_rope_scaling_orig_ctx_len(orig)
-        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
-        rs = rope_scaling_of(cfg)
-        if rs is None:
+    def add(self, hf_name: str, t: torch.Tensor) -> None:
+        """The tensor ``hf_name`` (the head: the head's value, tied or not); others are dropped."""
+        if not self.takes(hf_name):
             return
-        rs_orig = int(rs.get("original_max_position_embeddings") or orig)
-        scale = int(cfg.get("max_position_embeddings", rs_orig)) / rs_orig
-        attn = math.sqrt(1 + math.log(scale) / math.log(rs_orig)) if scale > 1.0 else 1.0
-        if rs.get("attention_factor") is not None:
-            attn = float(rs["attention_factor"])
-        w.add_rope_scaling_attn_factors(attn)
-        if len(rs["long_factor"]) != rope_dims // 2:
+        want, _, ttype = self.plan[self._next] if self._next < len(self.plan) else (None,) * 3
+        if hf_name != want:
+            raise AgiasiError(f"internal: GGUF stream expected {want}, got {hf_name}")
+        data = self.arch.transform(hf_name, t.detach(), self.cfg)
+        self._w.write_tensor_data(_tensor_bytes(data, ttype))
+        self._next += 1
+
+    def finish(self) -> Path:
+        for hf_name, t in self.extra.items():
+            self.add(hf_name, t)
+        if self._next != len(self.plan):
+            self.abort()
             raise AgiasiError(
-                f"LongRoPE factors have {len(rs['long_factor'])} entries, expected {rope_dims // 2}"
+                f"internal: GGUF stream ended at {self._next} of {len(self.plan)} tensors"
             )
+        self._w.close()
+        os.replace(self.tmp, self.out_path)
+        return self.out_path
 
-    def extra_tensors(self, cfg: dict) -> dict[str, torch.Tensor]:
-        import gguf
-
-        rs = rope_scaling_of(cfg)
-        if rs is None:
-            return {}
-        names = gguf.TENSOR_NAMES
-        return {
-            names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": torch.tensor(
-                rs["long_factor"], dtype=torch.float32
-            ),
-            names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": torch.tensor(
-                rs["short_factor"], dtype=torch.float32
-            ),
-        }
-
-    @staticmethod
-    def _rope_dims(cfg: dict) -> int:
-        rot_pct = float(cfg.get("partial_rotary_factor", 1.0))
-        return int(rot_pct * int(cfg["hidden_size"])) // int(cfg["num_attention_heads"])
-
-
-class Qwen2GGUF(GGUFArch):
-    """Qwen2/2.5: q/k/v biases (mapped by gguf's name table), NEOX RoPE in llama.cpp, so no row
-    permutation; the head is optional in llama.cpp, so an untied (folded) head is kept."""
-
-    gguf_name = "qwen2"
-    rope_types = ("default", "linear")
-
-    def parameters(self, w, cfg: dict) -> None:
-        w.add_vocab_size(int(cfg["vocab_size"]))
-        if cfg.get("head_dim"):  # Qwen3's heads are wider than hidden / heads
-            w.add_key_length(int(cfg["head_dim"]))
-            w.add_value_length(int(cfg["head_dim"]))
-        _linear_rope(w, cfg)
-
-
-class Qwen3GGUF(Qwen2GGUF):
-    """Qwen3: Qwen2 without the q/k/v biases, with RMSNorm on each head's q and k (``q_norm``,
-    ``k_norm``: mapped by gguf's name table) and a head size of its own."""
-
-    gguf_name = "qwen3"
-
-
-class GemmaGGUF(GGUFArch):
-    """Gemma, as llama.cpp's converter writes it: RMSNorm weights stored as 1 + w (HF keeps w and
-    adds 1 at run time), the head size, no space prefix on the text. llama.cpp scales the
-    embeddings by sqrt(hidden) itself, as HF does.
-
-    llama.cpp's gemma graphs take the output matrix from token_embd and have no output tensor,
-    so only a head equal to the embedding (no folded soul) can be written."""
-
-    gguf_name = "gemma"
-
-    def check(self, cfg: dict, sd) -> None:
-        super().check(cfg, sd)
-        if HEAD_KEY in sd and not torch.equal(sd.get(HEAD_KEY), sd.get(EMBED_KEY)):
-            raise AgiasiError(GEMMA_HEAD_MESSAGE)
-
-    def parameters(self, w, cfg: dict) -> None:
-        head_dim = _head_dim(cfg)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-
-    def skip(self, hf_name: str) -> bool:
-        return hf_name == HEAD_KEY
-
-    def transform(self, hf_name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
-        return t.float() + 1.0 if hf_name.endswith("norm.weight") else t
-
-
-class Gemma2GGUF(GemmaGGUF):
-    """Gemma-2: Gemma plus both soft-caps and the sliding window. llama.cpp scales the queries
-    by 1/sqrt(head_dim) except for the 27 B shape, which is what HF's ``query_pre_attn_scalar``
-    says for 2 B and 9 B: other values are refused."""
-
-    gguf_name = "gemma2"
-
-    def check(self, cfg: dict, sd) -> None:
-        head_dim, scalar = _head_dim(cfg), cfg.get("query_pre_attn_scalar")
-        if scalar is not None and int(cfg["num_hidden_layers"]) != 46 and float(scalar) != head_dim:
-            raise AgiasiError(
-                f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma2 "
-                "scales queries by 1/sqrt(head_dim) for every shape but the 27 B one"
-            )
-        super().check(cfg, sd)
-
-    def parameters(self, w, cfg: dict) -> None:
-        super().parameters(w, cfg)
-        for add, key in (
-            (w.add_attn_logit_softcapping, "attn_logit_softcapping"),
-            (w.add_final_logit_softcapping, "final_logit_softcapping"),
-        ):
-            if cfg.get(key) is not None:
-                add(float(cfg[key]))
-        if cfg.get("sliding_window"):
-            w.add_sliding_window(int(cfg["sliding_window"]))
-
-
-def _head_dim(cfg: dict) -> int:
-    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
-
-
-GEMMA_HEAD_MESSAGE = (
-    "llama.cpp's gemma and gemma2 architectures take their output matrix from the input "
-    "embedding (token_embd) and have no output tensor, so a Gemma whose head carries a folded "
-    "soul cannot be written as GGUF. Export the HF folder only (--gguf ''), or export a "
-    "--no-soul run"
-)
-
-# The writer half of the architecture registry: each class names its llama.cpp architecture
-# (``gguf_name``), and :data:`agiasi.architectures.ARCHITECTURES` entries name the one they are
-# written as; :func:`writer_for` joins the two and tests/unit/test_gguf.py checks that every
-# entry finds its writer and every writer serves an entry.
-GGUF_WRITERS: dict[str, GGUFArch] = {
-    w.gguf_name: w
-    for w in (LlamaGGUF(), Phi3GGUF(), Qwen2GGUF(), Qwen3GGUF(), GemmaGGUF(), Gemma2GGUF())
-}
-
-
-def writer_for(entry) -> GGUFArch:
-    """The GGUF writer of an :class:`agiasi.architectures.Architecture` entry."""
-    if entry.gguf is None or entry.gguf not in GGUF_WRITERS:
-        raise AgiasiError(
-            f"agiasi has no GGUF writer for {entry.model_type}; export the HF folder only "
-            "(--gguf '')"
-        )
-    return GGUF_WRITERS[entry.gguf]
-
-
-# --------------------------------------------------------------------------- the writer
+    def abort(self) -> None:
+        self._w.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_gguf(
@@ -340,46 +126,36 @@ def write_gguf(
 ) -> Path:
     """Write ``out_path`` (F32/F16/BF16/Q8_0) from a plain HF folder (no agiasi keys).
 
-    Two passes so memory holds one tensor at a time (a 3.8 B model in F32 is 15 GB): first the
-    header (metadata, vocabulary, tensor infos), then the tensor data, streamed.
+    Memory holds one tensor at a time (a 3.8 B model in F32 is 15 GB): the header comes from the
+    shapes, the data streams.
     """
-    import gguf
-
-    from agiasi.architectures import gguf_architecture, vocabulary_kind
     from agiasi.weights import LazyWeights
 
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if gguf_type not in DIRECT_TYPES:
-        raise AgiasiError(
-            f"write_gguf writes {', '.join(DIRECT_TYPES)}; {gguf_type} needs quantize_gguf"
-        )
+    hf_dir = Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    entry = gguf_architecture(cfg.get("model_type", ""))
-    arch = writer_for(entry)
     sd = LazyWeights(hf_dir)
-    check_plain(sd.keys())
-    arch.check(cfg, sd)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), arch.gguf_name)
+    writer_for(_entry(cfg)).check(cfg, sd)
+    shapes = {k: sd.shape(k) for k in sd.keys() if k != HEAD_KEY}
+    head_source = HEAD_KEY if HEAD_KEY in sd else None
+    if head_source is None and cfg.get("tie_word_embeddings", False) and EMBED_KEY in sd:
+        head_source = EMBED_KEY
+    if head_source is not None:
+        shapes[HEAD_KEY] = sd.shape(head_source)
+    stream = GGUFStream(Path(out_path), hf_dir, cfg, shapes, gguf_type, output_tensor_type)
     try:
-        _common_parameters(w, cfg, hf_dir, gguf_type)
-        arch.parameters(w, cfg)
-        arch.vocabulary(w, hf_dir, int(cfg["vocab_size"]), vocabulary_kind(entry, hf_dir))
-        extra = arch.extra_tensors(cfg)
-        plan = _tensor_plan(w, arch, cfg, sd, extra, gguf_type, output_tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for hf_name, source, ttype in plan:
-            t = extra[hf_name] if hf_name in extra else sd.get(source)
-            w.write_tensor_data(_tensor_bytes(arch.transform(hf_name, t.detach(), cfg), ttype))
-        w.close()
-        os.replace(tmp, out_path)
+        for name in shapes:
+            if stream.takes(name):
+                stream.add(name, sd.get(head_source if name == HEAD_KEY else name))
+        return stream.finish()
     except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
+        stream.abort()
         raise
-    return out_path
+
+
+def _entry(cfg: dict):
+    from agiasi.architectures import gguf_architecture
+
+    return gguf_architecture(cfg.get("model_type", ""))
 
 
 def _common_parameters(w, cfg: dict, hf_dir: Path, gguf_type: str) -> None:
@@ -406,27 +182,14 @@ def _common_parameters(w, cfg: dict, hf_dir: Path, gguf_type: str) -> None:
     )
 
 
-def tensor_name_map(arch: GGUFArch, cfg: dict):
-    """gguf-py's HF → GGUF tensor names for this architecture: the names the file gets, and so
-    the names llama.cpp's quantizer and importance matrix use."""
-    import gguf
-
-    return gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH[arch.gguf_name.upper()], int(cfg["num_hidden_layers"])
-    )
-
-
 def _tensor_plan(
-    w, arch: GGUFArch, cfg, sd, extra, gguf_type: str, output_tensor_type: str | None
+    w, arch: GGUFArch, cfg, shapes, extra, gguf_type: str, output_tensor_type: str | None
 ) -> list:
-    """Tensor infos into the header; returns ``(hf name, source name, GGML type)`` in order."""
+    """Tensor infos into the header; returns ``(hf name, GGUF name, GGML type)`` in order."""
     import gguf
 
-    head_source = HEAD_KEY
-    if HEAD_KEY not in sd:
-        if not cfg.get("tie_word_embeddings", False):
-            raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
-        head_source = EMBED_KEY
+    if HEAD_KEY not in shapes:
+        raise AgiasiError("the HF folder has no lm_head.weight and does not tie embeddings")
     name_map = tensor_name_map(arch, cfg)
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
@@ -434,19 +197,18 @@ def _tensor_plan(
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }
-    sources = [k for k in sd.keys() if not k.endswith("rotary_emb.inv_freq") and k != HEAD_KEY]
+    sources = [k for k in shapes if not k.endswith("rotary_emb.inv_freq") and k != HEAD_KEY]
     plan = []
     for hf_name in [*sources, HEAD_KEY, *extra]:
         if arch.skip(hf_name):
             continue
-        source = head_source if hf_name == HEAD_KEY else hf_name
         if hf_name in extra:
             gname, shape = hf_name, tuple(extra[hf_name].shape)
         else:
             gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise AgiasiError(f"no GGUF name for tensor {hf_name!r} ({cfg['model_type']})")
-            shape = sd.shape(source)
+            shape = tuple(shapes[hf_name])
         want = output_tensor_type if gname == "output.weight" and output_tensor_type else gguf_type
         if len(shape) <= 1 or gname.startswith("rope_"):
             ttype = gguf.GGMLQuantizationType.F32
@@ -462,7 +224,7 @@ def _tensor_plan(
             shape = gguf.quants.quant_shape_to_byte_shape(shape, ttype)
             dtype, nbytes = np.uint8, math.prod(shape)
         w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes, raw_dtype=ttype)
-        plan.append((hf_name, source, ttype))
+        plan.append((hf_name, gname, ttype))
     return plan
 
 

@@ -325,7 +325,7 @@ class QuantizerImatrix:
 def gguf_names(cfg: dict, keys) -> dict[str, str]:
     """HF weight key → GGUF tensor name, through the GGUF writer's own map."""
     from agiasi.architectures import gguf_architecture
-    from agiasi.gguf import tensor_name_map, writer_for
+    from agiasi.gguf_arch import tensor_name_map, writer_for
 
     arch = writer_for(gguf_architecture(cfg.get("model_type", "")))
     name_map = tensor_name_map(arch, cfg)

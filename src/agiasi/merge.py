@@ -237,14 +237,45 @@ def merged_tensor(plan: MergePlan, key: str) -> torch.Tensor:
     return w.contiguous().cpu()
 
 
-def merged_tensors(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """Final tensors one at a time, in :meth:`MergePlan.output_shapes` order."""
-    for key in plan.output_shapes():
-        t = merged_tensor(plan, key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            # inside the export's temporary folder: nothing under the final name is written
-            raise AgiasiError(
-                f"{key} is non-finite (nan/inf) after the merge: the base model's weights or the "
-                "LoRA overflow in the export dtype; nothing was exported"
-            )
-        yield key, t
+def merged_tensors(plan: MergePlan, ahead: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Final tensors one at a time, in :meth:`MergePlan.output_shapes` order.
+
+    With ``ahead`` = 1 the next tensor is read and merged on a worker thread while the caller
+    writes this one (file reads, bitsandbytes and the float64 math release the GIL), so reading,
+    merging and writing overlap; memory holds one tensor more. Errors surface in order.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = iter(plan.output_shapes())
+    if ahead <= 0:
+        for key in keys:
+            yield key, _finite(key, merged_tensor(plan, key))
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agiasi-merge")
+    try:
+        pending: deque = deque()
+        for key in keys:
+            pending.append((key, pool.submit(_merged_finite, plan, key)))
+            if len(pending) > ahead:
+                name, fut = pending.popleft()
+                yield name, fut.result()
+        while pending:
+            name, fut = pending.popleft()
+            yield name, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merged_finite(plan: MergePlan, key: str) -> torch.Tensor:
+    return _finite(key, merged_tensor(plan, key))
+
+
+def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # inside the export's temporary folder: nothing under the final name is written
+        raise AgiasiError(
+            f"{key} is non-finite (nan/inf) after the merge: the base model's weights or the "
+            "LoRA overflow in the export dtype; nothing was exported"
+        )
+    return t

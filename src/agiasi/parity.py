@@ -126,7 +126,7 @@ def parity_n_ctx(num_ctx: int) -> int:
 def long_context_n_ctx(cfg: dict[str, Any], num_ctx: int) -> int:
     """A context just past LongRoPE's original window — where llama.cpp switches to the long
     factors — not the model's maximum (131,072 for Phi-3.5-mini: a 51 GB KV cache)."""
-    from agiasi.gguf import trained_context
+    from agiasi.gguf_arch import trained_context
 
     original = trained_context(cfg) or num_ctx
     maximum = int(cfg.get("max_position_embeddings") or 2 * original)
@@ -388,7 +388,7 @@ def _gguf_rows(run: _Run) -> None:
 def _long_context_row(run: _Run) -> None:
     """LongRoPE: llama.cpp switches to the long factors past the original window, HF not."""
     from agiasi.evaluate import GGUFModel
-    from agiasi.gguf import rope_scaling_of
+    from agiasi.gguf_arch import rope_scaling_of
 
     inp = run.inp
     cfg = inp.hf_config.to_dict()

@@ -85,6 +85,34 @@ def test_phi3_export_writes_exactly_the_files(phi3_export):
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())
 
 
+def assert_same_gguf(a, b):
+    """Two GGUF files hold the same metadata and the same tensors, bit for bit (names, types,
+    shapes, bytes); the order of the tensors in the file may differ."""
+    import gguf
+
+    ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
+    fa = {k: f.contents() for k, f in ra.fields.items() if not k.startswith("GGUF.")}
+    fb = {k: f.contents() for k, f in rb.fields.items() if not k.startswith("GGUF.")}
+    assert fa == fb
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    assert sorted(ta) == sorted(tb)
+    for name, t in ta.items():
+        u = tb[name]
+        assert (t.tensor_type, list(t.shape)) == (u.tensor_type, list(u.shape)), name
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8))
+
+
+def test_streamed_ggufs_equal_ggufs_written_from_the_hf_folder(phi3_export, tmp_path):
+    """The export writes its F32/F16 GGUFs from the merged tensors on their way into the HF
+    shards; the files are the ones write_gguf makes from the written folder."""
+    from agiasi.gguf import write_gguf
+
+    _, out, _ = phi3_export
+    for t in ("f32", "f16"):
+        (streamed,) = out.glob(f"*-{t}.gguf")
+        assert_same_gguf(streamed, write_gguf(out / "hf", tmp_path / f"{t}.gguf", t))
+
+
 def test_hf_folder_in_plain_transformers_equals_wrapper(phi3_export):
     from agiasi import AGIASI_SO8T_Wrapper
 
@@ -162,6 +190,11 @@ def test_tied_llama_family_export(tmp_path):
     exported = load_file(str(tmp_path / "out" / "hf" / "model.safetensors"))
     assert torch.equal(base["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
     assert not torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
+    # the Llama's q/k rows are permuted for GGML on the stream just as from the folder
+    from agiasi.gguf import write_gguf
+
+    (streamed,) = (tmp_path / "out").glob("*-f32.gguf")
+    assert_same_gguf(streamed, write_gguf(tmp_path / "out" / "hf", tmp_path / "f32.gguf", "f32"))
 
 
 def test_longrope_phi3_reports_both_contexts(tmp_path):

@@ -89,3 +89,67 @@ def test_streamed_load_equals_from_pretrained(request, fixture):
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(got(ids).logits, ref(ids).logits)
+
+
+def _merge_plan(folder, tensors, lora):
+    from agiasi.merge import MergePlan
+
+    save_file(tensors, str(folder / "model.safetensors"))
+    return MergePlan(
+        base=LazyWeights(folder),
+        lora=lora,
+        scaling=2.0,
+        merge_base="w16",
+        dtype=torch.float32,
+        tied=False,
+        soul=None,
+    )
+
+
+def test_merged_tensors_read_ahead_yields_what_the_plain_stream_does(tmp_path):
+    """The worker thread that merges the next tensor while this one is written changes nothing
+    in what comes out or in which order."""
+    from agiasi.merge import merge_tensor, merged_tensors
+
+    g = torch.Generator().manual_seed(3)
+    ts = {
+        "model.embed_tokens.weight": torch.randn(40, 16, generator=g),
+        **{
+            f"model.layers.{i}.mlp.down_proj.weight": torch.randn(16, 24, generator=g)
+            for i in range(6)
+        },
+        "lm_head.weight": torch.randn(40, 16, generator=g),
+    }
+    key = "model.layers.2.mlp.down_proj.weight"
+    a, b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+    plan = _merge_plan(tmp_path, ts, {key: (a, b)})
+    plain = list(merged_tensors(plan, ahead=0))
+    ahead = list(merged_tensors(plan, ahead=1))
+    assert [k for k, _ in ahead] == [k for k, _ in plain] == list(ts)
+    for (_, x), (_, y) in zip(plain, ahead, strict=True):
+        assert torch.equal(x, y)
+    merged = dict(ahead)
+    assert torch.equal(merged[key], merge_tensor(ts[key], a, b, 2.0, torch.float32))
+    assert not torch.equal(merged[key], ts[key])
+
+
+def test_merged_tensors_read_ahead_reports_a_bad_tensor_in_its_place(tmp_path):
+    """A non-finite merge fails when its tensor's turn comes (the ones before it are yielded
+    first), and a consumer that stops early leaves no worker running."""
+    import threading
+
+    from agiasi.merge import merged_tensors
+
+    ts = {f"w{i}.weight": torch.ones(8, 8) for i in range(5)}
+    ts["w3.weight"][0, 0] = float("inf")
+    ts["lm_head.weight"] = torch.ones(8, 8)
+    plan = _merge_plan(tmp_path, ts, {})
+    seen = []
+    with pytest.raises(AgiasiError, match=r"w3\.weight is non-finite"):
+        for k, _ in merged_tensors(plan, ahead=1):
+            seen.append(k)
+    assert seen == ["w0.weight", "w1.weight", "w2.weight"]
+    stream = merged_tensors(plan, ahead=1)
+    assert next(stream)[0] == "w0.weight"
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("agiasi-merge")]
