@@ -1,8 +1,10 @@
 """Where a training step's time goes: torch.profiler over 3 steps of one implementation.
 
-python bench/profile_step.py --impl nosoul --seq 512 --batch 1   (after bench/train.py made
-the random model in /tmp/phi35-random; any of bench/train.py's implementation names, unsloth
-and so8co-d0 included; --model-dir /tmp/llama-phidims-random for the Llama shape)
+python bench/profile_step.py --impl nosoul --seq 512 --batch 1 [--shape llama-phi-dims]
+
+Any of bench/train.py's implementation names, unsloth and so8co-d0 included; the random model
+of the shape is made first if bench/train.py has not made it. Wall time per step (5 steps, no
+profiler) beside the GPU's busy time says whether the step is launch-bound.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import build  # noqa: E402
+from train import SHAPES, build, make_random_model  # noqa: E402
 
 
 def main() -> None:
@@ -24,13 +26,16 @@ def main() -> None:
     ap.add_argument("--impl", default="nosoul")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/phi35-random"))
+    ap.add_argument("--shape", default="phi-3.5-mini", choices=sorted(SHAPES))
+    ap.add_argument("--model-dir", type=Path, help="where the random model lives (per shape)")
     args = ap.parse_args()
+    args.model_dir = args.model_dir or Path(SHAPES[args.shape])
     if args.impl == "unsloth":
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import unsloth  # noqa: F401  (before transformers, as it asks)
+    make_random_model(args.model_dir, args.shape)
     model, step_loss = build(args.impl, args.model_dir, args.seq)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -42,9 +47,16 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    import time
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 5 * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -54,7 +66,8 @@ def main() -> None:
     cuda_total = sum(e.self_device_time_total for e in ka) / 3 / 1e3
     print(
         f"{args.impl} {args.seq}x{args.batch}: {n_kernels:.0f} CUDA kernels/step, "
-        f"GPU busy {cuda_total:.1f} ms/step"
+        f"GPU busy {cuda_total:.1f} ms/step, wall {wall_ms:.1f} ms/step "
+        f"({args.batch * args.seq / wall_ms * 1e3:.0f} tok/s)"
     )
     print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     print(ka.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
