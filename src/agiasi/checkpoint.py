@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,11 +102,12 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
+def atomic_folder(final: Path, log=None) -> Iterator[Path]:
     """``with atomic_folder(final) as tmp:`` write into ``tmp``; on success it is fsynced and
     renamed to ``final`` in one step, on any error removed, ``final`` left as it was.
 
-    A full disk becomes one :class:`AgiasiError` saying nothing was written.
+    A full disk becomes one :class:`AgiasiError` saying nothing was written. ``log``, when
+    given, hears how long the flush to disk took (an export's gigabytes wait on the disk here).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,13 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         maybe_crash("checkpoint_written")
-        _commit(tmp, final)
+        start = time.perf_counter()
+        size = _commit(tmp, final)
+        if log is not None:
+            log(
+                f"{final.name}: flushed to disk ({size / 2**30:.2f} GiB, "
+                f"{time.perf_counter() - start:.1f} s)"
+            )
         maybe_crash("checkpoint_renamed")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,11 +136,14 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         raise
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def _commit(tmp: Path, final: Path) -> int:
+    """fsync every file and the folder, rename into place; the bytes flushed."""
+    size = 0
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
+                size += os.fstat(fh.fileno()).st_size
     _fsync_dir(tmp)
     if final.exists():
         # Replacing a complete folder (e.g. re-saving the last step after a resume): move the
@@ -144,6 +155,7 @@ def _commit(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
+    return size
 
 
 def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:

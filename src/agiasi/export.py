@@ -188,7 +188,7 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
 
     for stale in clean_stale_temp(plan.out):
         log(f"export: removed {stale.name}, left half-written by a killed export")
-    with atomic_folder(plan.out) as tmp:
+    with atomic_folder(plan.out, log=lambda m: log(f"export: {m}")) as tmp:
         tok, streamed = write_hf_folder(plan, tmp / "hf", tmp, log)
         ggufs, imatrix = write_ggufs(plan, streamed, tmp / "hf", tmp, log)
         report = base_report(plan, ggufs, imatrix)

@@ -116,6 +116,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.offloader = offloader
+        # the recompute runs in the backward's thread: it must see the forward's autocast
+        kind = hidden.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.saved = offloader.offload(hidden)
         with torch.no_grad():
             out = run(hidden, *args)
@@ -132,7 +135,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
+            kind, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
                 out = ctx.run(h, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None, None, h.grad) + (None,) * len(ctx.args)

@@ -322,6 +322,46 @@ def test_a_default_training_step_on_the_shipped_model_runs_no_bf16_matmul():
     assert torch.bfloat16 not in seen and torch.float16 not in seen, seen
 
 
+def _lora_matmul_dtypes(w, ids):
+    """dtypes of what every LoRA A sees in one forward + backward, and its weight's grad dtype."""
+    seen = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.add((args[0].dtype, out.dtype)))
+        for n, m in w.named_modules()
+        if n.endswith("lora_A.default")
+    ]
+    out = w(ids, attention_mask=torch.ones_like(ids), labels=ids, return_logits=False)
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {p.grad.dtype for n, p in w.named_parameters() if "lora_" in n and p.grad is not None}
+    return seen, grads, out
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_bf16_model_runs_its_lora_in_bf16_with_float32_weights(tiny_phi3, offload):
+    """With bf16 compute the LoRA matmuls run in bf16 (autocast over the decoder) while the
+    LoRA weights and their gradients stay float32; the recompute of a checkpointed (and of an
+    offloaded) layer sees the same autocast, so its saved tensors match the forward's."""
+    pytest.importorskip("bitsandbytes")
+    ids = _ids(vocab=128, shape=(2, 32))
+    w = make_wrapper(
+        tiny_phi3,
+        quantization="nf4",
+        dtype="bfloat16",
+        gradient_checkpointing=True,
+        offload_activations=offload,
+    ).train()
+    seen, grads, out = _lora_matmul_dtypes(w, ids)
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    assert grads == {torch.float32}
+    assert {p.dtype for n, p in w.named_parameters() if "lora_" in n} == {torch.float32}
+    assert torch.isfinite(out.loss)
+    f32 = make_wrapper(tiny_phi3, quantization="nf4", dtype="float32").train()
+    seen32, grads32, _ = _lora_matmul_dtypes(f32, ids)
+    assert seen32 == {(torch.float32, torch.float32)} and grads32 == {torch.float32}
+
+
 @pytest.mark.parametrize("soul", [True, False])
 def test_gemma2_soft_capping_is_in_training_as_in_inference(tmp_path, soul):
     """Gemma-2 caps its logits after the head (cap · tanh(z / cap)): the wrapper's own forward

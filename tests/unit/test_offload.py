@@ -88,3 +88,24 @@ def test_train_refuses_offload_beyond_host_memory(tiny_phi3_tok, tmp_path, monke
         "--offload-activations would keep" in err and "(64 tokens a micro-batch × 2 layers" in err
     )
     assert not run.exists() or not any(run.glob("step_*"))
+
+
+def test_the_recompute_runs_under_the_forwards_autocast():
+    """The backward recomputes a layer in autograd's thread, where no autocast is on: it must
+    run the layer under the forward's autocast, or its bf16 graph would be recomputed in
+    float32 and the gradients would be those of another function."""
+    layers = _layers()
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _run(layers, x)
+    loss.backward()
+    want = [p.grad.clone() for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    off = _Offloader()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _run(layers, x, partial(offloaded_checkpoint, offloader=off))
+    loss.backward()
+    got = [p.grad for layer in layers for p in layer.parameters()]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
