@@ -759,11 +759,11 @@ def test_an_export_folder_that_appears_meanwhile_is_not_replaced(
     out = tmp_path / "export"
     real = ex.write_hf_folder
 
-    def meanwhile(plan, hf_dir, log):
-        tok = real(plan, hf_dir, log)
+    def meanwhile(plan, hf_dir, folder, log):
+        written = real(plan, hf_dir, folder, log)
         out.mkdir()
         (out / "someone_elses.txt").write_text("theirs")
-        return tok
+        return written
 
     monkeypatch.setattr(ex, "write_hf_folder", meanwhile)
     rc = main(["export", str(finished / "step_2"), "--out", str(out), "--gguf", "", "--no-measure"])
