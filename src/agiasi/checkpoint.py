@@ -123,7 +123,7 @@ def atomic_folder(final: Path, log=None) -> Iterator[Path]:
         size = _commit(tmp, final)
         if log is not None:
             log(
-                f"{final.name}: flushed to disk ({size / 2**30:.2f} GiB, "
+                f"flushed {final.name}/ to disk ({size / 2**30:.2f} GiB, "
                 f"{time.perf_counter() - start:.1f} s)"
             )
         maybe_crash("checkpoint_renamed")
