@@ -18,6 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,15 +57,14 @@ class GGUFStream:
     ):
         import gguf
 
-        from agiasi.architectures import gguf_architecture, vocabulary_kind
+        from agiasi.architectures import vocabulary_kind
 
         if gguf_type not in DIRECT_TYPES:
             raise AgiasiError(
                 f"write_gguf writes {', '.join(DIRECT_TYPES)}; {gguf_type} needs quantize_gguf"
             )
         check_plain(shapes)
-        entry = gguf_architecture(cfg.get("model_type", ""))
-        self.arch: GGUFArch = writer_for(entry)
+        entry, self.arch = _writer(cfg)
         self.cfg, self.out_path = cfg, Path(out_path)
         self.tmp = self.out_path.with_name(f".{self.out_path.name}.tmp")
         self.extra = self.arch.extra_tensors(cfg)
@@ -134,7 +134,7 @@ def write_gguf(
     hf_dir = Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     sd = LazyWeights(hf_dir)
-    writer_for(_entry(cfg)).check(cfg, sd)
+    _writer(cfg)[1].check(cfg, sd)
     shapes = {k: sd.shape(k) for k in sd.keys() if k != HEAD_KEY}
     head_source = HEAD_KEY if HEAD_KEY in sd else None
     if head_source is None and cfg.get("tie_word_embeddings", False) and EMBED_KEY in sd:
@@ -152,10 +152,12 @@ def write_gguf(
         raise
 
 
-def _entry(cfg: dict):
+def _writer(cfg: dict) -> tuple[Any, GGUFArch]:
+    """The architecture entry of a config and its GGUF writer."""
     from agiasi.architectures import gguf_architecture
 
-    return gguf_architecture(cfg.get("model_type", ""))
+    entry = gguf_architecture(cfg.get("model_type", ""))
+    return entry, writer_for(entry)
 
 
 def _common_parameters(w, cfg: dict, hf_dir: Path, gguf_type: str) -> None:
