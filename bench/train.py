@@ -26,6 +26,7 @@ Implementations:
   flags after so8/full/nosoul (any order):
     c       --compile (each decoder layer torch.compile'd)
     o       --offload-activations (checkpointed layer inputs in pinned CPU memory)
+    b       with c: bitsandbytes' own NF4 op inside the compiled layers (before agiasi.nf4)
   suffixes:
     -d0     LoRA dropout 0 (Unsloth's setting; the default and ref use the note's 0.05)
     @N      the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
@@ -136,13 +137,14 @@ def parse_impl(impl: str) -> dict:
     name, _, dropout = name.partition("-d")
     base = next((b for b in ("nosoul", "full", "so8") if name.startswith(b)), None)
     flags = name[len(base or "") :]
-    if base is None or set(flags) - set("co"):
+    if base is None or set(flags) - set("cob"):
         raise SystemExit(f"unknown implementation {impl!r}")
     return {
         "soul": base != "nosoul",
         "rotation": "full" if base == "full" else "so8",
         "compile": "c" in flags,
         "offload_activations": "o" in flags,
+        "bnb_op": "b" in flags,
         "lora_dropout": float(dropout) if dropout else 0.05,
         **({"mlp_tile": int(tile)} if tile else {}),
     }
@@ -209,13 +211,18 @@ def build(impl: str, model_dir: Path, seq: int = 4096):
         return model, step_loss
     from agiasi import AGIASI_SO8T_Wrapper
 
+    opts = parse_impl(impl)
+    if opts.pop("bnb_op"):  # the A/B: leave bitsandbytes' NF4 forward in the compiled layers
+        import agiasi.nf4
+
+        agiasi.nf4.use_traceable_nf4 = lambda model: 0
     w = AGIASI_SO8T_Wrapper(
         str(model_dir),
         device="cuda",
         quantization="nf4",
         gradient_checkpointing=True,
         lora_targets=lora_targets(model_dir),
-        **parse_impl(impl),
+        **opts,
     )
     w.train()
     if w.soul is not None:

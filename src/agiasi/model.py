@@ -160,7 +160,13 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             torch.cuda.empty_cache()
         if config.compile:
             # Each decoder layer compiled on its own: 32 identical layers share one graph, and
-            # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks.
+            # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks. The NF4
+            # linears are rewritten as tensor arithmetic first, so the compiled graph holds
+            # their dequantization too (agiasi.nf4 says why).
+            if config.quantization == "nf4":
+                from agiasi.nf4 import use_traceable_nf4
+
+                use_traceable_nf4(decoder)
             for layer in decoder.layers:
                 layer.compile(dynamic=False)
 

@@ -90,3 +90,60 @@ def test_trainer_features_on_cuda(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in rows if "eval_loss" in r)
     assert json.loads((run / "best.json").read_text())["step"] in (3, 6)
     assert rows[-1]["peak_mem_gib"] > 0
+
+
+def test_traceable_nf4_dequantizes_as_bitsandbytes_cuda_kernel():
+    """agiasi.nf4's expression against bitsandbytes' CUDA kernel: eager bit for bit, in bf16."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from agiasi.nf4 import dequantize
+
+    w = (torch.randn(3072, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).cuda()
+    q, st = bnbf.quantize_4bit(
+        w.bfloat16(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    args = (
+        q,
+        st.absmax,
+        st.state2.code,
+        st.state2.absmax,
+        st.offset.reshape(()).float(),
+        st.code.float(),
+    )
+    ours = dequantize(*args, (3072, 1024), 64, torch.bfloat16)
+    assert torch.equal(ours, bnbf.dequantize_4bit(q, st))
+    # compiled, the scale's multiply-add becomes one fused multiply-add (one rounding fewer):
+    # the scale moves by ≤ 1 float32 ulp, so a weight by ≤ 1 bf16 ulp (2⁻⁷ relative)
+    compiled = torch.compile(dequantize, dynamic=False)(*args, (3072, 1024), 64, torch.bfloat16)
+    torch.testing.assert_close(compiled, ours, rtol=2**-7, atol=0)
+
+
+def test_compiled_nf4_model_matches_bitsandbytes_eager_on_cuda(tiny_phi3):
+    """--compile on a card (bf16): the traceable NF4 linears inside the compiled layers give
+    bitsandbytes' eager loss and LoRA gradients. bf16 rounds each op to 2⁻⁹ relative; through
+    the ~20 ops between a LoRA weight and the loss that is ≈ √20 · 2⁻⁹ ≈ 1 % of a gradient's
+    norm, so 3 % allows other kernels' orders; a wrong weight is off by O(100 %)."""
+    pytest.importorskip("bitsandbytes")
+    ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def run(compile_):
+        torch.manual_seed(0)
+        w = make_wrapper(
+            tiny_phi3, quantization="nf4", dtype="auto", device="cuda",
+            gradient_checkpointing=True, compile=compile_,
+        ).train()  # fmt: skip
+        out = w(ids, labels=ids, return_logits=False)
+        out.loss.backward()
+        traced = sum(getattr(m, "_agiasi_nf4", None) is not None for m in w.modules())
+        return (
+            out.loss.item(),
+            {n: p.grad.float() for n, p in w.named_parameters() if p.grad is not None},
+            traced,
+        )
+
+    loss_ref, ref, plain = run(False)
+    loss, ours, traced = run(True)
+    assert plain == 0 and traced == 8
+    assert loss == pytest.approx(loss_ref, rel=2e-2)
+    for name, g in ref.items():
+        err = float((ours[name] - g).norm()) / max(float(g.norm()), 1e-30)
+        assert err <= 0.03, (name, err)
