@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from agiasi.process import configure_process  # noqa: E402
+
+configure_process()  # before anything compiles: the compile cache per forced CPU capability
+
 from tests.helpers import (  # noqa: E402
     build_tiny_llama,
     build_tiny_phi3,

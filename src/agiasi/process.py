@@ -10,6 +10,7 @@ Environment switches agiasi reads (all optional; documented in docs/DESIGN.md):
 ``AGIASI_LLAMA_LOG=1``      show llama.cpp's own log lines (silenced by default)
 ``AGIASI_MEMLOG=1``         add peak RSS to the export's progress lines (benchmarks)
 ``AGIASI_FAULT=point:n``    SIGKILL at a named point (the reliability tests' crash injection)
+``TORCHINDUCTOR_CACHE_DIR`` one per ``ATEN_CPU_CAPABILITY`` value when that is set (below)
 =========================  ==============================================================
 
 Process-wide state outside this module, on purpose: ``loading._WARNED`` (each warning once a
@@ -28,6 +29,21 @@ def configure_process(training: bool = False) -> None:
     # Fewer reserved-but-unused bytes in PyTorch's CUDA allocator: on a 12 GB card that headroom
     # is the difference between fitting and not. Read at the first CUDA allocation.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # torch.compile's on-disk cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: a
+    # kernel compiled on an AVX512 run, reused by a run forced to AVX2 kernels on the same
+    # machine, returned values of 1e37 (measured, torch 2.13; tests/unit/test_nf4.py caught
+    # it). Each forced capability gets its own cache.
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        import getpass
+        import tempfile
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a container's uid without a passwd entry
+            user = str(os.getpid())
+        name = f"torchinductor_{user}_{cap}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), name)
     if not training:
         return
     import torch

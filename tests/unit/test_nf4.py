@@ -2,6 +2,8 @@
 matmul's output and input gradient as bitsandbytes computes them, and a whole QLoRA model's loss
 and LoRA gradients; compiled, it saves no dequantized weight for the backward."""
 
+import os
+
 import pytest
 import torch
 
@@ -195,3 +197,20 @@ def test_lora_addmm_is_peft_lora_sum(autocast):
     assert (ours - peft).abs().max().item() <= 4 * eps * peft.abs().max().item()
     for go, gp in zip(g_ours, g_peft, strict=True):
         assert (go - gp).abs().max().item() <= 4 * eps * gp.abs().max().item() + 1e-12
+
+
+def test_each_forced_cpu_capability_gets_its_own_compile_cache(monkeypatch):
+    """torch.compile reused AVX512 kernels in a run forced to AVX2 and computed 1e37s: the
+    process settings give each ATEN_CPU_CAPABILITY its own cache, and keep a user's choice."""
+    from agiasi.process import configure_process
+
+    dirs = {}
+    for cap in ("avx2", "avx512"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        configure_process()
+        dirs[cap] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert dirs["avx2"] != dirs["avx512"] and dirs["avx2"].endswith("_avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
+    configure_process()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
