@@ -75,8 +75,7 @@ class NF4Matmul(torch.autograd.Function):
         ctx.meta = meta
         shape, blocksize, compute = meta
         w = dequantize(packed, absmax, code2, absmax2, offset, code, shape, blocksize, compute)
-        b = None if bias is None else bias.to(compute)
-        return torch.nn.functional.linear(x.to(compute), w, b)
+        return _linear(x, w, bias, compute)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -86,6 +85,12 @@ class NF4Matmul(torch.autograd.Function):
             w = dequantize(*ctx.saved_tensors, shape, blocksize, compute)
             grad_x = grad_out.to(compute) @ w
         return grad_x, None, None, None, None, None, None, None, None
+
+
+def _linear(x, w, bias, compute: torch.dtype) -> torch.Tensor:
+    """Linear4bit's call in the compute dtype (input and bias cast, as bitsandbytes does)."""
+    b = None if bias is None else bias.to(compute)
+    return torch.nn.functional.linear(x.to(compute), w, b)
 
 
 def _tensors(module: nn.Module) -> tuple | None:
@@ -120,10 +125,8 @@ def nf4_linear(x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, meta:
         return NF4Matmul.apply(x, bias, *tensors, meta)
     from torch.utils.checkpoint import checkpoint
 
-    compute = meta[2]
     w = checkpoint(dequantize, *tensors, *meta, use_reentrant=False, preserve_rng_state=False)
-    b = None if bias is None else bias.to(compute)
-    return torch.nn.functional.linear(x.to(compute), w, b)
+    return _linear(x, w, bias, meta[2])
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
