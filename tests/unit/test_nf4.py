@@ -41,6 +41,20 @@ def test_dequantize_is_bitsandbytes_bit_for_bit(dtype):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_dequantize_gives_bitsandbytes_weight_in_2_byte_dtypes(dtype):
+    """Compiled, the 2-byte dtypes take the int32-pair store (two weights a byte written as
+    one int32, viewed back as the dtype): the same weights, in the same places. The compiler
+    may fuse the scale's multiply-add (one rounding fewer in float32), which moves a weight by
+    at most one ulp of the dtype; a wrong interleave or byte order moves it by O(100 %)."""
+    q, st = _quantized(384, 704, dtype, seed=3)
+    compiled = torch.compile(dequantize, dynamic=False)
+    ours = compiled(*_args(q, st), (384, 704), 64, dtype)
+    ref = bnbf.dequantize_4bit(q, st)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=torch.finfo(dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_output_and_input_gradient_equal_bitsandbytes(dtype):
     """Linear4bit's call: input, bias and weight in the compute dtype (the dtype the weight was
