@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import SHAPES, build, cap_memory, make_random_model  # noqa: E402
+from train import SHAPES, build, cap_memory, make_random_model, make_step  # noqa: E402
 
 GIB = 2**30
 
@@ -91,22 +91,13 @@ def main() -> None:
     model_dir = Path(SHAPES[args.shape])
     make_random_model(model_dir, args.shape)
     cap_memory()
-    model, step_loss = build(args.impl, model_dir, args.seq)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
+    step, _ = make_step(*build(args.impl, model_dir, args.seq))
     ids = torch.randint(0, 32000, (args.batch, args.seq)).cuda()
-
-    def step():
-        loss = step_loss(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
-        step()
+        step(ids)
     torch.cuda.synchronize()
     res = {
         "impl": args.impl,
@@ -118,7 +109,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
     for _ in range(2):
-        step()
+        step(ids)
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import SHAPES, build, make_random_model  # noqa: E402
+from train import SHAPES, build, make_random_model, make_step  # noqa: E402
 
 
 def main() -> None:
@@ -36,16 +36,11 @@ def main() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import unsloth  # noqa: F401  (before transformers, as it asks)
     make_random_model(args.model_dir, args.shape)
-    model, step_loss = build(args.impl, args.model_dir, args.seq)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
+    train_step, _ = make_step(*build(args.impl, args.model_dir, args.seq))
     ids = torch.randint(0, 32000, (args.batch, args.seq)).cuda()
 
     def step():
-        loss = step_loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(ids)
 
     import time
 

@@ -243,6 +243,25 @@ def cap_memory() -> None:
     torch.cuda.set_per_process_memory_fraction(LIMIT_GIB * 2**30 / total)
 
 
+def make_step(model, step_loss):
+    """One optimizer step as every benchmark row runs it (loss, backward, clip, AdamW); returns
+    ``step(ids) -> loss`` and the trainable parameters."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def step(ids):
+        loss = step_loss(ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, params
+
+
 def run_rows(
     impl: str, rows: list[tuple[int, int]], model_dir: Path, steps: int, warmup: int, limit: bool
 ) -> list[dict]:
@@ -252,9 +271,7 @@ def run_rows(
 
     if limit:
         cap_memory()
-    model, step_loss = build(impl, model_dir, max(seq for seq, _ in rows))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
+    step, params = make_step(*build(impl, model_dir, max(seq for seq, _ in rows)))
     g = torch.Generator().manual_seed(1234)
     out = []
     for seq, batch in sorted(rows, key=lambda r: r[0] * r[1]):
@@ -265,11 +282,7 @@ def run_rows(
         for i in range(warmup + steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = step_loss(ids)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step(ids)
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -299,9 +312,7 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
     import torch
 
     cap_memory()
-    model, step_loss = build(impl, model_dir, max(candidates))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
+    step, _ = make_step(*build(impl, model_dir, max(candidates)))
     best = None
     for seq in candidates:
         torch.cuda.empty_cache()
@@ -314,14 +325,10 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
                 if i == 1:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                loss = step_loss(ids)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                loss = step(ids)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / 2
         except torch.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
             break
         best = {
             "impl": impl,
