@@ -36,7 +36,6 @@ def replay(trace: list[dict]) -> dict:
     waiting: dict[int, int] = {}
     per_stream = collections.Counter()
     best = {"reserved": -1}
-    peak_alloc = 0
     for ev in trace:
         a, size = ev["action"], ev["size"]
         if a in ("segment_map", "segment_alloc"):
@@ -55,7 +54,6 @@ def replay(trace: list[dict]) -> dict:
             allocated -= size
             live.pop(ev["addr"], None)
             pending -= waiting.pop(ev["addr"], 0)
-        peak_alloc = max(peak_alloc, allocated)
         if reserved > best["reserved"]:
             big = sorted(live.values(), key=lambda e: -e["size"])[:12]
             best = {
@@ -68,7 +66,6 @@ def replay(trace: list[dict]) -> dict:
                     for e in big
                 ],
             }
-    best["peak_allocated_in_trace"] = peak_alloc
     return best
 
 
@@ -121,7 +118,7 @@ def main() -> None:
         small_pool_reserved_peak=stats["reserved_bytes.small_pool.peak"] / GIB,
         trace=replay(snap["device_traces"][0]),
     )
-    for k in ("reserved", "allocated", "pending_free", "peak_allocated_in_trace"):
+    for k in ("reserved", "allocated", "pending_free"):
         res["trace"][k] = res["trace"][k] / GIB
     print(json.dumps(res, indent=1))
     if args.out:

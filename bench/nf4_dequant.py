@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from agiasi.nf4 import _NESTED_BLOCK, dequantize  # noqa: E402
+from agiasi.nf4 import block_scales, dequantize  # noqa: E402
 
 SHAPES = {  # Phi-3.5-mini's NF4 linears (N × K)
     "qkv_proj": (9216, 3072),
@@ -31,20 +31,15 @@ SHAPES = {  # Phi-3.5-mini's NF4 linears (N × K)
 }
 
 
-def _scale(absmax, code2, absmax2, offset):
-    scale = code2[absmax.long()] * absmax2.repeat_interleave(_NESTED_BLOCK)[: absmax.numel()]
-    return (scale + offset).unsqueeze(-1)
-
-
 def stack(packed, absmax, code2, absmax2, offset, code, shape, blocksize, dtype):
     p = packed.reshape(-1)
     q = torch.stack((p >> 4, p & 15), dim=-1).reshape(-1).long()
-    w = code[q].reshape(-1, blocksize) * _scale(absmax, code2, absmax2, offset)
+    w = code[q].reshape(-1, blocksize) * block_scales(absmax, code2, absmax2, offset)
     return w.reshape(shape).to(dtype)
 
 
 def quads(packed, absmax, code2, absmax2, offset, code, shape, blocksize, dtype):
-    scale = _scale(absmax, code2, absmax2, offset)
+    scale = block_scales(absmax, code2, absmax2, offset)
     p = packed.reshape(-1).view(torch.int16).reshape(absmax.numel(), blocksize // 4).to(torch.int32)
     out = None
     for i, shift in enumerate((4, 0, 12, 8)):  # little-endian: byte 0 is the low one

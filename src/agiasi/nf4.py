@@ -57,14 +57,21 @@ def dequantize(
 ) -> torch.Tensor:
     """The N × K weight from its packed codes and double-quantized scales (module docstring),
     in ``dtype``: bitsandbytes' matmul dequantizes straight into the compute dtype."""
-    scale = code2[absmax.long()] * absmax2.repeat_interleave(_NESTED_BLOCK)[: absmax.numel()]
-    scale = (scale + offset).unsqueeze(-1)  # one float32 scale a block of ``blocksize``
+    scale = block_scales(absmax, code2, absmax2, offset)
     p = packed.reshape(absmax.numel(), blocksize // 2)
     hi = code[(p >> 4).long()] * scale  # the even element of each byte
     lo = code[(p & 15).long()] * scale
     if dtype.itemsize == 2 and sys.byteorder == "little":
         return _interleave16(hi.to(dtype), lo.to(dtype)).reshape(shape)
     return torch.stack((hi, lo), dim=-1).to(dtype).reshape(shape)
+
+
+def block_scales(
+    absmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """The float32 scale of each block, (blocks, 1): ``C2[a_b] · m_{b // 256} + offset``."""
+    scale = code2[absmax.long()] * absmax2.repeat_interleave(_NESTED_BLOCK)[: absmax.numel()]
+    return (scale + offset).unsqueeze(-1)
 
 
 def _interleave16(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
