@@ -210,7 +210,9 @@ def build(impl: str, model_dir: Path, seq: int = 4096):
 
         return model, step_loss
     from agiasi import AGIASI_SO8T_Wrapper
+    from agiasi.process import configure_process
 
+    configure_process(training=True)  # what `agiasi train` sets (attention backend, allocator)
     opts = parse_impl(impl)
     if opts.pop("bnb_op"):  # the A/B: leave bitsandbytes' NF4 forward in the compiled layers
         import agiasi.nf4

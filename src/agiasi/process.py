@@ -5,7 +5,7 @@ Environment switches agiasi reads (all optional; documented in docs/DESIGN.md):
 
 =========================  ==============================================================
 ``PYTORCH_CUDA_ALLOC_CONF`` set to ``expandable_segments:True`` unless the user set it
-``AGIASI_CUDNN_SDPA=1``     keep cuDNN's attention on CUDA (off by default under training)
+``AGIASI_CUDNN_SDPA=1``     keep cuDNN's attention on CUDA (off by default under DDP)
 ``AGIASI_CPU_AFFINITY=1``   pin each local rank of a distributed run to its own CPU block
 ``AGIASI_LLAMA_LOG=1``      show llama.cpp's own log lines (silenced by default)
 ``AGIASI_MEMLOG=1``         add peak RSS to the export's progress lines (benchmarks)
@@ -49,9 +49,11 @@ def configure_process(training: bool = False) -> None:
     import torch
 
     # On H100/H200 PyTorch prefers cuDNN's attention, which spends 2-3 ms of host time a call
-    # (torch.profiler, bench/RESULTS.md). Alone a GPU hides that; under DDP each rank's
-    # micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave 1.58-1.70x one.
-    # With flash attention (same math) the ranks run as fast as a lone GPU: 1.93-2.01x.
-    # PyTorch picks cuDNN on those cards only; AGIASI_CUDNN_SDPA=1 keeps it.
-    if torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":
+    # (torch.profiler, bench/RESULTS.md). Alone a GPU hides that (one GPU ran as fast either
+    # way, so a lone process keeps PyTorch's choice, the one bench/train.py measures); under
+    # DDP each rank's micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave
+    # 1.58-1.70x one. With flash attention (same math) the ranks run as fast as a lone GPU:
+    # 1.93-2.01x. torchrun sets WORLD_SIZE before this runs. AGIASI_CUDNN_SDPA=1 keeps cuDNN.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":
         torch.backends.cuda.enable_cudnn_sdp(False)

@@ -228,3 +228,30 @@ def test_each_forced_cpu_capability_gets_its_own_compile_cache(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
     configure_process()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
+
+
+def test_training_turns_cudnn_attention_off_only_under_ddp(monkeypatch):
+    """cuDNN's attention costs 2-3 ms of host time a call: it slowed every DDP rank, while a lone
+    GPU hid it (bench/RESULTS.md). A distributed run turns it off, a lone one keeps PyTorch's
+    choice (what bench/train.py measures), and AGIASI_CUDNN_SDPA=1 keeps it under DDP too."""
+    import torch
+
+    from agiasi.process import configure_process
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("AGIASI_CUDNN_SDPA", raising=False)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        seen = {}
+        for world, keep in (("1", None), ("2", "1"), ("2", None)):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            monkeypatch.setenv("WORLD_SIZE", world)
+            if keep:
+                monkeypatch.setenv("AGIASI_CUDNN_SDPA", keep)
+            else:
+                monkeypatch.delenv("AGIASI_CUDNN_SDPA", raising=False)
+            configure_process(training=True)
+            seen[(world, keep)] = torch.backends.cuda.cudnn_sdp_enabled()
+        assert seen == {("1", None): True, ("2", "1"): True, ("2", None): False}
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
