@@ -35,13 +35,54 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``scale · Σ CE(h Wᵀ + b, y)`` over one chunk, its gradient for ``h`` computed in the
+    forward pass: ``(softmax − onehot) · scale`` in fp32, cast to ``h``'s dtype, ``@ W``.
+
+    Why by hand: with a frozen head the backward needs nothing but that (chunk × hidden)
+    gradient, so nothing of the (chunk × vocab) logits outlives the chunk and the head's matmul
+    is not recomputed. Checkpointing the chunk instead keeps logits, their fp32 copy, the
+    log-softmax and its gradient at once in the backward (≈ 14 bytes × chunk × vocab against 8
+    here) and runs the head three times, not two. The rounding is the checkpointed path's: the
+    fp32 gradient is scaled before its cast, as autograd scales it there. (Liger's and
+    cut-cross-entropy's fused losses do this in Triton, CUDA only; this runs on every device.)
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, scale):
+        logits = F.linear(h, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = y != -100
+        target = y.clamp_min(0).unsqueeze(1)
+        loss = ((lse - logits.gather(1, target).squeeze(1)) * valid).sum() * scale
+        if ctx.needs_input_grad[0]:
+            p = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in the logits' memory
+            p.scatter_add_(1, target, -valid.unsqueeze(1).to(p.dtype))
+            p.mul_((valid.to(p.dtype) * scale).unsqueeze(1))
+            ctx.save_for_backward(p.to(h.dtype) @ weight.to(h.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+
+
+def _fusable_head(head) -> bool:
+    """A plain linear head whose parameters are frozen (what LoRA training has): its loss can
+    take :class:`_LinearCrossEntropy`; anything else (a softcap, a trained head) is checkpointed."""
+    return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
 def chunked_causal_lm_loss(
     h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
 ) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``head(h)`` without materialising the whole logits tensor.
 
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
-    memory holds one chunk of (chunk × vocab) fp32 logits instead of the whole sequence's.
+    A frozen linear head (LoRA training) takes :class:`_LinearCrossEntropy`: each chunk's
+    gradient is computed with its loss and only that is kept. Any other head is checkpointed:
+    each chunk's logits are recomputed in the backward pass, so peak memory holds one chunk of
+    (chunk × vocab) fp32 logits instead of the whole sequence's.
     Counting and skipping use ``labels`` where they are (the CPU in training): no host sync.
     """
     from torch.utils.checkpoint import checkpoint
@@ -52,12 +93,15 @@ def chunked_causal_lm_loss(
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
+    fused = _fusable_head(head)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, hs.shape[0], chunk):
         if not valid[start : start + chunk].any():
             continue
         yc = y[start : start + chunk].to(h.device, non_blocking=True)
-        total = total + checkpoint(
-            _chunk_ce, head, hs[start : start + chunk], yc, use_reentrant=False
-        )
-    return total / n_valid
+        hc = hs[start : start + chunk]
+        if fused:
+            total = total + _LinearCrossEntropy.apply(hc, head.weight, head.bias, yc, 1 / n_valid)
+        else:
+            total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False) / n_valid
+    return total
