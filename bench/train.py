@@ -277,6 +277,9 @@ def run_rows(
     g = torch.Generator().manual_seed(1234)
     out = []
     for seq, batch in sorted(rows, key=lambda r: r[0] * r[1]):
+        # each row is a run of one batch shape: compiled layers start from that shape's static
+        # graph, as such a run's do (a later shape would get the dynamic graph varied widths get)
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 32000, (batch, seq), generator=g).cuda()
@@ -317,6 +320,7 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
     step, _ = make_step(*build(impl, model_dir, max(candidates)))
     best = None
     for seq in candidates:
+        torch._dynamo.reset()  # one run per length (run_rows says why)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 32000, (1, seq)).cuda()

@@ -167,8 +167,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 from agiasi.nf4 import use_traceable_nf4
 
                 use_traceable_nf4(decoder)
+            # Automatic dynamic shapes (not dynamic=False): a second batch width compiles one
+            # graph with symbolic sizes that every later width reuses; fixed sizes recompiled
+            # each padded width and, after torch's limit of 8, ran the layer uncompiled.
             for layer in decoder.layers:
-                layer.compile(dynamic=False)
+                layer.compile()
 
     def _load_base(self) -> nn.Module:
 

@@ -144,8 +144,14 @@ def test_a_compiled_qlora_model_gives_the_eager_loss_and_lora_gradients(tiny_phi
     """``--compile`` on an NF4 model: each decoder layer compiled with the traceable NF4 linear
     and the addmm-fused LoRA inside, against bitsandbytes' and PEFT's eager path (the same
     float32 arithmetic, other kernels); also under the offloaded checkpoint (its own recompute
-    of the compiled layer)."""
-    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    of the compiled layer). Batches of three widths, as real data's padded widths vary: the
+    second width compiles a graph with dynamic sizes and the third reuses it (compiled for
+    fixed sizes, every new width recompiled, ~10-40 s, and after 8 widths torch ran the layer
+    uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 128, shape, generator=gen) for shape in ((2, 24), (2, 31), (2, 40))]
 
     def run(compile_: bool):
         torch.manual_seed(0)
@@ -161,21 +167,33 @@ def test_a_compiled_qlora_model_gives_the_eager_loss_and_lora_gradients(tiny_phi
             for name, p in sorted(w.named_parameters()):
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        out = w(ids, labels=ids, return_logits=False)
-        out.loss.backward()
+        results = []
+        for ids in batches:
+            w.zero_grad(set_to_none=True)
+            out = w(ids, labels=ids, return_logits=False)
+            out.loss.backward()
+            grads = {n: p.grad for n, p in w.named_parameters() if p.grad is not None}
+            results.append((out.loss.item(), grads))
+            graphs.append(counters["stats"]["unique_graphs"])
         named = w.causal_lm.named_modules()
         nf4 = [n for n, m in named if getattr(m, "_agiasi_nf4", None) is not None]
-        grads = {n: p.grad for n, p in w.named_parameters() if p.grad is not None}
-        return out.loss.item(), grads, nf4
+        return results, nf4
 
-    loss_ref, ref, plain = run(False)
+    graphs = []
+    ref, plain = run(False)
     torch._dynamo.reset()
-    loss, ours, traced = run(True)
+    counters.clear()
+    graphs.clear()
+    ours, traced = run(True)
     assert not plain and len(traced) == 2 * 4  # qkv, o, gate_up, down in each of 2 layers
-    assert loss == pytest.approx(loss_ref, rel=1e-5)
-    assert ours.keys() == ref.keys()
-    for name, g in ref.items():
-        assert (ours[name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-12, name
+    # the first width's graphs (a forward and, offloaded, its recompute), then their dynamic
+    # versions at the second width; the third width compiles nothing
+    assert graphs[0] > 0 and graphs[1] > graphs[0] and graphs[2] == graphs[1]
+    for (loss, grads), (loss_ref, grads_ref) in zip(ours, ref, strict=True):
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        assert grads.keys() == grads_ref.keys()
+        for name, g in grads_ref.items():
+            assert (grads[name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-12, name
 
 
 @pytest.mark.parametrize("autocast", [False, True])
