@@ -265,10 +265,17 @@ def make_step(model, step_loss):
 
 
 def run_rows(
-    impl: str, rows: list[tuple[int, int]], model_dir: Path, steps: int, warmup: int, limit: bool
+    impl: str,
+    rows: list[tuple[int, int]],
+    model_dir: Path,
+    steps: int,
+    warmup: int,
+    limit: bool,
+    dynamic: bool = False,
 ) -> list[dict]:
     """Each (seq, batch) row on one model, built once: peak memory is reset (and the cache
-    emptied) between rows, which run from the smallest to the largest."""
+    emptied) between rows, which run from the smallest to the largest. ``dynamic``: the compiler
+    is not reset, so rows after the first run the graph with symbolic sizes (varied widths')."""
     import torch
 
     if limit:
@@ -279,7 +286,8 @@ def run_rows(
     for seq, batch in sorted(rows, key=lambda r: r[0] * r[1]):
         # each row is a run of one batch shape: compiled layers start from that shape's static
         # graph, as such a run's do (a later shape would get the dynamic graph varied widths get)
-        torch._dynamo.reset()
+        if not dynamic:
+            torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 32000, (batch, seq), generator=g).cuda()
@@ -305,6 +313,7 @@ def run_rows(
                 "first_loss": losses[0],
                 "trainable": sum(p.numel() for p in params),
                 "capped": limit,
+                "dynamic": dynamic,
             }
         )
         print(f"  {impl} {seq}x{batch}: {seq * batch / med:.0f} tok/s", file=sys.stderr, flush=True)
@@ -398,6 +407,11 @@ def main() -> None:
     ap.add_argument("--shape", default="phi-3.5-mini", choices=sorted(SHAPES))
     ap.add_argument("--model-dir", type=Path, help="where the random model lives (per shape)")
     ap.add_argument("--no-cap", action="store_true", help="rows without the 11.5 GiB cap")
+    ap.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="keep compiled graphs across rows: rows after the first time the dynamic-size graph",
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out.json")
@@ -422,6 +436,7 @@ def main() -> None:
                 args.steps,
                 args.warmup,
                 limit=not spec.get("no_cap"),
+                dynamic=spec.get("dynamic", False),
             )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -435,7 +450,11 @@ def main() -> None:
         row, impl = pair.split(":")
         rows.setdefault(impl, []).append([int(x) for x in row.split("x")])
     # one process per implementation, its rows on one model (loading is most of a row's time)
-    jobs = [{"impl": i, "rows": r, "no_cap": args.no_cap} for i, r in rows.items() if r]
+    jobs = [
+        {"impl": i, "rows": r, "no_cap": args.no_cap, "dynamic": args.dynamic}
+        for i, r in rows.items()
+        if r
+    ]
     for part in filter(None, args.longest.split(";")):
         impl, cands = part.split(":")
         jobs.append(
