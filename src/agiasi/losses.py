@@ -49,13 +49,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, scale):
+    def forward(ctx, h, weight, bias, y, scale, grad: bool):
         logits = F.linear(h, weight, bias).float()
         lse = torch.logsumexp(logits, dim=-1)
         valid = y != -100
         target = y.clamp_min(0).unsqueeze(1)
         loss = ((lse - logits.gather(1, target).squeeze(1)) * valid).sum() * scale
-        if ctx.needs_input_grad[0]:
+        if grad:  # needs_input_grad says True under no_grad too: the caller knows
             p = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in the logits' memory
             p.scatter_add_(1, target, -valid.unsqueeze(1).to(p.dtype))
             p.mul_((valid.to(p.dtype) * scale).unsqueeze(1))
@@ -65,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None, None
 
 
 def _fusable_head(head) -> bool:
@@ -94,6 +94,7 @@ def chunked_causal_lm_loss(
     if n_valid == 0:
         raise AgiasiError("the batch has no token to predict (all labels masked or length 1)")
     fused = _fusable_head(head)
+    grad = torch.is_grad_enabled() and h.requires_grad  # validation computes no gradient
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, hs.shape[0], chunk):
         if not valid[start : start + chunk].any():
@@ -101,7 +102,9 @@ def chunked_causal_lm_loss(
         yc = y[start : start + chunk].to(h.device, non_blocking=True)
         hc = hs[start : start + chunk]
         if fused:
-            total = total + _LinearCrossEntropy.apply(hc, head.weight, head.bias, yc, 1 / n_valid)
+            total = total + _LinearCrossEntropy.apply(
+                hc, head.weight, head.bias, yc, 1 / n_valid, grad
+            )
         else:
             total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False) / n_valid
     return total

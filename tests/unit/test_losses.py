@@ -94,3 +94,26 @@ def test_a_chunk_of_the_fused_loss_keeps_no_logits_for_the_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         chunked_causal_lm_loss(h, _checkpointed(head), labels, 8)
     assert max(sizes) <= 8 * 16  # the checkpointed path saves inputs only (it recomputes)
+
+
+def test_without_autograd_the_fused_loss_runs_the_head_only():
+    """Validation runs under no_grad: one matmul a chunk (the head), not a second one for a
+    gradient nobody asked for; with autograd, two (the head and the gradient for h)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    h, head, labels = _case(torch.float32, shape=(1, 33))
+    for grad_mode, per_chunk in ((False, 1), (True, 2)):
+        with torch.set_grad_enabled(grad_mode), CountMatmuls() as count:
+            loss = chunked_causal_lm_loss(h, head, labels, 8)
+        assert count.n == per_chunk * 4  # 32 positions predict: 4 chunks of 8
+        assert loss.requires_grad is grad_mode
