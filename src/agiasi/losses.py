@@ -1,6 +1,7 @@
 """The training loss: causal-LM cross-entropy (shifted, padding ignored), computed whole or in
-chunks of positions under activation checkpointing so the (T × vocab) fp32 logits never exist
-at once; Gemma-2's final soft-cap applied as HF applies it after the head.
+chunks of positions (a frozen head's gradient computed with each chunk, any other head's chunk
+checkpointed) so the (T × vocab) fp32 logits never exist at once; Gemma-2's final soft-cap
+applied as HF applies it after the head.
 """
 
 from __future__ import annotations

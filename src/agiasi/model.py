@@ -313,8 +313,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         """Logits with the soul, and loss = CE(shifted, padding ignored) + w · ‖RᵀR − I‖_F.
 
         With ``return_logits=False`` (what training uses) the head and the loss run in chunks of
-        ``loss_chunk`` positions under activation checkpointing, so the (T × vocab) fp32 logits
-        of the whole sequence never exist at once; the loss is the same number.
+        ``loss_chunk`` positions (``losses.chunked_causal_lm_loss``), so the (T × vocab) fp32
+        logits of the whole sequence never exist at once; the loss is the same number.
         """
         if not return_logits and labels is None:
             raise AgiasiError("return_logits=False needs labels (there is nothing else to return)")
