@@ -27,6 +27,7 @@ Implementations:
     c       --compile (each decoder layer torch.compile'd)
     o       --offload-activations (checkpointed layer inputs in pinned CPU memory)
     b       with c: bitsandbytes' own NF4 op inside the compiled layers (before agiasi.nf4)
+    e       --offload-embeddings (the input embedding in host memory, looked up on the CPU)
   suffixes:
     -d0     LoRA dropout 0 (Unsloth's setting; the default and ref use the note's 0.05)
     @N      the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
@@ -132,12 +133,12 @@ def lora_targets(model_dir: Path) -> list[str]:
 
 
 def parse_impl(impl: str) -> dict:
-    """``so8co-d0@4096`` → soul/rotation/compile/offload/dropout/tile (see the module doc)."""
+    """``so8coe-d0@4096`` → soul/rotation/compile/offloads/dropout/tile (see the module doc)."""
     name, _, tile = impl.partition("@")
     name, _, dropout = name.partition("-d")
     base = next((b for b in ("nosoul", "full", "so8") if name.startswith(b)), None)
     flags = name[len(base or "") :]
-    if base is None or set(flags) - set("cob"):
+    if base is None or set(flags) - set("cobe"):
         raise SystemExit(f"unknown implementation {impl!r}")
     return {
         "soul": base != "nosoul",
@@ -145,6 +146,7 @@ def parse_impl(impl: str) -> dict:
         "compile": "c" in flags,
         "offload_activations": "o" in flags,
         "bnb_op": "b" in flags,
+        "offload_embeddings": "e" in flags,
         "lora_dropout": float(dropout) if dropout else 0.05,
         **({"mlp_tile": int(tile)} if tile else {}),
     }
@@ -463,24 +465,28 @@ def main() -> None:
     results = []
     for job in jobs:
         t0 = time.time()
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                json.dumps(job),
-                "--model-dir",
-                str(args.model_dir),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            timeout=args.job_timeout,
-        )
+        try:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    json.dumps(job),
+                    "--model-dir",
+                    str(args.model_dir),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                timeout=args.job_timeout,
+            )
+        except subprocess.TimeoutExpired as e:  # the rest of the jobs still run
+            print(f"TIMEOUT {job} after {e.timeout:.0f} s", flush=True)
+            continue
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"FAILED {job}: {out.stderr[-1500:]}", flush=True)
