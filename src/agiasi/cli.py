@@ -314,7 +314,14 @@ def _plot_flags(p) -> None:
 
 
 # `agiasi info` reads a config only: how a model would be run does not apply.
-_RUNTIME_ONLY = ("gradient_checkpointing", "offload_activations", "compile", "dtype", "mlp_tile")
+_RUNTIME_ONLY = (
+    "gradient_checkpointing",
+    "offload_activations",
+    "offload_embeddings",
+    "compile",
+    "dtype",
+    "mlp_tile",
+)
 
 COMMANDS = [
     _Command(

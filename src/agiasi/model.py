@@ -154,6 +154,14 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             from agiasi.tiling import enable_tiled_mlp
 
             enable_tiled_mlp(decoder, config.mlp_tile)
+        self.embedding_on_host = config.offload_embeddings and self.device_.type != "cpu"
+        self.embedding_bytes_on_host = 0
+        if self.embedding_on_host:
+            from agiasi.host_embedding import keep_input_embedding_on_host
+
+            self.embedding_bytes_on_host = keep_input_embedding_on_host(
+                self.causal_lm, self.device_
+            )
         if self.device_.type == "cuda":
             # Loading and quantizing leave freed blocks in the allocator's cache; hand them back
             # to the device (other processes on a shared 12 GB card can use them).
@@ -271,6 +279,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         :mod:`agiasi.loglik` packs an item's choices with.
         """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+        if self.embedding_on_host:
+            # looked up where the embedding lives (agiasi.host_embedding); every decoder takes
+            # the rows as inputs_embeds, and a model that scales them does so in its own forward
+            # or in its embedding module, which this call runs
+            input_ids = decoder.get_input_embeddings()(input_ids)
         with self._lora_autocast():
             return self._decoder_hidden(decoder, input_ids, attention_mask, position_ids)
 
@@ -287,18 +300,17 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         return torch.autocast(self.device_.type, dtype=torch.bfloat16)
 
     @staticmethod
-    def _decoder_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def _decoder_hidden(decoder, inputs, attention_mask, position_ids) -> torch.Tensor:
+        """``inputs``: token ids, or their embeddings (floating point) when already looked up."""
+        x = {"inputs_embeds" if inputs.is_floating_point() else "input_ids": inputs}
         if attention_mask is not None and attention_mask.ndim == 4:  # an explicit (B,1,T,T) mask
             out = decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
+                **x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
         elif position_ids is not None:
-            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            out = decoder(**x, position_ids=position_ids, use_cache=False)
         else:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = decoder(**x, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def forward(
@@ -324,8 +336,10 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             # loss can count and skip positions without waiting on the GPU.
             labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
         # non_blocking: from pinned batches the copy queues behind the GPU's work instead of
-        # holding the host until the previous micro-batch's backward has finished
-        input_ids = input_ids.to(self.device_, non_blocking=True)
+        # holding the host until the previous micro-batch's backward has finished. An embedding
+        # kept on the host reads the ids where they are (from the data stream: here, no wait).
+        if not self.embedding_on_host:
+            input_ids = input_ids.to(self.device_, non_blocking=True)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device_, non_blocking=True)
         if position_ids is not None:

@@ -52,6 +52,7 @@ RESUMABLE_FIELDS = frozenset(
         "compile",
         "gradient_checkpointing",
         "offload_activations",
+        "offload_embeddings",
     }
 )
 

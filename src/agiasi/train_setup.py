@@ -252,6 +252,13 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
         + (f" ({cfg.soul_mix} mix)" if cfg.soul else "")
         + (f"; {d.world_size} ranks" if d.enabled else "")
     )
+    if cfg.offload_embeddings:
+        say(
+            f"input embedding in host memory: {run.wrapper.embedding_bytes_on_host / 2**30:.2f} "
+            "GiB off the GPU"
+            if run.wrapper.embedding_on_host
+            else "--offload-embeddings: a CPU run keeps the embedding where it is"
+        )
     run.stream = BatchStream(
         run.data.train, cfg.batch_size, run.pad_id, cfg.seed, d.rank, d.world_size,
         pin_memory=device.type == "cuda",

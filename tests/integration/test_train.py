@@ -148,6 +148,15 @@ def test_control_run_without_soul(tiny_phi3_tok, tmp_path):
     assert metrics(run)[0]["alpha"] is None
 
 
+def test_offload_embeddings_on_the_cpu_says_it_does_nothing(tiny_phi3_tok, tmp_path, capsys):
+    """The flag is for GPU runs (tests/gpu/test_cuda.py runs it there); a CPU run trains as
+    without it and says so, instead of silently ignoring what the user asked for."""
+    assert train_cli(tiny_phi3_tok, tmp_path / "run", 2, "--offload-embeddings") == 0
+    assert "--offload-embeddings: a CPU run keeps the embedding" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert cfg["offload_embeddings"] is True
+
+
 def test_config_file_maps_to_flags_and_flags_win(tiny_phi3_tok, tmp_path):
     run = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
