@@ -42,6 +42,8 @@ def keep_input_embedding_on_host(model: nn.Module, device: torch.device) -> int:
     pin = device.type == "cuda"
 
     def to_host(module, args):
+        if not args:  # called with keywords only: nn.Embedding's forward then fails by itself
+            return None
         ids, *rest = args
         # a batch from the data stream is already here; ids on the GPU wait for it
         return (ids.to("cpu"), *rest)
