@@ -18,6 +18,7 @@ from typing import Any
 
 from agiasi import options
 from agiasi.errors import AgiasiError, first_line
+from agiasi.model_config import RUNTIME_FIELDS
 from agiasi.process import configure_process
 
 EXIT_USER_ERROR = 2
@@ -313,16 +314,6 @@ def _plot_flags(p) -> None:
     p.add_argument("--out", help="PNG path or folder (default: RUN/phase_transition.png)")
 
 
-# `agiasi info` reads a config only: how a model would be run does not apply.
-_RUNTIME_ONLY = (
-    "gradient_checkpointing",
-    "offload_activations",
-    "offload_embeddings",
-    "compile",
-    "dtype",
-    "mlp_tile",
-)
-
 COMMANDS = [
     _Command(
         "info",
@@ -332,7 +323,7 @@ COMMANDS = [
         _cmd_info,
         "agiasi.model_config:ModelConfig",
         positional=("base_model",),
-        skip=_RUNTIME_ONLY,
+        skip=RUNTIME_FIELDS,  # `info` reads a config only: how a model would run does not apply
     ),
     _Command(
         "train",

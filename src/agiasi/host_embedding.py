@@ -11,7 +11,8 @@ How: two hooks on the model's own embedding module, so its class (Gemma-3's scal
 keeps its scaling), its parameter names and the state dict stay what they were. Not for a head
 tied to the embedding (the head reads the whole matrix every step) nor for a trained embedding.
 The cost is one wait for the GPU when the ids arrive on it (the trainer's come from the host, a
-pinned batch, and need none) and the host's gather: measured in bench/RESULTS.md.
+pinned batch, and need none) and the host's gather; bench/train.py's flag ``e`` times it
+(not yet run on a card).
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradient, so nothing of the (chunk × vocab) logits outlives the chunk and the head's matmul
     is not recomputed. Checkpointing the chunk instead keeps logits, their fp32 copy, the
     log-softmax and its gradient at once in the backward (402 vs 270 MiB at 4,095 tokens of
-    Phi-3.5-mini's head, bench/loss_memory.py) and runs the head three times, not two. The rounding is the checkpointed path's: the
-    fp32 gradient is scaled before its cast, as autograd scales it there. (Liger's and
+    Phi-3.5-mini's head, bench/loss_memory.py) and runs the head three times, not two. The
+    rounding is the checkpointed path's: the fp32 gradient is scaled before its cast, as
+    autograd scales it there. (Liger's and
     cut-cross-entropy's fused losses do this in Triton, CUDA only; this runs on every device.)
     """
 
