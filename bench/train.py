@@ -329,7 +329,7 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
 
     cap_memory()
     step, _ = make_step(*build(impl, model_dir, max(candidates)))
-    best = None
+    best, failed = None, {}
     for seq in candidates:
         torch._dynamo.reset()  # one run per length (run_rows says why)
         torch.cuda.empty_cache()
@@ -345,7 +345,8 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
                 loss = step(ids)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / 2
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:  # the length that failed, and what it asked for
+            failed = {"failed_seq": seq, "error": str(e).splitlines()[0][:300]}
             break
         best = {
             "impl": impl,
@@ -358,7 +359,7 @@ def longest(impl: str, model_dir: Path, candidates: list[int]) -> dict:
             "tokens_per_s": seq / dt,
             "first_loss": float(loss),
         }
-    return best or {"impl": impl, "seq": 0, "longest": True}
+    return {**(best or {"impl": impl, "seq": 0, "longest": True}), **failed}
 
 
 def table(results: list[dict], n_params: int | None = None) -> str:
@@ -375,8 +376,13 @@ def table(results: list[dict], n_params: int | None = None) -> str:
         f"{'×ref':>7}{'×uns':>7}{'mem×uns':>8}{'MFU':>6}{'loss':>8}"
     ]
     for r in results:
+        failed = (
+            f"{'':<16}{r['impl']:<14}  {r['failed_seq']} failed: {r['error']}"
+            if r.get("failed_seq")
+            else None
+        )
         if not r.get("seq"):
-            lines.append(f"{'longest':<16}{r['impl']:<14}  (nothing fit)")
+            lines += [f"{'longest':<16}{r['impl']:<14}  (nothing fit)"] + [failed] * bool(failed)
             continue
         key = (r["seq"], r["batch"])
         row = f"{r['seq']}x{r['batch']}" + (" longest" if r.get("longest") else "")
@@ -393,6 +399,8 @@ def table(results: list[dict], n_params: int | None = None) -> str:
             f"{ratio(uns.get(key), 'tokens_per_s'):>7}{ratio(uns.get(key), 'peak_reserved_gib'):>8}"
             f"{mfu:>6}{r.get('first_loss', 0):>8.3f}"
         )
+        if failed:
+            lines.append(failed)
     return "\n".join(lines)
 
 
