@@ -23,15 +23,21 @@ from torch import nn
 from agiasi.errors import AgiasiError
 
 
+def head_reads_input_embedding(model: nn.Module) -> bool:
+    """Whether the output head multiplies by the input embedding's own matrix (tied weights):
+    such a head reads all of it every step, so it cannot stay on the host."""
+    head = model.get_output_embeddings()
+    head = getattr(head, "head", head)  # the soul's head wraps the plain one
+    return head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
+
+
 def keep_input_embedding_on_host(model: nn.Module, device: torch.device) -> int:
     """Move ``model``'s input embedding to host memory and route its lookups through it; returns
     the bytes it freed on ``device``. The wrapper calls it for GPU runs only (on the CPU there
     is nothing to free); tests call it with the CPU as ``device`` to run the hooks."""
     emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
     weight = emb.weight
-    inner_head = getattr(head, "head", head)  # the soul's head wraps the plain one
-    if inner_head is not None and getattr(inner_head, "weight", None) is weight:
+    if head_reads_input_embedding(model):
         raise AgiasiError(
             "--offload-embeddings: this model ties its head to the input embedding (the head "
             "reads the whole matrix every step); leave the flag out"

@@ -53,7 +53,7 @@ from agiasi.runfolder import (
 from agiasi.schedule import linear_annealing, lr_factor
 from agiasi.soul import gate_of, phase_status
 from agiasi.train_config import TrainConfig, TrainResult, schedule_warning
-from agiasi.train_setup import pick_device, rng_state, start_session
+from agiasi.train_setup import out_of_memory, pick_device, rng_state, start_session
 
 __all__ = ["TrainConfig", "TrainResult", "schedule_warning", "train"]
 
@@ -339,6 +339,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         if d.main:
             check_output_dir(out_dir, bool(cfg.resume), cfg.overwrite)
         return _train(cfg, d, device, out_dir, say)
+    except torch.OutOfMemoryError as e:  # loading, restoring (the loop's own are caught in it)
+        raise out_of_memory(cfg, e, None, None) from None
     finally:
         lock.release()
 
@@ -415,6 +417,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 break
             if done % GC_EVERY == 0:
                 gc.collect(1)
+    except torch.OutOfMemoryError as e:
+        from agiasi.host_embedding import head_reads_input_embedding
+
+        tied = head_reads_input_embedding(wrapper.causal_lm)
+        raise out_of_memory(cfg, e, tied, last_saved) from None
     finally:
         gc.enable()
         gc.unfreeze()

@@ -6,6 +6,7 @@ checkpoint to resume from, the data, the model and its optimizer, and restoring 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,48 @@ def _already_done(cfg: TrainConfig, resume_from: Path, done: int, out_dir: Path,
     say(f"done: {resume_from} is already at --max-steps {cfg.max_steps}; nothing to train")
     metrics = out_dir / METRICS
     return TrainResult(out_dir, resume_from, done, last_loss(metrics, done), metrics)
+
+
+def out_of_memory(
+    cfg: TrainConfig, error: BaseException, head_tied: bool | None, last_saved: Path | None
+) -> AgiasiError:
+    """What a CUDA out-of-memory error becomes: what was asked for, and this run's own ways to
+    need less, cheapest first (flags already on are not offered again). ``head_tied`` is None
+    before the model exists: the embedding's place is then unknown, and not offered."""
+    text = str(error)
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    held = re.search(r"([\d.]+ [KMGT]iB) is allocated by PyTorch", text)
+    facts = ", ".join(
+        ([f"it asked for {asked[1]} more"] if asked else [])
+        + ([f"{held[1]} in use"] if held else [])
+    )
+    tips = []
+    if not cfg.gradient_checkpointing:
+        tips.append("--gradient-checkpointing")
+    elif not cfg.offload_activations:
+        tips.append("--offload-activations")
+    if head_tied is False and not cfg.offload_embeddings:
+        tips.append("--offload-embeddings")
+    if cfg.quantization == "none":
+        tips.append("--quantization nf4")
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        tips.append(
+            f"--batch-size {half} --grad-accum {cfg.grad_accum * cfg.batch_size // half} "
+            "(about the same tokens a step)"
+        )
+    tips.append(f"a shorter --max-length (now {cfg.max_length})")
+    resume = (
+        f" Last complete checkpoint: {last_saved} (--resume auto continues from it)."
+        if last_saved
+        else ""
+    )
+    return AgiasiError(
+        f"the GPU ran out of memory{f' ({facts})' if facts else ''}. To need less: "
+        + "; ".join(tips)
+        + "."
+        + resume
+    )
 
 
 def _offload_budget(cfg: TrainConfig, device: torch.device) -> str:

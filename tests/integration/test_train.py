@@ -317,6 +317,65 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path
     assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
 
 
+# what PyTorch's caching allocator says when a 12 GB card is full (its own wording, one line)
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 11.50 GiB of "
+    "which 20.00 MiB is free. Of the allocated memory 10.75 GiB is allocated by PyTorch, and "
+    "312.00 MiB is reserved by PyTorch but unallocated."
+)
+
+
+def test_gpu_out_of_memory_in_a_step_says_what_to_change(
+    tiny_phi3_tok, tmp_path, capsys, monkeypatch
+):
+    """The third step runs out of GPU memory (raised as the allocator raises it): one line says
+    what was asked, this run's own ways to need less (checkpointing is on, so the next rung is
+    offloading; an untied head can leave the embedding on the host; these tests' bf16/fp32 base
+    can be NF4; half the batch at twice the accumulation) and the last complete checkpoint, which stays as it was."""
+    import agiasi.train
+
+    real, calls = agiasi.train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(agiasi.train, "train_step", step)
+    run = tmp_path / "run"
+    assert train_cli(tiny_phi3_tok, run, 4, "--batch-size", "4", "--grad-accum", "2", save=2) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err
+    assert (
+        "agiasi: error: the GPU ran out of memory (it asked for 1.50 GiB more, 10.75 GiB in use). "
+        "To need less: --offload-activations; --offload-embeddings; --quantization nf4; --batch-size "
+        "2 --grad-accum 4 (about the same tokens a step); a shorter --max-length (now 64). Last complete "
+        f"checkpoint: {run / 'step_2'} (--resume auto continues from it)."
+    ) in err
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
+
+
+def test_gpu_out_of_memory_while_loading_offers_only_what_is_off(
+    tiny_phi3_tok, tmp_path, capsys, monkeypatch
+):
+    """Out of memory before the first step (here: building the model), with offloading on and
+    one sequence a batch: nothing on is offered again, and there is no checkpoint to name."""
+    import agiasi.train_setup
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(agiasi.train_setup, "AGIASI_SO8T_Wrapper", no_room)
+    rc = train_cli(tiny_phi3_tok, tmp_path / "run", 2, "--offload-activations")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert (
+        "agiasi: error: the GPU ran out of memory (it asked for 1.50 GiB more, 10.75 GiB in use). "
+        "To need less: --quantization nf4; a shorter --max-length (now 64).\n"
+    ) in err
+
+
 def test_chat_jsonl_trains_only_on_assistant_tokens(tiny_phi3_tok):
     from transformers import AutoTokenizer
 

@@ -129,3 +129,19 @@ def test_no_import_cycles_between_the_stages():
     assert "export" not in imports("parity")
     assert "model" not in imports("checkpoint")
     assert "export" not in imports("merge") and "parity" not in imports("merge")
+
+
+def test_out_of_memory_advice_follows_the_run():
+    """Checkpointing off is the first rung (offloading needs it); a tied head is not told to
+    move its embedding; an allocator message in other words still gives the advice."""
+    import torch
+
+    from agiasi.train_config import TrainConfig
+    from agiasi.train_setup import out_of_memory
+
+    cfg = TrainConfig(base_model="m", gradient_checkpointing=False, max_length=2048)
+    err = out_of_memory(cfg, torch.OutOfMemoryError("out of memory"), True, None)
+    assert str(err) == (
+        "the GPU ran out of memory. To need less: --gradient-checkpointing; a shorter "
+        "--max-length (now 2048)."
+    )
