@@ -14,6 +14,27 @@ from typing import Any
 
 import torch
 
+from agiasi.errors import AgiasiError
+
+
+def env_count(name: str, default: int, least: int = 0) -> int:
+    """A count the launcher (torchrun, accelerate) puts in the environment: ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``. Unset means ``default``; a value that is not a whole
+    number ≥ ``least`` is refused by name (it would otherwise surface as int()'s traceback)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise AgiasiError(
+            f"{name}={raw!r} in the environment is not a whole number >= {least}; launchers "
+            f"such as torchrun set it: unset it to run one process"
+        )
+    return value
+
 
 @dataclass
 class Dist:
@@ -31,7 +52,7 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_count("WORLD_SIZE", 1, least=1)
     if world <= 1:
         return Dist()
     import torch.distributed as dist
@@ -39,11 +60,11 @@ def init_distributed() -> Dist:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = env_count("LOCAL_RANK", 0)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         if os.environ.get("AGIASI_CPU_AFFINITY") == "1":
-            pin_cpus(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            pin_cpus(local, env_count("LOCAL_WORLD_SIZE", 1, least=1))
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
 
 

@@ -54,6 +54,8 @@ def configure_process(training: bool = False) -> None:
     # DDP each rank's micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave
     # 1.58-1.70x one. With flash attention (same math) the ranks run as fast as a lone GPU:
     # 1.93-2.01x. torchrun sets WORLD_SIZE before this runs. AGIASI_CUDNN_SDPA=1 keeps cuDNN.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from agiasi.distributed import env_count
+
+    distributed = env_count("WORLD_SIZE", 1, least=1) > 1
     if distributed and torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":
         torch.backends.cuda.enable_cudnn_sdp(False)

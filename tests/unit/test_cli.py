@@ -131,6 +131,18 @@ def test_no_import_cycles_between_the_stages():
     assert "export" not in imports("merge") and "parity" not in imports("merge")
 
 
+@pytest.mark.parametrize("value", ["two", "0", "-3"])
+def test_a_malformed_world_size_is_one_clear_line(monkeypatch, tmp_path, capsys, value):
+    """WORLD_SIZE comes from a launcher, or from a shell left set: refused by name before any
+    work, not int()'s traceback."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    argv = ["train", "--base-model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"WORLD_SIZE='{value}' in the environment is not a whole number >= 1" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_out_of_memory_advice_follows_the_run():
     """Checkpointing off is the first rung (offloading needs it); a tied head is not told to
     move its embedding; an allocator message in other words still gives the advice."""
