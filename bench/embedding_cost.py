@@ -10,7 +10,11 @@ difference goes (the host's gather and copy, a wait for the GPU, the GPU's idle 
 
 Variants: ``card`` (the embedding on the GPU), ``host`` (on the host, the ids arriving on the GPU
 as bench/train.py feeds them: one wait per step), ``host-ids`` (on the host, the ids from host
-memory as ``agiasi train`` feeds them), ``host-t4`` (``host-ids`` with 4 CPU threads).
+memory as ``agiasi train`` feeds them), ``host-t4`` (``host-ids`` with 4 CPU threads), and
+``uva``, a candidate for the flag's next form: the weight in pinned host memory, seen by the GPU
+through unified addressing as a CUDA tensor (the module's own parameter, so no hooks), so the
+lookup is the usual CUDA gather reading its rows across the bus: no host work and no wait in the
+step. The ``allocated_gib`` of each variant says whether the weight still counts on the card.
 """
 
 from __future__ import annotations
@@ -26,7 +30,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train import SHAPES, build, cap_memory, make_random_model, make_step  # noqa: E402
 
-VARIANTS = ("card", "host", "host-ids", "host-t4")
+VARIANTS = ("card", "host", "host-ids", "host-t4", "uva")
+
+
+def uva_view(pinned):
+    """A CUDA tensor over ``pinned`` host memory (no copy): with unified addressing a pinned
+    page has one address on both sides, and PyTorch wraps any pointer it is handed through
+    ``__cuda_array_interface__`` (which has no bf16, hence the int16 view)."""
+    import torch
+
+    as16 = pinned.view(torch.int16)
+
+    class Memory:
+        keep = pinned  # the view does not own the memory: this keeps it alive
+        __cuda_array_interface__ = {
+            "shape": tuple(as16.shape),
+            "typestr": "<i2",
+            "data": (as16.data_ptr(), False),
+            "version": 2,
+            "strides": None,
+        }
+
+    view = torch.as_tensor(Memory(), device=torch.device("cuda", torch.cuda.current_device()))
+    if view.data_ptr() != as16.data_ptr():
+        raise RuntimeError("the CUDA view is a copy, not the pinned memory itself")
+    return view.view(pinned.dtype)
 
 
 def main() -> None:
@@ -51,17 +79,26 @@ def main() -> None:
     step, _ = make_step(w, step_loss)
     emb = w.causal_lm.get_input_embeddings()
     threads = torch.get_num_threads()
+    on_card = emb.weight.detach()
+    uva = uva_view(on_card.cpu().pin_memory())
+    del on_card
 
     def use(variant: str) -> None:
-        on_host = variant != "card"
-        if on_host and not w.embedding_on_host:
-            keep_input_embedding_on_host(w.causal_lm, w.device_)
-        if not on_host and w.embedding_on_host:
+        # back to the card first, then to the variant's place
+        if w.embedding_on_host:
             emb._forward_pre_hooks.clear()
             emb._forward_hooks.clear()
             emb.to(w.device_)
-        w.embedding_on_host = on_host
+            w.embedding_on_host = False
+        elif emb.weight.data_ptr() == uva.data_ptr():
+            emb.weight = torch.nn.Parameter(uva.clone(), requires_grad=False)
+        if variant == "uva":
+            emb.weight = torch.nn.Parameter(uva, requires_grad=False)
+        elif variant != "card":
+            keep_input_embedding_on_host(w.causal_lm, w.device_)
+            w.embedding_on_host = True
         torch.set_num_threads(4 if variant == "host-t4" else threads)
+        torch.cuda.empty_cache()
 
     results = []
     for seq, batch in rows:
@@ -87,6 +124,7 @@ def main() -> None:
         for v in VARIANTS:
             use(v)
             ids = ids_card if v in ("card", "host") else ids_host
+            allocated = torch.cuda.memory_allocated() / 2**30
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
                     step(ids)
@@ -119,10 +157,12 @@ def main() -> None:
                 "tokens_per_s": seq * batch / med,
                 "spread_ms": (max(times[v]) - min(times[v])) * 1e3,
                 "gpu_busy_ms": gpu_ms,
+                "allocated_gib": allocated,
                 "host_ops_ms": dict(sorted(host_ops.items(), key=lambda kv: -kv[1])[:12]),
             }
             print(
                 f"{seq}x{batch} {v:<9} {med * 1e3:7.1f} ms  gpu busy {gpu_ms:7.1f} ms  "
+                f"{allocated:.3f} GiB  "
                 f"{json.dumps(row['variants'][v]['host_ops_ms'])}",
                 flush=True,
             )
