@@ -11,7 +11,7 @@ difference goes (the host's gather and copy, a wait for the GPU, the GPU's idle 
 Variants: ``card`` (the embedding on the GPU), ``host`` (on the host, the ids arriving on the GPU
 as bench/train.py feeds them: one wait per step), ``host-ids`` (on the host, the ids from host
 memory as ``agiasi train`` feeds them), ``host-t4`` (``host-ids`` with 4 CPU threads), and
-``uva``, a candidate for the flag's next form: the weight in pinned host memory, seen by the GPU
+``uva`` (bench/train.py's flag ``u``), a candidate for the flag's next form: the weight in pinned host memory, seen by the GPU
 through unified addressing as a CUDA tensor (the module's own parameter, so no hooks), so the
 lookup is the usual CUDA gather reading its rows across the bus: no host work and no wait in the
 step. The ``allocated_gib`` of each variant says whether the weight still counts on the card.
@@ -28,33 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import SHAPES, build, cap_memory, make_random_model, make_step  # noqa: E402
+from train import SHAPES, build, cap_memory, make_random_model, make_step, uva_view  # noqa: E402
 
 VARIANTS = ("card", "host", "host-ids", "host-t4", "uva")
-
-
-def uva_view(pinned):
-    """A CUDA tensor over ``pinned`` host memory (no copy): with unified addressing a pinned
-    page has one address on both sides, and PyTorch wraps any pointer it is handed through
-    ``__cuda_array_interface__`` (which has no bf16, hence the int16 view)."""
-    import torch
-
-    as16 = pinned.view(torch.int16)
-
-    class Memory:
-        keep = pinned  # the view does not own the memory: this keeps it alive
-        __cuda_array_interface__ = {
-            "shape": tuple(as16.shape),
-            "typestr": "<i2",
-            "data": (as16.data_ptr(), False),
-            "version": 2,
-            "strides": None,
-        }
-
-    view = torch.as_tensor(Memory(), device=torch.device("cuda", torch.cuda.current_device()))
-    if view.data_ptr() != as16.data_ptr():
-        raise RuntimeError("the CUDA view is a copy, not the pinned memory itself")
-    return view.view(pinned.dtype)
 
 
 def main() -> None:
