@@ -43,10 +43,11 @@ def _where(frames) -> str:
     return f"{Path(f.get('filename', '?')).name}:{f.get('line')} {f.get('name', '?')}"
 
 
-def replay(trace: list[dict]) -> dict:
-    """Reserved and allocated over the trace; the live blocks at the reserved peak, and the
-    allocations that followed each growth of reserved memory (what the cache could not serve)."""
-    reserved = allocated = pending = 0
+def replay(trace: list[dict], reserved: int = 0, allocated: int = 0) -> dict:
+    """Reserved and allocated over the trace, from the bytes each held when recording began;
+    the live blocks at the reserved peak (those allocated since), and the allocations that
+    followed each growth of reserved memory (what the cache could not serve)."""
+    pending = 0
     live: dict[int, dict] = {}
     waiting: dict[int, int] = {}
     per_stream = collections.Counter()
@@ -188,7 +189,9 @@ def one_row(step, seq: int, batch: int, warmup: int) -> dict:
     }
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+    before = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    entries = 400_000
+    torch.cuda.memory._record_memory_history(max_entries=entries, stacks="python")
     for _ in range(2):
         step(ids)
     torch.cuda.synchronize()
@@ -200,7 +203,10 @@ def one_row(step, seq: int, batch: int, warmup: int) -> dict:
         steady_peak_allocated=torch.cuda.max_memory_allocated() / GIB,
         large_pool_reserved_peak=stats["reserved_bytes.large_pool.peak"] / GIB,
         small_pool_reserved_peak=stats["reserved_bytes.small_pool.peak"] / GIB,
-        trace=replay(snap["device_traces"][0]),
+        # a full ring buffer has lost its first events, and with them the baseline
+        trace=replay(snap["device_traces"][0], *before)
+        if len(snap["device_traces"][0]) < entries
+        else "trace ring buffer full: not replayed",
         layout_after_step=layout(snap["segments"]),
     )
     del snap
