@@ -19,6 +19,13 @@ TRAINED_STEP_FILES = [
     "trainer_state.pt",
 ]
 
+# what PyTorch's caching allocator says when a 12 GB card is full (its own wording, one line)
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 11.50 GiB of "
+    "which 20.00 MiB is free. Of the allocated memory 10.75 GiB is allocated by PyTorch, and "
+    "312.00 MiB is reserved by PyTorch but unallocated."
+)
+
 
 def cli_args(command: str, *extra: str, **flags) -> list[str]:
     """``COMMAND --field-name value …`` from config field names; True → ``--flag``, False →

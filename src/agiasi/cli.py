@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agiasi import options
-from agiasi.errors import AgiasiError, first_line
+from agiasi.errors import AgiasiError, first_line, out_of_memory_facts
 from agiasi.model_config import RUNTIME_FIELDS
 from agiasi.process import configure_process
 
@@ -468,6 +468,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"agiasi: error: the disk is full{where} ({e.strerror}); free space and run "
                 "again (step folders and exports are written whole or not at all)",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, named: the CLI does not import torch
+            # (`agiasi train` says which of its own flags would need less)
+            print(
+                f"agiasi: error: the GPU ran out of memory{out_of_memory_facts(e)}; another "
+                "process may hold the card, or run on the CPU (--device cpu, where the command "
+                "takes it)",
                 file=sys.stderr,
             )
             return EXIT_USER_ERROR

@@ -1,5 +1,7 @@
 """The one exception type users see: a clear message, no traceback (the CLI prints it)."""
 
+import re
+
 
 class AgiasiError(Exception):
     """A user-facing error: bad input, missing file, unsupported model, unsafe checkpoint.
@@ -12,3 +14,15 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def out_of_memory_facts(e: BaseException) -> str:
+    """' (it asked for 1.50 GiB more, 10.75 GiB in use)' from PyTorch's CUDA out-of-memory
+    message (a page of allocator advice on one line), or '' where it says neither."""
+    text = str(e)
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    held = re.search(r"([\d.]+ [KMGT]iB) is allocated by PyTorch", text)
+    facts = ([f"it asked for {asked[1]} more"] if asked else []) + (
+        [f"{held[1]} in use"] if held else []
+    )
+    return f" ({', '.join(facts)})" if facts else ""

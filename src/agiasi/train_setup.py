@@ -6,7 +6,6 @@ checkpoint to resume from, the data, the model and its optimizer, and restoring 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from agiasi.checkpoint import (
 )
 from agiasi.data import BatchStream, Data, load_data
 from agiasi.distributed import Dist, all_gather, broadcast
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, out_of_memory_facts
 from agiasi.loading import load_config, resolve_dtype
 from agiasi.model import AGIASI_SO8T_Wrapper
 from agiasi.offload import check_host_memory
@@ -221,13 +220,6 @@ def out_of_memory(
     """What a CUDA out-of-memory error becomes: what was asked for, and this run's own ways to
     need less, cheapest first (flags already on are not offered again). ``head_tied`` is None
     before the model exists: the embedding's place is then unknown, and not offered."""
-    text = str(error)
-    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
-    held = re.search(r"([\d.]+ [KMGT]iB) is allocated by PyTorch", text)
-    facts = ", ".join(
-        ([f"it asked for {asked[1]} more"] if asked else [])
-        + ([f"{held[1]} in use"] if held else [])
-    )
     tips = []
     if not cfg.gradient_checkpointing:
         tips.append("--gradient-checkpointing")
@@ -250,7 +242,7 @@ def out_of_memory(
         else ""
     )
     return AgiasiError(
-        f"the GPU ran out of memory{f' ({facts})' if facts else ''}. To need less: "
+        f"the GPU ran out of memory{out_of_memory_facts(error)}. To need less: "
         + "; ".join(tips)
         + "."
         + resume

@@ -14,7 +14,14 @@ import torch
 from agiasi.cli import main
 from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
-from tests.helpers import TRAINED_STEP_FILES, assert_same_training, cli_args, cli_cmd, step_tensors
+from tests.helpers import (
+    CUDA_OOM,
+    TRAINED_STEP_FILES,
+    assert_same_training,
+    cli_args,
+    cli_cmd,
+    step_tensors,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -315,14 +322,6 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_phi3_tok, tmp_path
     after = step_tensors(run / "step_2")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
-
-
-# what PyTorch's caching allocator says when a 12 GB card is full (its own wording, one line)
-CUDA_OOM = (
-    "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 11.50 GiB of "
-    "which 20.00 MiB is free. Of the allocated memory 10.75 GiB is allocated by PyTorch, and "
-    "312.00 MiB is reserved by PyTorch but unallocated."
-)
 
 
 def test_gpu_out_of_memory_in_a_step_says_what_to_change(

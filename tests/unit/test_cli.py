@@ -157,3 +157,23 @@ def test_out_of_memory_advice_follows_the_run():
         "the GPU ran out of memory. To need less: --gradient-checkpointing; a shorter "
         "--max-length (now 2048)."
     )
+
+
+def test_gpu_out_of_memory_in_any_command_is_one_clear_line(tiny_phi3, monkeypatch, capsys):
+    """Outside training (which names its own flags) a CUDA out-of-memory is still the user's
+    situation, not an internal error: one line with what the allocator asked for."""
+    import torch
+
+    import agiasi.info
+    from tests.helpers import CUDA_OOM
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(agiasi.info, "describe", no_room)
+    assert main(["info", str(tiny_phi3)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "agiasi: error: the GPU ran out of memory (it asked for 1.50 GiB more, 10.75 GiB in use);"
+    )
+    assert len(err.strip().splitlines()) == 1 and "internal error" not in err
