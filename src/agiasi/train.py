@@ -40,6 +40,7 @@ from agiasi.distributed import (
     init_distributed,
 )
 from agiasi.errors import AgiasiError
+from agiasi.host_embedding import head_reads_input_embedding
 from agiasi.model import AGIASI_SO8T_Wrapper
 from agiasi.process import configure_process
 from agiasi.runfolder import (
@@ -418,8 +419,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             if done % GC_EVERY == 0:
                 gc.collect(1)
     except torch.OutOfMemoryError as e:
-        from agiasi.host_embedding import head_reads_input_embedding
-
         tied = head_reads_input_embedding(wrapper.causal_lm)
         raise out_of_memory(cfg, e, tied, last_saved) from None
     finally:
