@@ -431,9 +431,28 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         self.eval()
         kwargs.setdefault("use_cache", True)
         try:
-            return self.base_model.generate(input_ids=input_ids.to(self.device_), **kwargs)
+            with self._lora_inputs_cast():
+                return self.base_model.generate(input_ids=input_ids.to(self.device_), **kwargs)
         finally:
             self.train(was_training)
+
+    @contextlib.contextmanager
+    def _lora_inputs_cast(self):
+        """HF's generate runs the whole model, outside :meth:`_lora_autocast`: for its length
+        PEFT's own cast of every LoRA input to the LoRA weights' float32 is back on (a bf16
+        model's bf16 activations would otherwise meet float32 weights: a dtype error). The
+        soul and the head run as in training either way."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.base_model.modules() if isinstance(m, LoraLayer)]
+        before = [m.cast_input_dtype_enabled for m in layers]
+        for m in layers:
+            m.cast_input_dtype_enabled = True
+        try:
+            yield
+        finally:
+            for m, b in zip(layers, before, strict=True):
+                m.cast_input_dtype_enabled = b
 
     def get_phase_status(self) -> str:
         if self._soul is None:
