@@ -27,9 +27,8 @@ Implementations:
     c       --compile (each decoder layer torch.compile'd)
     o       --offload-activations (checkpointed layer inputs in pinned CPU memory)
     b       with c: bitsandbytes' own NF4 op inside the compiled layers (before agiasi.nf4)
-    e       --offload-embeddings (the input embedding in host memory, looked up on the CPU)
-    u       the input embedding in pinned host memory, gathered by the GPU itself through
-            unified addressing (bench only: a candidate for e's next form, see uva_view)
+    e       --offload-embeddings (the input embedding in pinned host memory, read in place by
+            the GPU's gather)
   suffixes:
     -d0     LoRA dropout 0 (Unsloth's setting; the default and ref use the note's 0.05)
     @N      the MLP tiled at N tokens (--mlp-tile N; @0 never; default 8192)
@@ -140,7 +139,7 @@ def parse_impl(impl: str) -> dict:
     name, _, dropout = name.partition("-d")
     base = next((b for b in ("nosoul", "full", "so8") if name.startswith(b)), None)
     flags = name[len(base or "") :]
-    if base is None or set(flags) - set("cobeu"):
+    if base is None or set(flags) - set("cobe"):
         raise SystemExit(f"unknown implementation {impl!r}")
     return {
         "soul": base != "nosoul",
@@ -149,35 +148,9 @@ def parse_impl(impl: str) -> dict:
         "offload_activations": "o" in flags,
         "bnb_op": "b" in flags,
         "offload_embeddings": "e" in flags,
-        "uva_embedding": "u" in flags,
         "lora_dropout": float(dropout) if dropout else 0.05,
         **({"mlp_tile": int(tile)} if tile else {}),
     }
-
-
-def uva_view(pinned):
-    """A CUDA tensor over ``pinned`` host memory (no copy): with unified addressing a pinned
-    page has one address on both sides, and PyTorch wraps any pointer it is handed through
-    ``__cuda_array_interface__`` (which has no bf16, hence the int16 view). Kernels reading it
-    read across the bus; the card's allocator never holds it."""
-    import torch
-
-    as16 = pinned.view(torch.int16)
-
-    class Memory:
-        keep = pinned  # the view does not own the memory: this keeps it alive
-        __cuda_array_interface__ = {
-            "shape": tuple(as16.shape),
-            "typestr": "<i2",
-            "data": (as16.data_ptr(), False),
-            "version": 2,
-            "strides": None,
-        }
-
-    view = torch.as_tensor(Memory(), device=torch.device("cuda", torch.cuda.current_device()))
-    if view.data_ptr() != as16.data_ptr():
-        raise RuntimeError("the CUDA view is a copy, not the pinned memory itself")
-    return view.view(pinned.dtype)
 
 
 def build(impl: str, model_dir: Path, seq: int = 4096):
@@ -248,7 +221,6 @@ def build(impl: str, model_dir: Path, seq: int = 4096):
         import agiasi.nf4
 
         agiasi.nf4.use_traceable_nf4 = lambda model: 0
-    uva = opts.pop("uva_embedding")
     w = AGIASI_SO8T_Wrapper(
         str(model_dir),
         device="cuda",
@@ -258,11 +230,6 @@ def build(impl: str, model_dir: Path, seq: int = 4096):
         **opts,
     )
     w.train()
-    if uva:
-        emb = w.causal_lm.get_input_embeddings()
-        pinned = emb.weight.detach().cpu().pin_memory()
-        emb.weight = torch.nn.Parameter(uva_view(pinned), requires_grad=False)
-        torch.cuda.empty_cache()
     if w.soul is not None:
         with torch.no_grad():
             w.alpha.fill_(1.618)  # the gate open, as at the end of the schedule

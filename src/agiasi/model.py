@@ -279,11 +279,6 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         :mod:`agiasi.loglik` packs an item's choices with.
         """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        if self.embedding_on_host:
-            # looked up where the embedding lives (agiasi.host_embedding); every decoder takes
-            # the rows as inputs_embeds, and a model that scales them does so in its own forward
-            # or in its embedding module, which this call runs
-            input_ids = decoder.get_input_embeddings()(input_ids)
         with self._lora_autocast():
             return self._decoder_hidden(decoder, input_ids, attention_mask, position_ids)
 
@@ -300,17 +295,18 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         return torch.autocast(self.device_.type, dtype=torch.bfloat16)
 
     @staticmethod
-    def _decoder_hidden(decoder, inputs, attention_mask, position_ids) -> torch.Tensor:
-        """``inputs``: token ids, or their embeddings (floating point) when already looked up."""
-        x = {"inputs_embeds" if inputs.is_floating_point() else "input_ids": inputs}
+    def _decoder_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tensor:
         if attention_mask is not None and attention_mask.ndim == 4:  # an explicit (B,1,T,T) mask
             out = decoder(
-                **x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
             )
         elif position_ids is not None:
-            out = decoder(**x, position_ids=position_ids, use_cache=False)
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         else:
-            out = decoder(**x, attention_mask=attention_mask, use_cache=False)
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def forward(
@@ -336,10 +332,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             # loss can count and skip positions without waiting on the GPU.
             labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
         # non_blocking: from pinned batches the copy queues behind the GPU's work instead of
-        # holding the host until the previous micro-batch's backward has finished. An embedding
-        # kept on the host reads the ids where they are (from the data stream: here, no wait).
-        if not self.embedding_on_host:
-            input_ids = input_ids.to(self.device_, non_blocking=True)
+        # holding the host until the previous micro-batch's backward has finished.
+        input_ids = input_ids.to(self.device_, non_blocking=True)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device_, non_blocking=True)
         if position_ids is not None:

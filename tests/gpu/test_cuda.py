@@ -1,8 +1,11 @@
 """GPU tier (skipped without CUDA): the NF4 path on a real card, first step finite from identity
 init (the NaN the design note hit on the GPU), offloaded checkpointing equal to the standard one."""
 
+import gc
+
 import pytest
 import torch
+import transformers
 
 from tests.helpers import make_wrapper
 
@@ -149,31 +152,69 @@ def test_compiled_nf4_model_matches_bitsandbytes_eager_on_cuda(tiny_phi3):
         assert err <= 0.03, (name, err)
 
 
-def test_offloaded_embedding_on_cuda(tiny_phi3):
-    """--offload-embeddings on a card: the weight leaves the GPU (its bytes come off the
-    allocated memory), the rows arrive through pinned memory, and the loss and LoRA gradients
-    are the on-card embedding's. The gather is exact and the decoder's ops are the same, so the
-    loss is equal; the gradients differ at most as two runs of the same path do (the backward's
-    atomics)."""
+def _tiny_gemma_untied(out):
+    """Gemma scales the looked-up rows by √hidden in its own forward: the rows read from host
+    memory must still pass through that code."""
+    cfg = transformers.GemmaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg.architectures = ["GemmaForCausalLM"]
+    transformers.GemmaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma"])
+def test_offloaded_embedding_on_cuda(arch, tiny_phi3, tmp_path):
+    """--offload-embeddings on a card: the matrix leaves the card's allocator (exactly its bytes
+    come off the allocated memory) and the GPU's gather reads its rows from pinned host memory.
+    The rows are the same, so the loss is equal and generation identical; the gradients differ
+    at most as two runs of the same path do (the backward's atomics). The module, its class and
+    the state dict's names are the model's own."""
+    path = tiny_phi3 if arch == "phi3" else _tiny_gemma_untied(tmp_path / "gemma")
     ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
 
     def run(offload):
         torch.manual_seed(0)
+        gc.collect()  # the previous run's model, freed before this one's memory is counted
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
         w = make_wrapper(
-            tiny_phi3, dtype="auto", device="cuda", gradient_checkpointing=True,
+            path, dtype="auto", device="cuda", gradient_checkpointing=True,
             offload_embeddings=offload,
         ).train()  # fmt: skip
-        emb = w.causal_lm.get_input_embeddings().weight
-        out = w(ids, labels=ids, return_logits=False)  # ids from the host, as the trainer's
+        held = torch.cuda.memory_allocated() - before
+        emb = w.causal_lm.get_input_embeddings()
+        out = w(ids, labels=labels, return_logits=False)  # ids from the host, as the trainer's
         out.loss.backward()
         grads = {n: p.grad.float() for n, p in w.named_parameters() if p.grad is not None}
-        return out.loss.item(), grads, emb.device.type
+        w.eval()
+        prompt = torch.tensor([[5, 9, 17, 33]], device="cuda")
+        text = w.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0).cpu()
+        facts = {
+            "held": held,
+            "bytes": emb.weight.numel() * emb.weight.element_size(),
+            "freed": w.embedding_bytes_on_host,
+            "class": type(emb),
+            "names": list(w.state_dict()),
+            "device": emb.weight.device.type,
+        }
+        return out.loss.item(), grads, text, facts
 
-    loss, grads, where = run(False)
-    _, again, _ = run(False)
-    loss_h, grads_h, where_h = run(True)
-    assert (where, where_h) == ("cuda", "cpu")
+    loss, grads, text, card = run(False)
+    _, again, _, _ = run(False)
+    loss_h, grads_h, text_h, host = run(True)
+    assert (card["device"], host["device"]) == ("cuda", "cuda")  # the view is a CUDA tensor
+    assert host["freed"] == card["bytes"] > 0
+    # the allocator rounds blocks up to 512 bytes: the saving is the matrix, within one block
+    assert 0 <= card["held"] - host["held"] - card["bytes"] < 512
+    assert (host["class"], host["names"]) == (card["class"], card["names"])
     assert loss_h == loss
+    assert torch.equal(text_h, text)
     for name, g in grads.items():
         floor = float((again[name] - g).abs().max())
         scale = float(g.abs().max())
