@@ -20,8 +20,8 @@ CuPy and Numba share), which is how :func:`host_view` gets one.
 Measured on an H100 (bench/RESULTS.md, "The input embedding read in place"): the same model
 switched between the two places in one process steps in 235.2 vs 235.5 ms at 4,096 tokens and
 114 vs 116 ms at 512 (within that row's spread), where the first form (forward hooks: the
-gather on the CPU, the rows copied over) cost 5-7 %. It is still a flag, off by default: a
-tied head cannot use it, and 0.18 GiB (Phi-3.5-mini) is not always worth pinned host memory.
+gather on the CPU, the rows copied over) cost 5-7 %. It stays a flag, off by default, until
+the Phi-3.5-mini shape has been measured with it against Unsloth in one run (issue 24).
 """
 
 from __future__ import annotations
