@@ -24,6 +24,10 @@ def test_nf4_first_step_finite_on_cuda(tiny_phi3):
     for name, p in w.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # what `agiasi chat` runs on a step folder: generate outside training's autocast, bf16
+    # activations into float32 LoRA weights (a dtype error before 157930f)
+    out = w.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)
 
 
 def _two_steps(path, offload: bool, ids):

@@ -146,14 +146,17 @@ def test_generation_with_kv_cache_equals_without(tiny_phi3, kind):
     assert with_cache[0, 5] == first
 
 
-def test_a_bf16_model_generates(tiny_phi3):
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_bf16_model_generates(tiny_phi3, quantization):
     """A bf16 model trains with its LoRA inputs left in bf16 under autocast; HF's generate runs
     outside that autocast, where bf16 activations met the float32 LoRA weights (a dtype error,
     seen on the GPU). Generation casts them as PEFT does, and leaves training's setting as it
     was. With lora_B = 0 (init) the LoRA adds nothing, so the greedy tokens are the forward's."""
     from peft.tuners.lora import LoraLayer
 
-    w = make_wrapper(tiny_phi3, dtype="bfloat16")
+    if quantization == "nf4":
+        pytest.importorskip("bitsandbytes")
+    w = make_wrapper(tiny_phi3, dtype="bfloat16", quantization=quantization)
     randomize_soul(w, alpha=1.5)
     prompt = _ids(shape=(1, 5))
     out = w.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
