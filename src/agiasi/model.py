@@ -14,7 +14,6 @@ explicitly, so training sees exactly what generation sees.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
@@ -37,6 +36,12 @@ from agiasi.model_config import (
     checkpoint_model_config,
     lora_targets_for,
     match_lora_targets,
+)
+from agiasi.precision import (
+    keep_nf4_in_float32,
+    lora_autocast,
+    lora_inputs_in_compute_dtype,
+    peft_input_cast,
 )
 from agiasi.soul import Soul, SoulHead
 
@@ -119,13 +124,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         self.lora_target_counts = match_lora_targets(causal_lm, self.lora_targets)
         self.base_model = self._wrap_lora(causal_lm)
         if self.compute_dtype == torch.bfloat16:
-            # under the decoder's autocast (_lora_autocast) the LoRA input stays bf16 on every
-            # device; PEFT's own test for autocast reads CUDA's state only
-            from peft.tuners.lora import LoraLayer
-
-            for m in self.base_model.modules():
-                if isinstance(m, LoraLayer):
-                    m.cast_input_dtype_enabled = False
+            lora_inputs_in_compute_dtype(self.base_model)  # bf16 under lora_autocast
         head = self.causal_lm.get_output_embeddings()
         self.hidden_size = int(head.weight.shape[1])
         self._soul: Soul | None = None
@@ -208,7 +207,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             cfg.base_model, dtype, self.device_, self.hf_config, "base model", **kwargs
         )
         if cfg.quantization == "nf4" and dtype == torch.float32:
-            _keep_nf4_in_float32(model)
+            keep_nf4_in_float32(model)
         return model
 
     def _wrap_lora(self, causal_lm: nn.Module):
@@ -279,20 +278,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         :mod:`agiasi.loglik` packs an item's choices with.
         """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        with self._lora_autocast():
+        with lora_autocast(self.compute_dtype, self.device_):
             return self._decoder_hidden(decoder, input_ids, attention_mask, position_ids)
-
-    def _lora_autocast(self):
-        """bf16 autocast over the decoder when the model computes in bf16: PEFT keeps the LoRA
-        weights (and so their gradients and Adam's state) in float32 and, outside autocast,
-        casts every LoRA input to float32 — measured on an H200, 16 float32 GEMMs a layer per
-        step, 6 % of a 512 × 8 step. Under autocast the LoRA matmuls run in bf16 on bf16
-        casts of the float32 weights, the mixed precision HF's Trainer (``bf16=True``) and
-        Unsloth train with; the soul, the head and the loss stay outside it, in their own
-        dtypes. float32 compute (the CPU default) is left exactly as it was."""
-        if self.compute_dtype != torch.bfloat16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_.type, dtype=torch.bfloat16)
 
     @staticmethod
     def _decoder_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -425,28 +412,11 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         self.eval()
         kwargs.setdefault("use_cache", True)
         try:
-            with self._lora_inputs_cast():
+            # HF's loop runs outside lora_autocast: bf16 activations into float32 LoRA weights
+            with peft_input_cast(self.base_model):
                 return self.base_model.generate(input_ids=input_ids.to(self.device_), **kwargs)
         finally:
             self.train(was_training)
-
-    @contextlib.contextmanager
-    def _lora_inputs_cast(self):
-        """HF's generate runs the whole model, outside :meth:`_lora_autocast`: for its length
-        PEFT's own cast of every LoRA input to the LoRA weights' float32 is back on (a bf16
-        model's bf16 activations would otherwise meet float32 weights: a dtype error). The
-        soul and the head run as in training either way."""
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in self.base_model.modules() if isinstance(m, LoraLayer)]
-        before = [m.cast_input_dtype_enabled for m in layers]
-        for m in layers:
-            m.cast_input_dtype_enabled = True
-        try:
-            yield
-        finally:
-            for m, b in zip(layers, before, strict=True):
-                m.cast_input_dtype_enabled = b
 
     def get_phase_status(self) -> str:
         if self._soul is None:
@@ -504,13 +474,3 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         wrapper = cls(config=cfg, device=device)
         load_into(wrapper, ckpt_dir)
         return wrapper
-
-
-def _keep_nf4_in_float32(model) -> None:
-    """bitsandbytes switches a 4-bit layer run without gradients on a CPU with AVX512-BF16 to a
-    bf16 kernel (inputs cast to bf16), whatever the compute dtype: logits then move by ~0.4 % of
-    their range between a laptop and a server, and between eval and training. float32 compute
-    must mean float32, so that path is turned off here (bitsandbytes' own switch)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
