@@ -11,23 +11,28 @@ from agiasi.host_embedding import keep_input_embedding_on_host
 from tests.helpers import make_wrapper
 
 
-def test_a_tied_head_is_refused(tiny_llama_tied):
-    w = make_wrapper(tiny_llama_tied)
-    with pytest.raises(AgiasiError, match="ties its head to the input embedding"):
-        keep_input_embedding_on_host(w.causal_lm, torch.device("cuda"))
+def _as_built(w):
+    return w
 
 
-def test_a_trained_embedding_is_refused(tiny_phi3):
-    w = make_wrapper(tiny_phi3)
+def _trained(w):
     w.causal_lm.get_input_embeddings().weight.requires_grad_(True)
-    with pytest.raises(AgiasiError, match="input embedding is being trained"):
-        keep_input_embedding_on_host(w.causal_lm, torch.device("cuda"))
+    return w
 
 
-def test_a_device_that_is_not_cuda_is_refused(tiny_phi3):
-    w = make_wrapper(tiny_phi3)
-    with pytest.raises(AgiasiError, match="needs a CUDA device, not cpu"):
-        keep_input_embedding_on_host(w.causal_lm, torch.device("cpu"))
+@pytest.mark.parametrize(
+    "model, change, device, message",
+    [
+        ("tiny_llama_tied", _as_built, "cuda", "ties its head to the input embedding"),
+        ("tiny_phi3", _trained, "cuda", "input embedding is being trained"),
+        ("tiny_phi3", _as_built, "cpu", "needs a CUDA device, not cpu"),
+    ],
+)
+def test_what_cannot_live_on_the_host_is_refused(model, change, device, message, request):
+    """Refused before anything moves, so these run without a card."""
+    w = change(make_wrapper(request.getfixturevalue(model)))
+    with pytest.raises(AgiasiError, match=message):
+        keep_input_embedding_on_host(w.causal_lm, torch.device(device))
 
 
 def test_on_the_cpu_the_flag_leaves_the_embedding_alone(tiny_phi3):
