@@ -109,8 +109,11 @@ class _Offloader:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, offloader: _Offloader, run, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(
+        ctx, offloader: _Offloader, run, wants_dx: bool, hidden: torch.Tensor, *args: Any
+    ) -> torch.Tensor:
         ctx.run = run
+        ctx.wants_dx = wants_dx
         ctx.args = args
         ctx.device = hidden.device
         ctx.cpu_rng = torch.get_rng_state()
@@ -128,7 +131,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        h = ctx.offloader.take(ctx.saved).detach().requires_grad_(True)
+        # the first layer's input (a frozen embedding's rows) needs no gradient: without one
+        # the recompute's graph leaves out that layer's input-side backward
+        h = ctx.offloader.take(ctx.saved).detach().requires_grad_(ctx.wants_dx)
         ctx.saved = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
@@ -138,8 +143,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             kind, enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
                 out = ctx.run(h, *ctx.args)
-        torch.autograd.backward(out, grad_out)
-        return (None, None, h.grad) + (None,) * len(ctx.args)
+        if out.requires_grad:  # a layer with nothing to train and no dX wanted has no graph
+            torch.autograd.backward(out, grad_out)
+        return (None, None, None, h.grad if ctx.wants_dx else None) + (None,) * len(ctx.args)
 
 
 def offloaded_checkpoint(
@@ -148,11 +154,12 @@ def offloaded_checkpoint(
     """Drop-in for HF's ``_gradient_checkpointing_func(partial(forward, **kwargs), hidden)``."""
     if not torch.is_grad_enabled():  # no backward will come: nothing to keep
         return run(hidden, *args)
-    if not hidden.requires_grad:
+    wants_dx = hidden.requires_grad
+    if not wants_dx:
         # The first layer's input comes from a frozen embedding; without this the layer's
         # output would not require grad and its LoRA would never see a backward pass.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(offloader, run, hidden, *args)
+    return _OffloadedCheckpoint.apply(offloader, run, wants_dx, hidden, *args)
 
 
 def enable_offloaded_checkpointing(decoder: torch.nn.Module) -> int:

@@ -109,3 +109,21 @@ def test_the_recompute_runs_under_the_forwards_autocast():
     got = [p.grad for layer in layers for p in layer.parameters()]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_the_first_layer_computes_no_gradient_for_its_input():
+    """The first layer's input (a frozen embedding's rows) needs no gradient: its recompute
+    must not compute one (a layer's worth of input-side matmuls a step), and every parameter's
+    gradient stays the plain run's (the test above). The layers after it still pass theirs on."""
+    layers = _layers()
+    seen = []
+    for layer in layers:
+        layer[0].register_full_backward_hook(
+            lambda module, grad_in, grad_out: seen.append(grad_in[0] is not None)
+        )
+    off = _Offloader()
+    _run(layers, torch.randn(3, 8), partial(offloaded_checkpoint, offloader=off)).backward()
+    assert seen == [True, True, True, False]  # the backward runs from the last layer down
+    seen.clear()
+    _run(layers, torch.randn(3, 8)).backward()  # autograd's own rule, for comparison
+    assert seen == [True, True, True, False]
