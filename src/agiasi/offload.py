@@ -145,7 +145,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 out = ctx.run(h, *ctx.args)
         if out.requires_grad:  # a layer with nothing to train and no dX wanted has no graph
             torch.autograd.backward(out, grad_out)
-        return (None, None, None, h.grad if ctx.wants_dx else None) + (None,) * len(ctx.args)
+        return (None, None, None, h.grad) + (None,) * len(ctx.args)
 
 
 def offloaded_checkpoint(
