@@ -58,8 +58,8 @@ def host_view(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
     view = torch.as_tensor(Memory(), device=device)
     if view.data_ptr() != pinned.data_ptr():  # a copy would put the matrix back on the card
         raise AgiasiError(
-            "--offload-embeddings: this CUDA platform does not map host memory into the GPU's "
-            "address space (no unified addressing); leave the flag out"
+            f"--offload-embeddings: PyTorch copied the host matrix to {device} instead of "
+            "reading it in place; leave the flag out"
         )
     return view.view(pinned.dtype)
 
