@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--shape", default="phi-3.5-mini", choices=sorted(SHAPES))
     ap.add_argument("--model-dir", type=Path, help="where the random model lives (per shape)")
+    ap.add_argument(
+        "--cprofile", action="store_true", help="also the Python functions' host time (cProfile)"
+    )
     args = ap.parse_args()
     args.model_dir = args.model_dir or Path(SHAPES[args.shape])
     if args.impl == "unsloth":
@@ -65,7 +68,20 @@ def main() -> None:
         f"GPU busy {gpu_ms:.1f} ms/step (side-stream copies overlap), wall {wall_ms:.1f} ms/step "
         f"({args.batch * args.seq / wall_ms * 1e3:.0f} tok/s)"
     )
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    if args.cprofile:  # where the host's Python time goes (the profiler above sees only ops)
+        import cProfile
+        import pstats
+
+        cp = cProfile.Profile()
+        cp.enable()
+        for _ in range(3):
+            step(ids)
+        torch.cuda.synchronize()
+        cp.disable()
+        st = pstats.Stats(cp).strip_dirs()
+        st.sort_stats("tottime").print_stats(35)
+        st.sort_stats("cumulative").print_stats(45)
     print(f"{'kernel (per step)':<90} {'calls':>6} {'ms':>8} {'avg us':>8}")
     for e in kernels[:40]:
         total = e.self_device_time_total / 3 / 1e3
