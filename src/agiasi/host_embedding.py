@@ -20,8 +20,12 @@ CuPy and Numba share), which is how :func:`host_view` gets one.
 Measured on an H100 (bench/RESULTS.md, "The input embedding read in place"): the same model
 switched between the two places in one process steps in 235.2 vs 235.5 ms at 4,096 tokens and
 114 vs 116 ms at 512 (within that row's spread), where the first form (forward hooks: the
-gather on the CPU, the rows copied over) cost 5-7 %. It stays a flag, off by default, until
-the Phi-3.5-mini shape has been measured with it against Unsloth in one run (issue 24).
+gather on the CPU, the rows copied over) cost 5-7 %. Both benchmark shapes run ahead of Unsloth
+with it below Unsloth's memory ("Both shapes side by side"). It stays a flag, off by default:
+the in-place read relies on the driver mapping pinned pages for the card, which only Linux
+machines have exercised (the GPU tier); on the Windows and WSL2 drivers many of our users run
+it is untested, and 0.18-1 GiB is not worth an untested path unasked. Out-of-memory messages
+offer it.
 """
 
 from __future__ import annotations
