@@ -145,6 +145,12 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             self.causal_lm.config.use_cache = False
+            # transformers adds a hook that makes the embedding's output require grad, which
+            # only reentrant checkpointing needs (ours is not). It would make the rows a leaf
+            # that autograd holds, with a gradient of its own, until the backward ends: B·T·H
+            # values on the card each (384 MiB at 65,536 tokens of Phi-3.5-mini).
+            if getattr(self.causal_lm, "_require_grads_hook", None) is not None:
+                self.causal_lm.disable_input_require_grads()
         if config.offload_activations:
             from agiasi.offload import enable_offloaded_checkpointing
 

@@ -110,10 +110,9 @@ class _Offloader:
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, offloader: _Offloader, run, wants_dx: bool, hidden: torch.Tensor, *args: Any
+        ctx, offloader: _Offloader, run, anchor: torch.Tensor | None, hidden: torch.Tensor, *args
     ) -> torch.Tensor:
         ctx.run = run
-        ctx.wants_dx = wants_dx
         ctx.args = args
         ctx.device = hidden.device
         ctx.cpu_rng = torch.get_rng_state()
@@ -133,7 +132,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # the first layer's input (a frozen embedding's rows) needs no gradient: without one
         # the recompute's graph leaves out that layer's input-side backward
-        h = ctx.offloader.take(ctx.saved).detach().requires_grad_(ctx.wants_dx)
+        wants_dx = ctx.needs_input_grad[3]
+        h = ctx.offloader.take(ctx.saved).detach().requires_grad_(wants_dx)
         ctx.saved = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
@@ -154,12 +154,14 @@ def offloaded_checkpoint(
     """Drop-in for HF's ``_gradient_checkpointing_func(partial(forward, **kwargs), hidden)``."""
     if not torch.is_grad_enabled():  # no backward will come: nothing to keep
         return run(hidden, *args)
-    wants_dx = hidden.requires_grad
-    if not wants_dx:
-        # The first layer's input comes from a frozen embedding; without this the layer's
-        # output would not require grad and its LoRA would never see a backward pass.
-        hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(offloader, run, wants_dx, hidden, *args)
+    # The first layer's input comes from a frozen embedding and needs no gradient, but the
+    # layer's output must require one or its LoRA never sees a backward pass. An empty tensor
+    # that requires grad stands in: marking the rows themselves would make them a leaf that
+    # autograd keeps alive (B·T·H on the card) until the backward ends.
+    anchor = None
+    if not hidden.requires_grad:
+        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(offloader, run, anchor, hidden, *args)
 
 
 def enable_offloaded_checkpointing(decoder: torch.nn.Module) -> int:

@@ -1,5 +1,6 @@
 """The wrapper on tiny models: fold equivalence, gradients, LoRA targets, NF4, generation, errors."""
 
+import gc
 import json
 
 import pytest
@@ -261,6 +262,47 @@ def test_offloaded_checkpointing_matches_standard_checkpointing(tiny_phi3):
     for k in ga:
         assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
     assert any(g.abs().sum() > 0 for k, g in gb.items() if "layers.0." in k and "lora_B" in k)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpoint", "offloaded"])
+def test_checkpointing_asks_no_gradient_of_the_embedding_rows(tiny_phi3, offload):
+    """A frozen embedding's rows need no gradient. transformers' hook marks them as needing one
+    (for reentrant checkpointing), which made them a leaf that autograd held, with a gradient of
+    its own, until the backward ended: B·T·H values on the card. Without it the offloaded rows
+    are freed once the forward is done (their copy is in host memory), and every gradient is
+    still the unchecked run's."""
+    grads = []
+    for checkpointing in (False, True):
+        w = make_wrapper(
+            tiny_phi3,
+            gradient_checkpointing=checkpointing,
+            offload_activations=checkpointing and offload,
+        ).train()
+        randomize_soul(w)
+        randomize_lora(w)
+        rows = []
+        w.causal_lm.get_input_embeddings().register_forward_hook(
+            lambda module, args, out, rows=rows: rows.append(
+                (out.requires_grad, out.untyped_storage()._weak_ref())  # the memory, not the object
+            )
+        )
+        ids = _ids(shape=(2, 17))
+        out = w(ids, labels=ids, return_logits=False)
+        gc.collect()
+        wants_grad, row_ref = rows[0]
+        assert not wants_grad
+        if checkpointing and offload:
+            assert torch.UntypedStorage._expired(row_ref), (
+                "the embedding's rows outlive the forward"
+            )
+        torch.UntypedStorage._free_weak_ref(row_ref)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in w.named_parameters() if p.requires_grad})
+    plain, checked = grads
+    assert plain.keys() == checked.keys() and any("layers.0." in k for k in plain)
+    for k in plain:
+        torch.testing.assert_close(checked[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(g.abs().sum() > 0 for k, g in checked.items() if "layers.0." in k and "lora_B" in k)
 
 
 # --------------------------------------------------------------------------- CPU compute dtype
