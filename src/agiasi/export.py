@@ -5,7 +5,7 @@ Stages, each a function below:
 1. :func:`plan_export` — every check that can fail, before anything is read in bulk or written:
    the checkpoint, the output path (never inside the checkpoint, its run or the base model),
    the base model's files, the optional dependencies the requested outputs need, free disk.
-2. :func:`write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
+2. :func:`agiasi.export_hf.write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
    base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.weights`) and, on the
    same pass, into the F16/F32/BF16 GGUFs (:class:`agiasi.gguf.GGUFStream`): memory holds
    about two tensors (the next one is merged while this one is written), never the model, and
@@ -23,11 +23,8 @@ says which stage failed, and the command exits non-zero.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +32,6 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from agiasi._faults import maybe_crash
 from agiasi.errors import AgiasiError
 from agiasi.export_checks import (
     check_free_disk,
@@ -44,7 +40,8 @@ from agiasi.export_checks import (
     check_special_ids,
     refuse_nonfinite,
 )
-from agiasi.export_files import exported_config, modelfile, modelfile_value
+from agiasi.export_files import exported_config, modelfile, modelfile_value, read_json
+from agiasi.export_hf import write_hf_folder
 from agiasi.export_measure import base_report, finish_report, write_report_and_card
 from agiasi.export_quant import check_imatrix_flags, plan_imatrix, write_ggufs
 from agiasi.loading import DType
@@ -52,7 +49,6 @@ from agiasi.merge import (
     MergePlan,
     SoulFold,
     lora_pairs,
-    merged_tensors,
     rotation_from_state,
 )
 from agiasi.options import check, option
@@ -331,7 +327,7 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     from agiasi.gguf_vocab import bpe_pre_tokenizer
 
     if vocabulary_kind(arch, base_dir) == "bpe":
-        bpe_pre_tokenizer(_read_json(base_dir / "tokenizer.json"))
+        bpe_pre_tokenizer(read_json(base_dir / "tokenizer.json"))
     writer_for(arch).check(hf_cfg.to_dict(), LazyWeights(base_dir))
 
 
@@ -432,83 +428,3 @@ def export_dtype(name: str, hf_cfg) -> torch.dtype:
         return getattr(torch, name)
     dtype = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AgiasiError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise AgiasiError(f"{path} is not a JSON object")
-    return data
-
-
-# --------------------------------------------------------------------------- 2. HF folder
-
-
-def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say):
-    """Config, tokenizer (+ ``tokenizer.model``), generation config, then the merged weights in
-    one stream: each tensor goes into the HF shards and, on the same pass, into every GGUF that
-    gguf-py writes (:func:`agiasi.export_quant.streamed_types`; F16 when K-quants or llama.cpp's
-    Q8_0 follow), so no GGUF reads the folder back.
-
-    Returns the tokenizer (the Modelfile and the measure use it) and the GGUFs written.
-    """
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from agiasi.export_quant import streamed_types
-    from agiasi.gguf import GGUFStream
-    from agiasi.weights import write_sharded
-
-    start = time.perf_counter()
-    hf_dir.mkdir()
-    new_cfg = exported_config(plan.hf_config, plan.dtype)
-    new_cfg.save_pretrained(str(hf_dir))
-    tok = AutoTokenizer.from_pretrained(str(plan.base_dir))
-    tok.save_pretrained(str(hf_dir))
-    for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
-        if (plan.base_dir / extra).is_file() and not (hf_dir / extra).exists():
-            shutil.copy(plan.base_dir / extra, hf_dir / extra)
-    if not (hf_dir / "generation_config.json").exists():
-        GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
-    types = streamed_types(plan.types)
-    cfg_json = _read_json(hf_dir / "config.json")
-    streams: dict[str, GGUFStream] = {}
-    try:
-        for t in types:
-            streams[t] = GGUFStream(
-                folder / f"{plan.stem}-{t}.gguf",
-                hf_dir,
-                cfg_json,
-                plan.shapes,
-                t,
-                plan.cfg.output_tensor_type,
-            )
-        log(
-            f"export: merging ({plan.cfg.merge_base} base) and folding into "
-            f"{hf_dir.parent.name}, {str(plan.dtype).removeprefix('torch.')}, "
-            f"{len(plan.shapes)} tensors"
-            + (f"; GGUF {', '.join(types)} on the same pass" if types else "")
-        )
-        write_sharded(hf_dir, plan.shapes, _teed(merged_tensors(plan.merge), streams), plan.dtype)
-        maybe_crash("export_hf_written")
-        ggufs = {t: s.finish() for t, s in streams.items()}
-    except BaseException:
-        for s in streams.values():
-            s.abort()
-        raise
-    size = sum(f.stat().st_size for f in hf_dir.iterdir())
-    log(f"export: HF folder written ({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)")
-    for g in ggufs.values():
-        maybe_crash("export_gguf_written")
-        log(f"export: {g.name}")
-    return tok, ggufs
-
-
-def _teed(tensors, streams):
-    """``tensors`` passed on unchanged, each also handed to every GGUF stream on its way."""
-    for name, t in tensors:
-        for s in streams.values():
-            s.add(name, t)
-        yield name, t

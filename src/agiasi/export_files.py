@@ -5,6 +5,7 @@ fidelity table, and the verdict on a measured export (:func:`failed_check`).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -226,3 +227,14 @@ def exported_config(hf_cfg, dtype):
         new_cfg.get_text_config().tie_word_embeddings = False
     new_cfg.dtype = dtype
     return new_cfg
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model's files, or one error naming the file (never a traceback)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AgiasiError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AgiasiError(f"{path} is not a JSON object")
+    return data

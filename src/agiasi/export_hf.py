@@ -1,0 +1,88 @@
+"""Stage 2 of an export (:mod:`agiasi.export`): the HF folder, with the streamed GGUFs.
+
+The merged, folded weights go from the base's safetensors into HF shards tensor by tensor
+(:mod:`agiasi.merge`, :mod:`agiasi.weights`), and each tensor on its way also into every GGUF
+that gguf-py writes (:class:`agiasi.gguf.GGUFStream`), so memory holds about two tensors and
+no GGUF reads the folder back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agiasi._faults import maybe_crash
+from agiasi.export_files import exported_config, read_json
+from agiasi.merge import merged_tensors
+
+if TYPE_CHECKING:
+    from agiasi.export import ExportPlan
+
+
+def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log) -> tuple:
+    """Config, tokenizer (+ ``tokenizer.model``), generation config, then the merged weights in
+    one stream: each tensor goes into the HF shards and, on the same pass, into every GGUF that
+    gguf-py writes (:func:`agiasi.export_quant.streamed_types`; F16 when K-quants or llama.cpp's
+    Q8_0 follow), so no GGUF reads the folder back.
+
+    Returns the tokenizer (the Modelfile and the measure use it) and the GGUFs written.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from agiasi.export_quant import streamed_types
+    from agiasi.gguf import GGUFStream
+    from agiasi.weights import write_sharded
+
+    start = time.perf_counter()
+    hf_dir.mkdir()
+    new_cfg = exported_config(plan.hf_config, plan.dtype)
+    new_cfg.save_pretrained(str(hf_dir))
+    tok = AutoTokenizer.from_pretrained(str(plan.base_dir))
+    tok.save_pretrained(str(hf_dir))
+    for extra in ("tokenizer.model", "generation_config.json", "added_tokens.json"):
+        if (plan.base_dir / extra).is_file() and not (hf_dir / extra).exists():
+            shutil.copy(plan.base_dir / extra, hf_dir / extra)
+    if not (hf_dir / "generation_config.json").exists():
+        GenerationConfig.from_model_config(new_cfg).save_pretrained(str(hf_dir))
+    types = streamed_types(plan.types)
+    cfg_json = read_json(hf_dir / "config.json")
+    streams: dict[str, GGUFStream] = {}
+    try:
+        for t in types:
+            streams[t] = GGUFStream(
+                folder / f"{plan.stem}-{t}.gguf",
+                hf_dir,
+                cfg_json,
+                plan.shapes,
+                t,
+                plan.cfg.output_tensor_type,
+            )
+        log(
+            f"export: merging ({plan.cfg.merge_base} base) and folding into "
+            f"{hf_dir.parent.name}, {str(plan.dtype).removeprefix('torch.')}, "
+            f"{len(plan.shapes)} tensors"
+            + (f"; GGUF {', '.join(types)} on the same pass" if types else "")
+        )
+        write_sharded(hf_dir, plan.shapes, _teed(merged_tensors(plan.merge), streams), plan.dtype)
+        maybe_crash("export_hf_written")
+        ggufs = {t: s.finish() for t, s in streams.items()}
+    except BaseException:
+        for s in streams.values():
+            s.abort()
+        raise
+    size = sum(f.stat().st_size for f in hf_dir.iterdir())
+    log(f"export: HF folder written ({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    for g in ggufs.values():
+        maybe_crash("export_gguf_written")
+        log(f"export: {g.name}")
+    return tok, ggufs
+
+
+def _teed(tensors, streams):
+    """``tensors`` passed on unchanged, each also handed to every GGUF stream on its way."""
+    for name, t in tensors:
+        for s in streams.values():
+            s.add(name, t)
+        yield name, t
