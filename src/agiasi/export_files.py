@@ -1,6 +1,7 @@
 """What an export writes beside the weights, from text a model's files supply: the Ollama
 Modelfile (every value quoted or refused by Ollama's syntax), the model card, the printed
-fidelity table, and the verdict on a measured export (:func:`failed_check`).
+fidelity table, and the verdict on a measured export (:func:`failed_check`); and how those
+files' JSON is read (:func:`read_json`: one error naming the file, never a traceback).
 """
 
 from __future__ import annotations
