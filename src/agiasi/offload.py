@@ -112,6 +112,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(
         ctx, offloader: _Offloader, run, anchor: torch.Tensor | None, hidden: torch.Tensor, *args
     ) -> torch.Tensor:
+        # ``anchor`` is never read: as an input that requires grad it makes the output require
+        # one when ``hidden`` does not (offloaded_checkpoint says why)
         ctx.run = run
         ctx.args = args
         ctx.device = hidden.device
