@@ -90,11 +90,14 @@ def calibration_text(cal: Calibration, tokenizer, max_tokens: int) -> str:
     """The text of ``cal``: documents as they are, conversations through the model's chat
     template, joined by blank lines; reading stops once it holds enough for ``max_tokens``."""
     from agiasi.data.load import iter_records, load_records, split_eval
+    from agiasi.templates import render_text
 
     raw = Path(cal.dataset).expanduser()
     if raw.is_file() and raw.suffix == ".txt" and not cal.eval_split:  # a text file as it is
-        with open(raw, encoding="utf-8", errors="replace") as fh:
-            text = fh.read(max_tokens * CHARS_PER_TOKEN)
+        from agiasi.textfiles import read_text
+
+        # never errors="replace": calibrating on U+FFFD would skew the matrix without a word
+        text = read_text(raw, "calibration text", max_chars=max_tokens * CHARS_PER_TOKEN)
         if not text.strip():
             raise AgiasiError(f"the calibration data ({cal.source}) holds no text")
         return text
@@ -109,7 +112,7 @@ def calibration_text(cal: Calibration, tokenizer, max_tokens: int) -> str:
     parts, size = [], 0
     for r in records:
         if "messages" in r:
-            piece = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+            piece = render_text(tokenizer, r["messages"], r.get("_where", "calibration data"))
         else:
             piece = r.get("text", "")
         parts.append(piece)

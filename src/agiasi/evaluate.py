@@ -171,27 +171,57 @@ def perplexity(logits_fn, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def eval_text(text_path: str | Path | None) -> tuple[Path, str]:
-    """The evaluation text (default: the shipped held-out sample), checked before any model loads."""
+def eval_text(text_path: str | Path | None) -> Path:
+    """The evaluation text's path (default: the shipped held-out sample), checked before any
+    model loads: it exists and its first block is text in an accepted encoding."""
     from agiasi.shipped import default_heldout
+    from agiasi.textfiles import read_text
 
     path = Path(text_path) if text_path else default_heldout()
     if not path.is_file():
         raise AgiasiError(f"evaluation text not found: {path}")
-    try:
-        return path, path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AgiasiError(f"evaluation text {path} is not UTF-8 (byte {e.start})") from None
+    read_text(path, "evaluation text", max_chars=4096)
+    return path
+
+
+# Characters read first for every token asked (then doubled until enough): Japanese runs at 1-3
+# characters a token, code and English at 3-5. Tokens this close to the end of what was read
+# may merge with text past it, so they are not used unless the file ended there.
+CHARS_PER_TOKEN_READ = 8
+EDGE_TOKENS = 64
+
+
+def prefix_ids(
+    tokenize: Callable[[str], list[int]], text_path: str | Path | None, limit: int
+) -> tuple[list[int], float, int]:
+    """The first ``limit`` token ids of the evaluation text, its characters per token and the
+    characters read. Only as much of the file is read and tokenized as those tokens need (the
+    prefix is cut at a line end and tokenized in one call, so the ids are those of the whole
+    file): ``--max-tokens 2048`` of a 200 MB file reads kilobytes, not the file."""
+    from agiasi.textfiles import read_text
+
+    path = eval_text(text_path)
+    want = max(1 << 16, limit * CHARS_PER_TOKEN_READ)
+    while True:
+        text = read_text(path, "evaluation text", max_chars=want + 1)
+        whole = len(text) <= want
+        if not whole:
+            cut = text.rfind("\n", 0, want)
+            text = text[: cut + 1] if cut > want // 2 else text[:want]
+        ids = tokenize(text)
+        if whole or len(ids) >= limit + EDGE_TOKENS:
+            return ids[:limit], len(text) / max(1, len(ids)), len(text)
+        want *= 2
 
 
 def text_ids(
     tok, text_path: str | Path | None, limit: int = MAX_EVAL_TOKENS
 ) -> tuple[list[int], float]:
     """Token ids of the evaluation text (at most ``limit``) and its characters per token."""
-    _, text = eval_text(text_path)
-    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-    chars_per_token = len(text) / max(1, len(ids))
-    return ids[:limit], chars_per_token
+    ids, chars_per_token, _ = prefix_ids(
+        lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"], text_path, limit
+    )
+    return ids, chars_per_token
 
 
 # --------------------------------------------------------------------------- `agiasi eval`
@@ -404,16 +434,16 @@ def _torch_eval_model(kind: str, path, model, tok_src, hf_config, dev) -> EvalMo
 def render_template(render: Callable[[list[dict[str, str]]], str], messages) -> str:
     """A chat template on ``messages`` within the render budget; a template that refuses the
     system turn renders without it, as lm-eval does (the description is then dropped)."""
-    from agiasi.data.tokenize import within_budget
+    from agiasi.templates import bounded
 
     try:
-        return within_budget(lambda: render(messages), "the chat template")
+        return bounded(lambda: render(messages), "the chat template")
     except AgiasiError:
         raise
     except Exception:  # jinja2's TemplateError and whatever the template raises
         rest = [m for m in messages if m["role"] != "system"]
         try:
-            return within_budget(lambda: render(rest), "the chat template")
+            return bounded(lambda: render(rest), "the chat template")
         except AgiasiError:
             raise
         except Exception as e:
@@ -426,7 +456,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     check(cfg)
     model_kind(cfg.model)
-    text_path, text = eval_text(cfg.text)
+    text_path = eval_text(cfg.text)
     m = open_eval_model(
         cfg.model,
         base_model=cfg.base_model,
@@ -435,9 +465,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         n_ctx=max(cfg.n_ctx, cfg.window or 0),
     )
     try:
-        all_ids = m.tokenize(text)
+        ids, chars_per_token, _ = prefix_ids(m.tokenize, text_path, cfg.max_tokens)
         window = eval_window(cfg.window, m.context)
-        ids = all_ids[: cfg.max_tokens]
         ppl = perplexity(m.logits, ids, window)
     finally:
         m.close()
@@ -450,5 +479,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "window": window,
         "stride": window,
         "trained_context": m.context,
-        "chars_per_token": len(text) / max(1, len(all_ids)),
+        "chars_per_token": chars_per_token,
     }

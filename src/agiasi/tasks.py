@@ -165,10 +165,9 @@ def read_items(task: Task, path: Path) -> list[dict[str, Any]]:
             f"{task.name} data {path} is {size / 2**20:.0f} MiB; a JGLUE split is a few MB "
             f"(at most {MAX_FILE_BYTES // 2**20} MiB is read)"
         )
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AgiasiError(f"{task.name} data {path} is not UTF-8 (byte {e.start})") from None
+    from agiasi.textfiles import decode_bytes
+
+    text = decode_bytes(path.read_bytes(), path, f"{task.name} data")
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
@@ -249,11 +248,14 @@ def prepare(
     scored_from = str(scored_path) if data else f"{task.valid_file} (shipped)"
     pool: list[dict[str, Any]] = []
     fewshot_from = None
+    leaked = 0
     if num_fewshot > 0:
         if fewshot_data is not None or task.train_file is not None:
             pool_path = fewshot_data or jglue_file(task.train_file)
-            pool = read_items(task, pool_path)
+            pool, leaked = without_scored(task, read_items(task, pool_path), items)
             fewshot_from = str(pool_path) if fewshot_data else f"{task.train_file} (shipped)"
+            if leaked:
+                fewshot_from += f" less {leaked} item(s) that are also scored"
         else:
             if len(items) <= CARVED_POOL:
                 raise AgiasiError(
@@ -268,15 +270,41 @@ def prepare(
                 f"({task.name}'s train split is not shipped; --fewshot-data FILE uses another)"
             )
         if num_fewshot > len(pool):
+            left_out = (
+                f" ({leaked} item(s) of it are also scored and were left out, so that no item "
+                "sees its own answer)"
+                if leaked
+                else ""
+            )
             raise AgiasiError(
                 f"--num-fewshot {num_fewshot} is more than the {len(pool)} examples in the "
-                f"few-shot pool of {task.name}"
+                f"few-shot pool of {task.name}{left_out}"
             )
     if limit is not None:
         items = items[:limit]
     rnd = random.Random(seed)
     shots = [rnd.sample(pool, num_fewshot) if num_fewshot else [] for _ in items]
     return TaskSet(task, items, shots, scored_from, fewshot_from, num_fewshot, seed)
+
+
+def without_scored(
+    task: Task, pool: list[dict[str, Any]], scored: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The few-shot pool less every item that is also scored — by id, and by content (the same
+    question and choices under another id) — so no item is shown its own answer; and how many
+    were taken out."""
+
+    def content(item: dict[str, Any]) -> tuple:
+        return tuple(str(item[f]).strip() for f in task.fields if f != "label")
+
+    ids = {str(it[task.id_field]) for it in scored if task.id_field in it}
+    texts = {content(it) for it in scored}
+    kept = [
+        it
+        for it in pool
+        if str(it.get(task.id_field, object())) not in ids and content(it) not in texts
+    ]
+    return kept, len(pool) - len(kept)
 
 
 def plain_prompt(task: Task, item: dict[str, Any], shots: list[dict[str, Any]]) -> str:

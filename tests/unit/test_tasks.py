@@ -157,7 +157,7 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, capsys):
         encoding="utf-8",
     )
     two = tmp_path / "two.json"
-    rows = [json.loads(line) for line in _shipped("jcommonsenseqa-v1.3-valid-v1.3.json").open()][:2]
+    rows = [json.loads(line) for line in _shipped("jcommonsenseqa-v1.3-train-v1.3.json").open()][:2]
     two.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cases = [
         (["eval", model, "--task", "jsquad"], "unknown task 'jsquad'"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError, first_line
+from agiasi.textfiles import decode_bytes, text_lines
 
 SNIFF_BYTES = 8192
 # Characters of one document read before it is handed on in pieces: a file of one paragraph a
@@ -110,30 +111,9 @@ def _check_regular(path: Path) -> None:
         )
 
 
-def _sniff(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(SNIFF_BYTES)
-    if b"\x00" in head:
-        raise AgiasiError(f"dataset {path} looks binary (NUL bytes); expected UTF-8 text")
-
-
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` decoded one line at a time (a leading BOM dropped)."""
-    _sniff(path)
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if b"\x00" in raw:
-                raise AgiasiError(
-                    f"dataset {path}: line {lineno} holds NUL bytes; expected UTF-8 text"
-                )
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise AgiasiError(
-                    f"dataset {path} is not UTF-8 text (line {lineno}, byte {e.start})"
-                ) from None
+    """``(line number, text)`` in UTF-8, UTF-16 with a BOM or Shift-JIS (:mod:`agiasi.textfiles`)."""
+    return text_lines(path, "dataset")
 
 
 def _text_rows(path: Path) -> Iterator[Row]:
@@ -206,11 +186,7 @@ def _as_record(value: Any, path: Path, lineno: int | None, label: str = "line") 
 
 def _json_rows(path: Path) -> Iterator[Row]:
     """A JSON array of records (the Hub's ``.json`` files; read whole, as json has no stream)."""
-    _sniff(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AgiasiError(f"dataset {path} is not UTF-8 text (byte {e.start})") from None
+    text = decode_bytes(path.read_bytes(), path, "dataset")
     if not text.strip():
         return
     value = _parse_json(text, path, None)
@@ -239,25 +215,49 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         ) from None
 
 
-def _delimited_rows(path: Path, delimiter: str) -> Iterator[Row]:
-    _sniff(path)
-    pa_csv = _pyarrow("csv", path)
-    import pyarrow as pa
+# The longest value a CSV cell may hold (Python's csv refuses fields past 128 KiB by default; a
+# long conversation in one cell is normal data, a cell of gigabytes is not).
+MAX_CELL_CHARS = 64 << 20
 
+
+def _delimited_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    """Every cell as the text it is, byte for byte: Python's ``csv`` rather than pyarrow, whose
+    type inference turned an answer ``0010001`` into ``10001`` (and dates, booleans and floats
+    into other spellings) before any cast back to text could help. Read as a stream, in the
+    encodings every text file takes; values may span lines inside quotes."""
+    import csv
+
+    csv.field_size_limit(MAX_CELL_CHARS)
+    lines = (line for _, line in text_lines(path, "dataset", keepends=True))
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    kind = "CSV" if delimiter == "," else "TSV"
     try:
-        table = pa_csv.read_csv(
-            str(path),
-            parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pa_csv.ConvertOptions(strings_can_be_null=False),
-        )
-    except (OSError, ValueError) as e:
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip() for h in header]
+        if len(set(names)) != len(names) or not all(names):
+            dup = next((n for n in names if not n or names.count(n) > 1), "")
+            raise AgiasiError(
+                f"dataset {path}: the header row names column {dup!r} "
+                f"{'twice' if dup else '(an empty name)'}; every column needs its own name"
+            )
+        row = 0
+        for cells in reader:
+            if not cells or cells == [""]:
+                continue  # a blank line
+            row += 1
+            if len(cells) != len(names):
+                raise AgiasiError(
+                    f"dataset {path}: row {row} (line {reader.line_num}) has {len(cells)} "
+                    f"values for {len(names)} columns ({', '.join(names)}); a value holding "
+                    f"{'a comma' if delimiter == ',' else 'a tab'} or a line break must be quoted"
+                )
+            yield Row(f"{path}: row {row}", dict(zip(names, cells, strict=True)))
+    except csv.Error as e:
         raise AgiasiError(
-            f"dataset {path} is not readable as {delimiter!r}-separated values: {first_line(e)}"
+            f"dataset {path} is not readable as {kind} (line {reader.line_num}: {e})"
         ) from None
-    # Every column as text: "42" stays an answer, not a number the formats then refuse.
-    table = table.cast(pa.schema([pa.field(n, pa.string()) for n in table.column_names]))
-    for i, rec in enumerate(table.to_pylist(), start=1):
-        yield Row(f"{path}: row {i}", rec)
 
 
 def _pyarrow(module: str, path: Path):
