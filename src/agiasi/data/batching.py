@@ -99,9 +99,14 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
         if ids and len(ids) + len(ex.input_ids) > max_length:
             rows.append(Example(ids, labels, pos))
             ids, labels, pos = [], [], []
-        ids += ex.input_ids
-        labels += [IGNORE, *ex.labels[1:]]
+        # text blocks are int32 arrays: `list += array` is numpy's broadcasting add, not extend
+        ids.extend(_as_list(ex.input_ids))
+        labels += [IGNORE, *_as_list(ex.labels)[1:]]
         pos += range(len(ex.input_ids))
     if ids:
         rows.append(Example(ids, labels, pos))
     return rows
+
+
+def _as_list(x) -> list[int]:
+    return x.tolist() if hasattr(x, "tolist") else list(x)

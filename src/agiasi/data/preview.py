@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from itertools import groupby, islice
+from itertools import groupby
 from typing import Any
 
 from agiasi.data.files import read_rows, source_kind
 from agiasi.data.formats import convert, parse_columns
 from agiasi.data.load import split_sources
-from agiasi.data.tokenize import IGNORE, WHERE, tokenize_records
+from agiasi.data.tokenize import (
+    CONTINUES,
+    IGNORE,
+    WHERE,
+    check_turn_text,
+    text_ids,
+    tokenize_records,
+)
 from agiasi.errors import AgiasiError
 from agiasi.options import option
 from agiasi.shipped import tiny_model_path
@@ -68,17 +75,35 @@ def marked(ids: list[int], labels: list[int], tokenizer) -> str:
     return "".join(out)
 
 
+# Characters of plain text read per source: ``--sample`` counts records, and a text file's
+# record is a document of up to a megabyte, so 1000 of them could be a gigabyte of text (the
+# preview once held every token of a big file, ~13 bytes of RAM per byte of text).
+SAMPLE_TEXT_CHARS = 4 << 20
+
+
+def _sample(rows, n: int) -> tuple[list, bool]:
+    """The first ``n`` rows, and no more than ``SAMPLE_TEXT_CHARS`` of plain text; whether the
+    source had more."""
+    out, chars = [], 0
+    for row in rows:
+        if len(out) >= n or chars >= SAMPLE_TEXT_CHARS:
+            return out, True
+        text = row.record.get("text")
+        if isinstance(text, str):
+            chars += len(text)
+        out.append(row)
+    return out, False
+
+
 def summarize(cfg: DataConfig) -> dict[str, Any]:
-    """The figures ``agiasi data`` prints, as a dict (``--json`` shape)."""
+    """The figures ``agiasi data`` prints, as a dict (``--json`` shape; plain ints and strings)."""
     tok, base = _tokenizer(cfg)
     columns = parse_columns(cfg.dataset_columns)
     sources = []
     notes: list[str] = []
     for source in split_sources(cfg.dataset):
         kind = source_kind(source)
-        rows = list(islice(read_rows(source), cfg.sample + 1))
-        sampled = len(rows) > cfg.sample
-        rows = rows[: cfg.sample]
+        rows, sampled = _sample(read_rows(source), cfg.sample)
         records, formats = [], []
         for _, file_rows in groupby(rows, key=lambda r: r.where.rsplit(": ", 1)[0]):
             said: list[str] = []
@@ -89,13 +114,11 @@ def summarize(cfg: DataConfig) -> dict[str, Any]:
             raise AgiasiError(f"{source}: the dataset is empty: no documents or records found")
         chat = [r for r in records if "messages" in r]
         roles = Counter(m["role"] for r in chat for m in r["messages"])
-        full = tokenize_records(records, tok, 10**9, log=notes.append)
-        lengths = [len(e.input_ids) for e in full]
-        cut = sum(n > cfg.max_length for n in lengths[: len(chat)]) if chat else 0
-        example = None
-        if chat:
-            ex = full[0]
-            example = marked(ex.input_ids, ex.labels, tok)
+        examples = tokenize_records(chat, tok, 10**9, log=notes.append) if chat else []
+        lengths = [len(e.input_ids) for e in examples]
+        text_tokens = _count_text_tokens([r for r in records if "messages" not in r], tok)
+        cut = sum(n > cfg.max_length for n in lengths)
+        first_text = next((r["text"] for r in records if "messages" not in r), None)
         sources.append(
             {
                 "source": source,
@@ -104,16 +127,28 @@ def summarize(cfg: DataConfig) -> dict[str, Any]:
                 "records": len(records),
                 "sampled": sampled,
                 "chat_examples": len(chat),
-                "tokens": sum(lengths),
-                "trained_tokens": sum(sum(y != IGNORE for y in e.labels[1:]) for e in full),
+                "tokens": sum(lengths) + text_tokens,
+                "trained_tokens": sum(sum(y != IGNORE for y in e.labels[1:]) for e in examples)
+                + text_tokens,
                 "truncated": cut,
-                "longest": max(lengths),
+                "longest": max(lengths, default=text_tokens),
                 "roles": dict(roles),
-                "example": example,
-                "text_example": None if chat else records[0]["text"][:300],
+                "example": marked(examples[0].input_ids, examples[0].labels, tok) if chat else None,
+                "text_example": None if chat or first_text is None else first_text[:300],
             }
         )
     return {"base_model": base, "max_length": cfg.max_length, "sources": sources, "notes": notes}
+
+
+def _count_text_tokens(records: list[dict[str, Any]], tok) -> int:
+    """Tokens training makes of these documents (each followed by EOS), counted one document at
+    a time: nothing but the count is kept."""
+    total = 0
+    for r in records:
+        check_turn_text(r["text"], [], r.get(WHERE, "a record"))
+        n = len(text_ids(r["text"], tok))
+        total += n + (1 if n and not r.get(CONTINUES) else 0)
+    return total
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -7,8 +7,6 @@ usual causal-LM packing; every token is a target).
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from agiasi.errors import AgiasiError
+from agiasi.templates import bounded, render_ids
 
 IGNORE = -100
 WHERE = "_where"  # "FILE: line N" of a record, for errors found while tokenizing
@@ -59,6 +58,7 @@ def tokenize_records(
     roles = _RoleCheck(tokenizer)
     controls = control_texts(tokenizer)
     empty_answers: list[str] = []
+    dropped: list[str] = []
     seen = 0
     for i, rec in enumerate(records):
         seen += 1
@@ -68,10 +68,12 @@ def tokenize_records(
                 empty_answers.append(where)
             ex = _chat_example(rec["messages"], tokenizer, max_length, where)
             if any(t != IGNORE for t in ex.labels[1:]):
-                examples.append(ex)  # else the answer was cut off by --max-length: skip it
+                examples.append(ex)
+            else:  # every answer starts past --max-length: nothing of it could be trained
+                dropped.append(where)
             continue
         check_turn_text(rec["text"], [], rec.get(WHERE, f"record {i + 1}"))  # valid Unicode
-        ids = _text_ids(rec["text"], tokenizer)
+        ids = text_ids(rec["text"], tokenizer)
         carry.extend(ids)
         if ids and not rec.get(CONTINUES):
             carry.append(eos)
@@ -88,8 +90,18 @@ def tokenize_records(
             f"warning: empty assistant turn at {empty_answers[0]}{more}: the model learns to "
             "answer with nothing there"
         )
+    cause = (
+        f"{len(dropped)} conversation(s) dropped because their answer starts past --max-length "
+        f"{max_length} (the first at {dropped[0]}): nothing of it would be trained"
+        if dropped
+        else ""
+    )
     if not examples:
+        if dropped:
+            raise AgiasiError(f"no conversation left to train: all {cause}; raise --max-length")
         raise AgiasiError("the dataset has no trainable text: it tokenizes to fewer than 2 tokens")
+    if dropped and log is not None:
+        log(f"warning: {cause}")
     return examples
 
 
@@ -122,7 +134,7 @@ def _check_chat(messages, roles: _RoleCheck, controls, where: str) -> bool:
 TOKENIZE_CHARS = 1 << 16
 
 
-def _text_ids(text: str, tokenizer) -> list[int]:
+def text_ids(text: str, tokenizer) -> list[int]:
     """Plain text's ids, control-token text included as plain text (``split_special_tokens``):
     "<|user|>" typed into a document must not become a turn marker."""
     if len(text) <= TOKENIZE_CHARS:
@@ -174,75 +186,12 @@ def check_turn_text(text: str, controls: list[str], where: str) -> None:
             )
 
 
-# Seconds one chat-template render may take. A template is the model's code in a sandbox: it
-# cannot reach the system, but a loop inside it (nested ranges) can run, and grow its output,
-# without end. A real one renders in milliseconds.
-RENDER_SECONDS = 5.0
-
-
-class _Renderer:
-    """One daemon thread that renders templates, so a budget costs a queue hand-off rather than
-    a thread per render (a 50 k-conversation dataset renders ~150 k times). A render that
-    overruns leaves its thread behind; the next call starts a fresh one."""
-
-    def __init__(self):
-        self._jobs: queue.Queue | None = None
-
-    def _start(self) -> queue.Queue:
-        jobs: queue.Queue = queue.Queue()
-
-        def loop() -> None:
-            while True:
-                fn, box, done = jobs.get()
-                try:
-                    box["out"] = fn()
-                except BaseException as e:  # handed back to the caller's thread
-                    box["err"] = e
-                done.set()
-
-        threading.Thread(target=loop, daemon=True, name="agiasi-template").start()
-        return jobs
-
-    def __call__(self, fn, where: str):
-        if self._jobs is None:
-            self._jobs = self._start()
-        box: dict[str, Any] = {}
-        done = threading.Event()
-        self._jobs.put((fn, box, done))
-        if not done.wait(RENDER_SECONDS):
-            self._jobs = None  # that thread is stuck in the template
-            raise AgiasiError(
-                f"{where}: the chat template did not finish rendering in {RENDER_SECONDS:g} s (a "
-                "loop in the template?); agiasi does not run it further"
-            )
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
-
-
-within_budget = _Renderer()
-
-
 def render_chat(
     tokenizer, messages: list[dict[str, str]], where: str, gen: bool = False
 ) -> list[int]:
-    """The tokenizer's chat template on ``messages`` → ids; a template that raises (its own
-    ``raise_exception``, a conversation it rejects) is one error naming the record."""
-    try:
-        out = within_budget(
-            lambda: tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=gen
-            ),
-            where,
-        )
-    except AgiasiError:
-        raise
-    except Exception as e:  # jinja2's TemplateError and whatever the template raises
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AgiasiError(f"{where}: the chat template refused this conversation: {msg}") from None
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return list(out)
+    """The tokenizer's chat template on ``messages`` → ids, the render within its time and
+    memory budget (:mod:`agiasi.templates`) and the tokenizing outside it."""
+    return render_ids(tokenizer, messages, where, gen)
 
 
 class _RoleCheck:
@@ -253,6 +202,7 @@ class _RoleCheck:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.known: dict[str, bool] = {}
+        self.failure: str | None = None  # the template's own error on the last failed probe
 
     STANDARD = ("system", "user", "assistant")
 
@@ -260,6 +210,12 @@ class _RoleCheck:
         if role not in self.known:
             self.known[role] = self._renders(role)
         seen = sorted(r for r, ok in self.known.items() if ok and self._named(r))
+        if not self.known[role] and role in ("user", "assistant") and self.failure:
+            # the template fails on the plainest conversation: that is its error, not the role's
+            raise AgiasiError(
+                f"{where}: the chat template fails on a plain {role!r} turn: {self.failure}; the "
+                "template itself is broken (fix or replace the model's chat template)"
+            )
         if not self.known[role]:
             raise AgiasiError(
                 f"{where}: role {role!r} is not one this tokenizer's chat template knows (it "
@@ -287,13 +243,16 @@ class _RoleCheck:
         probe = {"role": role, "content": self._PROBE}
         for conversation in ([probe], [{"role": "user", "content": "x"}, probe]):
             try:
-                text = within_budget(
+                text = bounded(
                     lambda c=conversation: self.tokenizer.apply_chat_template(c, tokenize=False),
                     "the role check",
                 )
             except AgiasiError:
                 raise
-            except Exception:  # templates that raise_exception() on a role or an order
+            except Exception as e:  # templates that raise_exception() on a role or an order
+                self.failure = (
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                )
                 continue
             if self._PROBE in text:
                 return True
