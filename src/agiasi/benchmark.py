@@ -46,6 +46,17 @@ def prepare_sets(cfg) -> list[TaskSet]:
     ]
 
 
+def eval_inputs(cfg) -> dict[str, str | None]:
+    """Every file or folder ``agiasi eval --task`` reads, by what it is (for the output check)."""
+    inputs: dict[str, str | None] = {"the model": cfg.model, "the base model": cfg.base_model}
+    for i, m in enumerate((cfg.compare or "").split(","), start=1):
+        inputs[f"compared model {i}"] = m.strip() or None
+    for flag, value in (("--task-data", cfg.task_data), ("--fewshot-data", cfg.fewshot_data)):
+        for j, part in enumerate((value or "").split(","), start=1):
+            inputs[f"the {flag} file {j}"] = part.partition("=")[2] or part.strip() or None
+    return inputs
+
+
 def score_set(model, ts: TaskSet, chat: bool, log=None) -> dict[str, Any]:
     """One model on one task: per-item outcomes and the two accuracies."""
     if chat and model.chat is None:

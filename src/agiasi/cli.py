@@ -144,18 +144,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _no_alias_loader():
+    """PyYAML's safe loader without aliases: a flat file of flags never needs ``*name``, and a
+    0.5 KB file of nested aliases expands to billions of items wherever it is walked."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(
+                    f"line {event.start_mark.line + 1} uses a YAML alias (*{event.anchor}); "
+                    "write the value out instead"
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
+
+    _NoAliasLoader = _no_alias_loader()
 
     p = Path(path)
     if not p.exists():
         raise AgiasiError(f"config file not found: {path!r}")
     if not p.is_file():
         raise AgiasiError(f"config file {path!r} is not a file")
+    from agiasi.textfiles import decode_bytes
+
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise AgiasiError(
+            f"config file {path!r} is {p.stat().st_size:,} bytes; a file of flags is a few "
+            f"hundred (at most {MAX_CONFIG_BYTES:,} are read)"
+        )
+    text = decode_bytes(p.read_bytes(), p, "config file")
     try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise AgiasiError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
+        data = yaml.load(text, Loader=_NoAliasLoader) or {}
     except (yaml.YAMLError, RecursionError) as e:
         raise AgiasiError(f"config file {path!r} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
@@ -217,9 +246,12 @@ def _eval_tasks(cfg) -> int:
         raise AgiasiError("--compare needs --task (the benchmark to compare the models on)")
     if cfg.text:
         raise AgiasiError("--text is for perplexity; --task scores the JGLUE items instead")
-    report_path = Path(cfg.report) if cfg.report else None
-    if report_path is not None and report_path.is_dir():
-        raise AgiasiError(f"--report {report_path} is a folder; name a file")
+    report_path = None
+    if cfg.report:  # checked before an hour of scoring, and never an input of this command
+        from agiasi.benchmark import eval_inputs
+        from agiasi.outputs import check_output_file
+
+        report_path = check_output_file(cfg.report, "--report", eval_inputs(cfg))
     report = run_benchmark(cfg, log=lambda m: print(m, file=sys.stderr))
     if report_path is not None:
         tmp = report_path.with_name(f".{report_path.name}.tmp")

@@ -24,6 +24,7 @@ says which stage failed, and the command exits non-zero.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -141,8 +142,13 @@ class ExportPlan:
 
     @property
     def stem(self) -> str:
+        """The exported files' name: the base's folder or hub name, with what a Modelfile's
+        ``FROM`` line cannot hold (whitespace, quotes, backslashes, controls) made ``-``, so a
+        base in ``My Models/borea 3.8b`` still exports its GGUFs."""
         base = Path(self.base_id)
-        return (base.name if base.exists() else self.base_id.split("/")[-1]) + "-agiasi"
+        name = base.name if base.exists() else self.base_id.split("/")[-1]
+        name = re.sub(r"[\s\"'\\\x00-\x1f\x7f]+", "-", name).strip("-") or "model"
+        return name + "-agiasi"
 
 
 def _say(msg: str) -> None:
@@ -214,7 +220,13 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     ckpt, manifest, mcfg = _checkpoint_of(cfg, log)
     base_id = mcfg.base_model
     out = Path(cfg.out)
-    check_output_path(out, ckpt, base_id, cfg.force, cfg.text)
+    imatrix_file = cfg.imatrix if cfg.imatrix not in ("auto", "none") else None
+    inputs = {
+        "the --text file": cfg.text,
+        "the --imatrix file": imatrix_file,
+        "the --calibration data": cfg.calibration,
+    }
+    check_output_path(out, ckpt, base_id, cfg.force, inputs)
     hf_cfg = load_config(base_id, mcfg.trust_remote_code)
     check_same_base(manifest, ckpt, base_id, hf_cfg)
     check_same_weights(manifest, ckpt, base_id)

@@ -50,14 +50,16 @@ EXPORT_ENTRIES = ("hf", "Modelfile", "README.md", REPORT, "imatrix.gguf")
 
 
 def check_output_path(
-    out: Path, ckpt: Path, base_id: str, force: bool, text: str | None = None
+    out: Path, ckpt: Path, base_id: str, force: bool, inputs: dict[str, str | None] | None = None
 ) -> None:
-    """Refuse an --out that would destroy what the export reads, or that cannot be written;
-    ``--force`` replaces only an earlier export."""
+    """Refuse an --out that would destroy what the export reads (the checkpoint, its run, the
+    base, and ``inputs``: the --text, --imatrix and --calibration files), or that cannot be
+    written; ``--force`` replaces only an earlier export."""
     target = out.resolve()
     protected = {"the checkpoint": ckpt.resolve()}
-    if text:
-        protected["the --text file"] = Path(text).expanduser().resolve()
+    for what, given in (inputs or {}).items():
+        if given:
+            protected[what] = Path(given).expanduser().resolve()
     run = ckpt.resolve().parent
     if any((run / n).exists() for n in ("train_config.json", "metrics.jsonl")):
         protected["the checkpoint's run folder"] = run
@@ -71,6 +73,9 @@ def check_output_path(
             )
     if out.exists() and not out.is_dir():
         raise AgiasiError(f"--out {out} is a file; pass a folder path")
+    from agiasi.outputs import check_output_folder
+
+    check_output_folder(out, "--out", {})  # not inside a checkpoint, run, export or model
     if out.exists() and not force:
         raise AgiasiError(f"{out} already exists; pass --force to replace it")
     if out.exists():

@@ -54,10 +54,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise AgiasiError("plotting needs matplotlib: pip install matplotlib") from None
-    rows = read_metrics(run_dir)
-    out_path = Path(out) if out else Path(run_dir) / "phase_transition.png"
+    own = Path(run_dir) / "phase_transition.png"
+    out_path = Path(out) if out else own
     if out_path.is_dir():
         out_path = out_path / "phase_transition.png"
+    if out is not None:  # the run's own plot is where the trainer writes it; nothing else in it
+        from agiasi.outputs import check_output_file
+
+        inputs = {"the run's metrics": Path(run_dir) / "metrics.jsonl"}
+        check_output_file(out_path, "--out", inputs, own=[own])
+    rows = read_metrics(run_dir)
     if not out_path.parent.is_dir():
         raise AgiasiError(f"cannot write the plot: {out_path.parent} is not a folder")
     has_rot = any(r.get("rotation_distance") is not None for r in rows)
