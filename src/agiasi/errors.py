@@ -10,6 +10,18 @@ class AgiasiError(Exception):
     """
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A value as an error message may quote it: ``repr`` with every nesting level and length
+    bounded, so a crafted value (a YAML alias bomb expands to 10^9 items) is never formatted whole."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict = 2, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(e).strip()

@@ -190,6 +190,12 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+# A quant that multiplies the held-out perplexity by this much is not a lossy copy of the model
+# but a broken one: the worst real quants (2-bit types on 7 B models) stay within 1.1-2x, and
+# ln 10 = 2.3 nats a token is more than any of them loses.
+ABSURD_PPL_RATIO = 10
+
+
 def failed_check(measured: dict[str, Any]) -> tuple[str, str] | None:
     """(stage, reason) when a measured export must not be called good: a figure that is not
     finite, or a GGUF that llama.cpp tokenizes differently from the HF tokenizer (it would run
@@ -198,7 +204,17 @@ def failed_check(measured: dict[str, Any]) -> tuple[str, str] | None:
     if bad:
         many = "is" if len(bad) == 1 else "are"
         return bad[0], f"{', '.join(bad[:3])} {many} not finite (nan/inf); no figure can be trusted"
-    differ = [k for k, r in measured.get("parity", {}).items() if r.get("tokens_equal") is False]
+    parity = measured.get("parity", {})
+    hf_ppl = (parity.get("hf") or {}).get("ppl")
+    for k, r in parity.items():
+        ppl = r.get("ppl") if isinstance(r, dict) else None
+        if k != "hf" and hf_ppl and ppl and ppl > ABSURD_PPL_RATIO * hf_ppl:
+            return k, (
+                f"{k} scores perplexity {ppl:,.1f} where the HF model scores {hf_ppl:,.1f} "
+                f"(over {ABSURD_PPL_RATIO}×): the quantized file is broken (a bad importance "
+                "matrix?), not a smaller copy of the model"
+            )
+    differ = [k for k, r in parity.items() if r.get("tokens_equal") is False]
     if differ:
         return differ[0], (
             f"llama.cpp tokenizes differently from the HF tokenizer ({', '.join(differ)}): the "

@@ -92,6 +92,9 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise AgiasiError(f"{p}: no such GGUF file")
+    from agiasi.gguf_header import check_gguf_header
+
+    check_gguf_header(p, "GGUF")  # counts bounded by the file's size before the reader trusts them
     try:
         r = gguf.GGUFReader(str(p))
     except (OSError, ValueError) as e:

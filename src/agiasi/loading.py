@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from agiasi.errors import AgiasiError, first_line
+from agiasi.errors import AgiasiError, first_line, shown
 
 Quantization = Literal["nf4", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -42,12 +42,17 @@ def load_config(model_id: str, trust_remote_code: bool = False):
                 f"{model_id!r} is not a model folder: it has no config.json "
                 "(expected a Hugging Face checkpoint folder)"
             )
+        check_config_sizes(_raw_config(path / "config.json", model_id), model_id)
     elif _looks_like_path(model_id):
         raise AgiasiError(f"base model not found: {model_id!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(
             str(path) if path.exists() else model_id, trust_remote_code=trust_remote_code
         )
+    except Exception as e:  # transformers 5 validates field types with its own error class
+        if type(e).__name__ != "StrictDataclassFieldValidationError":
+            raise
+        raise AgiasiError(f"{model_id!r}: config.json is not valid: {first_line(e)}") from None
     except ValueError as e:  # unknown model_type, or remote code refused
         hint = (
             " (its own code would have to run: pass --trust-remote-code only if you trust it)"
@@ -68,7 +73,71 @@ def load_config(model_id: str, trust_remote_code: bool = False):
             f"unsupported architecture {archs} ({config.model_type!r}) in {model_id!r}: "
             "agiasi needs a causal language model (e.g. Phi3ForCausalLM, LlamaForCausalLM)"
         )
+    check_config_sizes(config, model_id)
     return config
+
+
+# The largest value each size takes in any model agiasi could train on one card — with a wide
+# margin (Llama-3.1-405B: hidden 16,384, 126 layers, MLP 53,248; Gemma: 256 k vocabulary). A
+# config past them is damaged or crafted: `hidden_size: 1e9` made `agiasi info` allocate
+# gigabytes, `num_hidden_layers: 1e5` build for minutes.
+CONFIG_SIZE_LIMITS = {
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+}
+
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _raw_config(path: Path, model_id: str) -> dict:
+    """config.json as plain JSON, to check its sizes before transformers builds anything."""
+    import json
+
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AgiasiError(
+            f"{model_id!r}: config.json is {path.stat().st_size:,} bytes; not a config"
+        )
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise AgiasiError(
+            f"{model_id!r}: config.json is not valid JSON ({first_line(e)})"
+        ) from None
+    return data if isinstance(data, dict) else {}
+
+
+def check_config_sizes(config, model_id: str) -> None:
+    """Every size a model is built from is a whole number within :data:`CONFIG_SIZE_LIMITS`,
+    checked before anything is built from it (a config object, or config.json's own dict and
+    its ``text_config``)."""
+    if isinstance(config, dict):
+        for inner in (config, config.get("text_config")):
+            if isinstance(inner, dict):
+                _check_sizes(inner.get, model_id)
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _check_sizes(lambda key: getattr(text, key, None), model_id)
+
+
+def _check_sizes(get, model_id: str) -> None:
+    for key, limit in CONFIG_SIZE_LIMITS.items():
+        value = get(key)
+        if value is None:
+            continue
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or not 0 < value <= limit:
+            raise AgiasiError(
+                f"{model_id!r}: config.json gives {key} {shown(value, 40)}, which is not a size any "
+                f"model agiasi builds has (a whole number from 1 to {limit:,}); the config is "
+                "damaged or not this model's"
+            )
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

@@ -103,8 +103,17 @@ def render_go(template: str, values: dict[str, str], cut_at_response: bool = Fal
 
 def _jinja(tok, messages: list[dict[str, str]], generation: bool) -> str | None:
     """The tokenizer's own rendering, its BOS dropped (llama.cpp adds it); None if it refuses."""
-    try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    from agiasi.templates import bounded
+
+    try:  # within the render budget: a looping template must not hang the export
+        text = bounded(
+            lambda: tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation
+            ),
+            "the Modelfile's template check",
+        )
+    except AgiasiError:
+        raise
     except Exception:  # a template that raises for this conversation (Gemma: no system turn)
         return None
     bos = getattr(tok, "bos_token", None)

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
-from agiasi.errors import AgiasiError
+from agiasi.errors import AgiasiError, shown
 
 MISSING = dataclasses.MISSING
 
@@ -145,11 +145,17 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise AgiasiError(f"{where}: {name.replace('_', '-')} cannot be empty")
+    scalar = isinstance(value, (str, int, float, bool))
+    if not (scalar or (isinstance(value, list) and convert is parse_list)):
+        raise AgiasiError(
+            f"{where}: {name.replace('_', '-')}: {shown(value)} is a {type(value).__name__}, "
+            "not a value a flag takes"
+        )
     try:
         return convert(value)
     except (ValueError, TypeError) as e:
         raise AgiasiError(
-            f"{where}: {name.replace('_', '-')}: {value!r} is not valid ({e})"
+            f"{where}: {name.replace('_', '-')}: {shown(value)} is not valid ({str(e)[:160]})"
         ) from None
 
 

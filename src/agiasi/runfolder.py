@@ -250,6 +250,15 @@ def is_run_folder(path: Path) -> bool:
     return (p / METRICS).is_file() or (p / TRAIN_CONFIG).is_file()
 
 
+def _validated(run_dir: Path) -> bool:
+    """Whether the run's own config asked for validation."""
+    try:
+        cfg = json.loads((run_dir / TRAIN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("eval_dataset") or cfg.get("eval_split"))
+
+
 def resolve_step(run_dir: Path, which: str) -> Path:
     """``best`` (``best.json``), ``last`` (the newest complete step) or ``N`` → its step folder."""
     from agiasi.checkpoint import checkpoint_problem, find_resume_checkpoint
@@ -262,6 +271,12 @@ def resolve_step(run_dir: Path, which: str) -> Path:
     if which == "best":
         best = read_best(run_dir)
         if best is None:
+            if _validated(run_dir):
+                raise AgiasiError(
+                    f"{run_dir} was trained with validation but its {BEST} is missing or "
+                    "damaged (deleted?); use --step last or a step number (each step folder's "
+                    "soul.json holds its eval_loss)"
+                )
             raise AgiasiError(
                 f"{run_dir} has no {BEST}: it was trained without validation "
                 "(--eval-dataset or --eval-split); use --step last or a step number"
