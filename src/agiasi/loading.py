@@ -49,10 +49,6 @@ def load_config(model_id: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(
             str(path) if path.exists() else model_id, trust_remote_code=trust_remote_code
         )
-    except Exception as e:  # transformers 5 validates field types with its own error class
-        if type(e).__name__ != "StrictDataclassFieldValidationError":
-            raise
-        raise AgiasiError(f"{model_id!r}: config.json is not valid: {first_line(e)}") from None
     except ValueError as e:  # unknown model_type, or remote code refused
         hint = (
             " (its own code would have to run: pass --trust-remote-code only if you trust it)"
@@ -67,6 +63,10 @@ def load_config(model_id: str, trust_remote_code: bool = False):
             f"could not load the config of {model_id!r}: {first_line(e)} "
             "(no network? pass a local model folder)"
         ) from None
+    except Exception as e:  # transformers 5 validates field types with its own error class
+        if type(e).__name__ != "StrictDataclassFieldValidationError":
+            raise
+        raise AgiasiError(f"{model_id!r}: config.json is not valid: {first_line(e)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise AgiasiError(
