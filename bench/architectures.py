@@ -24,7 +24,7 @@ import torch
 def gguf_vs_hf(gguf_path: Path, hf_dir: Path, texts: list[str]) -> tuple[float, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agiasi.evaluate import GGUFModel
+    from agiasi.eval.perplexity import GGUFModel
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     args = ap.parse_args()
     from agiasi.architectures import ARCHITECTURES
-    from agiasi.zoo import JA_TEXTS, ZOO, ZOO_MODEL_TYPE, build_tiny_arch
+    from agiasi.testing.zoo import JA_TEXTS, ZOO, ZOO_MODEL_TYPE, build_tiny_arch
 
     rows = []
     for kind in ZOO:

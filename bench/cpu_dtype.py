@@ -29,7 +29,7 @@ def child(dtype: str, steps: int) -> None:
     import torch
 
     from agiasi.demo import tiny_model_path
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     a, b = torch.randn(1024, 256), torch.randn(256, 768)
     mm = {}

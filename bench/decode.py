@@ -18,11 +18,11 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from agiasi.checkpoint import write_step
+    from agiasi.checkpoint.step_folder import write_step
     from agiasi.demo import tiny_model_path
-    from agiasi.evaluate import GGUFModel
-    from agiasi.export import ExportConfig, export
-    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.export.run import ExportConfig, export
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     base = tiny_model_path()
     rows = []

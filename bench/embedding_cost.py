@@ -3,7 +3,7 @@
 bench/train.py runs each implementation in its own process, so a few percent between ``so8co-d0``
 and ``so8coe-d0`` mixes the flag's cost with process-to-process noise. Here one model switches
 its input embedding between the card (``card``) and pinned host memory read in place by the
-GPU's gather (``host``: agiasi.host_embedding, what the flag does), the two interleaved over
+GPU's gather (``host``: agiasi.model.host_embedding, what the flag does), the two interleaved over
 several rounds at each row; a profiled step of each gives the GPU's busy time (what the card
 no longer holds is bench/train.py's peak memory, each row in its own process):
 
@@ -30,7 +30,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from agiasi.host_embedding import keep_input_embedding_on_host
+    from agiasi.model.host_embedding import keep_input_embedding_on_host
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", default="so8co-d0", help="bench/train.py's name, without flag e")

@@ -17,7 +17,7 @@ def heldout_texts() -> dict[str, Path]:
 
 def heldout_ppl(model: Path, eval_tokens: int, window: int = 256) -> dict[str, float]:
     """Perplexity of a step folder or HF folder on both texts (the shipped model's window)."""
-    from agiasi.evaluate import EvalConfig, evaluate
+    from agiasi.eval.perplexity import EvalConfig, evaluate
 
     return {
         name: evaluate(

@@ -90,7 +90,7 @@ def ours(model: Path, text: str, chunk: int, tokens: int):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from agiasi.imatrix import calibration_chunks, compute_imatrix, gguf_names
+    from agiasi.gguf.imatrix import calibration_chunks, compute_imatrix, gguf_names
     from agiasi.weights import LazyWeights
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -104,8 +104,8 @@ def ours(model: Path, text: str, chunk: int, tokens: int):
 
 
 def crosscheck(model: Path, work: Path, text_file: Path, chunk: int, tokens: int, exe: Path):
-    from agiasi.gguf import write_gguf
-    from agiasi.imatrix import read_imatrix
+    from agiasi.gguf.imatrix import read_imatrix
+    from agiasi.gguf.writer import write_gguf
 
     text = text_file.read_text(encoding="utf-8")
     im, t_ours = ours(model, text, chunk, tokens)
@@ -165,8 +165,8 @@ def same_as_llama_quantize(work: Path, im, tool: Path) -> bool:
     file: every tensor byte-equal and the same ``quantize.imatrix.*`` keys."""
     import gguf
 
-    from agiasi.imatrix import QuantizerImatrix, write_imatrix
-    from agiasi.quantize import quantize_gguf
+    from agiasi.gguf.imatrix import QuantizerImatrix, write_imatrix
+    from agiasi.gguf.quantize import quantize_gguf
 
     f16 = work / "f16.gguf"
     if not f16.exists():
@@ -197,12 +197,12 @@ def same_as_llama_quantize(work: Path, im, tool: Path) -> bool:
 def effect(model: Path, work: Path, im, types: list[str], heldout: Path, n_tokens: int):
     from transformers import AutoTokenizer
 
-    from agiasi.evaluate import GGUFModel
-    from agiasi.gguf import write_gguf
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
-    from agiasi.imatrix import QuantizerImatrix
-    from agiasi.parity import compare_all
-    from agiasi.quantize import quantize_gguf
+    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.export.parity import compare_all
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.imatrix import QuantizerImatrix
+    from agiasi.gguf.quantize import quantize_gguf
+    from agiasi.gguf.writer import write_gguf
 
     tok = AutoTokenizer.from_pretrained(model)
     f16 = write_gguf(model, work / "f16.gguf", "f16")
@@ -238,7 +238,7 @@ def gpu_memory_row(model: Path, text: str, chunk: int, tokens: int, cap_gib: flo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from agiasi.imatrix import calibration_chunks, gguf_names
+    from agiasi.gguf.imatrix import calibration_chunks, gguf_names
     from agiasi.weights import LazyWeights
 
     total = torch.cuda.get_device_properties(0).total_memory

@@ -43,9 +43,9 @@ def gpu_model(path: Path) -> Path:
 def run(model_dir: Path, device: str, task: str, shots: int, limit: int | None) -> dict:
     import torch
 
-    from agiasi.benchmark import score_set
-    from agiasi.evaluate import open_eval_model
-    from agiasi.tasks import TASKS, prepare
+    from agiasi.eval.benchmark import score_set
+    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.eval.tasks import TASKS, prepare
     from bench.lm_eval_crosscheck import lm_eval_items
 
     ts = prepare(TASKS[task], num_fewshot=shots, limit=limit)

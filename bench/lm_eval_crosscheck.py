@@ -34,7 +34,7 @@ ATOL = 1e-4
 def _lm_eval_task_dir(workdir: Path, task, data: Path, pool: Path | None) -> str:
     import lm_eval
 
-    from agiasi.tasks import JNLI_LABELS, read_items
+    from agiasi.eval.tasks import JNLI_LABELS, read_items
 
     src = Path(lm_eval.__file__).parent / "tasks" / "japanese_leaderboard" / f"{task.lm_eval}.yaml"
     files = {"validation": data}
@@ -111,9 +111,9 @@ def crosscheck(
     model_dir: Path, task_name: str, limit: int | None, num_fewshot: int = 0, chat: bool = False
 ) -> dict:
     """Both harnesses on the same items; the largest differences and the accuracies."""
-    from agiasi.benchmark import score_set
-    from agiasi.evaluate import open_eval_model
-    from agiasi.tasks import TASKS, continuations, prepare
+    from agiasi.eval.benchmark import score_set
+    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.eval.tasks import TASKS, continuations, prepare
 
     ts = prepare(TASKS[task_name], num_fewshot=num_fewshot, limit=limit)
     if ts.fewshot_from and ts.task.train_file is None:

@@ -22,7 +22,7 @@ def measure(path: str, tokens: int, chunk: int, device: str, hidden: int, vocab:
     import torch
     from torch import nn
 
-    from agiasi.losses import chunked_causal_lm_loss
+    from agiasi.model.losses import chunked_causal_lm_loss
 
     torch.manual_seed(0)
     dt = torch.bfloat16

@@ -42,7 +42,7 @@ def main() -> None:
 
     from agiasi.data import default_dataset
     from agiasi.shipped import tiny_model_path
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     base = tiny_model_path()
 

@@ -1,4 +1,4 @@
-"""The NF4 dequantization kernel alone: agiasi.nf4's compiled expression against bitsandbytes'
+"""The NF4 dequantization kernel alone: agiasi.model.nf4's compiled expression against bitsandbytes'
 CUDA kernel, on the four linears of a Phi-3.5-mini layer, with the card's copy bandwidth as the
 ceiling (the kernel reads 0.5 byte and writes 2 bytes a weight: it is bound by memory).
 
@@ -6,7 +6,7 @@ ceiling (the kernel reads 0.5 byte and writes 2 bytes a weight: it is bound by m
 
 Rows: ``bnb`` (bitsandbytes.functional.dequantize_4bit), ``stack`` (the expression before
 session 11: one output element at a time, the two nibbles joined by ``stack``), ``pairs``
-(agiasi.nf4.dequantize today: two bf16 a byte, stored as one int32), ``quads`` (four a 16-bit
+(agiasi.model.nf4.dequantize today: two bf16 a byte, stored as one int32), ``quads`` (four a 16-bit
 load, stored as one int64; a candidate). Each compiled as the training step compiles it.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from agiasi.nf4 import block_scales, dequantize  # noqa: E402
+from agiasi.model.nf4 import block_scales, dequantize  # noqa: E402
 
 SHAPES = {  # Phi-3.5-mini's NF4 linears (N × K)
     "qkv_proj": (9216, 3072),

@@ -54,7 +54,7 @@ def main() -> None:
     from train import make_random_model  # bench/train.py
 
     from agiasi.demo import tiny_model_path
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     work = Path(tempfile.mkdtemp())
     model = work / "phi35-shape"

@@ -36,10 +36,10 @@ def main() -> None:
     import torch
 
     from agiasi.data import default_dataset
-    from agiasi.evaluate import hf_logits, perplexity, text_ids
+    from agiasi.eval.perplexity import hf_logits, perplexity, text_ids
     from agiasi.shipped import tiny_model_path
     from agiasi.soul import PHI
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     base = tiny_model_path()
     texts = heldout_texts()

@@ -26,7 +26,7 @@ Implementations:
   flags after so8/full/nosoul (any order):
     c       --compile (each decoder layer torch.compile'd)
     o       --offload-activations (checkpointed layer inputs in pinned CPU memory)
-    b       with c: bitsandbytes' own NF4 op inside the compiled layers (before agiasi.nf4)
+    b       with c: bitsandbytes' own NF4 op inside the compiled layers (before agiasi.model.nf4)
     e       --offload-embeddings (the input embedding in pinned host memory, read in place by
             the GPU's gather)
   suffixes:
@@ -218,9 +218,9 @@ def build(impl: str, model_dir: Path, seq: int = 4096):
     configure_process(training=True)  # what `agiasi train` sets (attention backend, allocator)
     opts = parse_impl(impl)
     if opts.pop("bnb_op"):  # the A/B: leave bitsandbytes' NF4 forward in the compiled layers
-        import agiasi.nf4
+        import agiasi.model.nf4
 
-        agiasi.nf4.use_traceable_nf4 = lambda model: 0
+        agiasi.model.nf4.use_traceable_nf4 = lambda model: 0
     w = AGIASI_SO8T_Wrapper(
         str(model_dir),
         device="cuda",

@@ -32,7 +32,7 @@ SEQ = 256
 def tokenize(corpus: Path, work: Path) -> None:
     import numpy as np
 
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in corpus.glob("*.ja.txt") if p.name not in HELD_OUT)
@@ -62,7 +62,7 @@ def train(work: Path, out: Path, steps: int, batch: int, lr: float) -> None:
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from agiasi.tokenizer import PHI3_CHAT_TEMPLATE
+    from agiasi.testing.tokenizer import PHI3_CHAT_TEMPLATE
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -163,7 +163,7 @@ def build_tiny_phi3_with_tokenizer(
     out: Path, hidden: int = 64, layers: int = 2, seed: int = 0, vocab_size: int = 1000
 ) -> Path:
     """Tiny Phi-3 with a Japanese sentencepiece tokenizer trained on the shipped sample."""
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
 
     tok = build_phi3_tokenizer([sample_text()], out, vocab_size=vocab_size)
     build_tiny_phi3(out, hidden=hidden, layers=layers, vocab=len(tok), seed=seed)
@@ -184,7 +184,7 @@ def build_tiny_llama_with_tokenizer(
     """Tiny Llama-family model (tied head by default) with a sentencepiece tokenizer."""
     import json
 
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
 
     tok = build_phi3_tokenizer([sample_text()], out, vocab_size=vocab_size)
     build_tiny_llama(out, hidden=hidden, vocab=len(tok), tie=tie, seed=seed)
@@ -197,7 +197,7 @@ def build_tiny_llama_with_tokenizer(
 
 
 def build_tiny_phi3_longrope_with_tokenizer(out: Path, seed: int = 0) -> Path:
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
 
     tok = build_phi3_tokenizer([sample_text()], out, vocab_size=1000)
     build_tiny_phi3(out, vocab=len(tok), seed=seed, longrope=True)
@@ -213,7 +213,7 @@ def build_tiny_phi3_longrope_with_tokenizer(out: Path, seed: int = 0) -> Path:
 
 def make_checkpoint(model_dir: Path, out: Path, seed: int = 1, **overrides) -> Path:
     """A step folder with a non-trivial LoRA and soul, without spending time on training."""
-    from agiasi.checkpoint import write_step
+    from agiasi.checkpoint.step_folder import write_step
 
     w = make_wrapper(model_dir, **overrides)
     randomize_soul(w, alpha=1.3, seed=seed)
@@ -256,4 +256,4 @@ def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # features (GQA, tied embeddings, biases, soft-capping, RoPE scaling) and a tokenizer of the kind
 # the family ships, trained on the package's sample text: no hub, no network.
 
-from agiasi.zoo import ZOO, build_tiny_arch  # noqa: E402,F401 - the zoo lives in the package (bench uses it)
+from agiasi.testing.zoo import ZOO, build_tiny_arch  # noqa: E402,F401 - the zoo lives in the package (bench uses it)

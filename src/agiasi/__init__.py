@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The wrapper pulls in transformers and peft: import it lazily so `agiasi --help` is fast.
     if name == "AGIASI_SO8T_Wrapper":
-        from agiasi import model
+        from agiasi.model import wrapper as model
 
         return model.AGIASI_SO8T_Wrapper
     if name == "ModelConfig":
-        from agiasi import model_config
+        from agiasi.model import config as model_config
 
         return model_config.ModelConfig
     raise AttributeError(f"module 'agiasi' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """The architectures agiasi knows, in one table: training, export, ``agiasi info`` and the README
-read it. Adding an architecture = an entry here, a GGUF writer class in :mod:`agiasi.gguf` if
+read it. Adding an architecture = an entry here, a GGUF writer class in :mod:`agiasi.gguf.writer` if
 it exports, and its tiny test model.
 
 Why the LoRA targets differ: Phi-3 fuses q/k/v into ``qkv_proj`` (and gate/up into

@@ -18,7 +18,7 @@ from typing import Any
 
 from agiasi import options
 from agiasi.errors import AgiasiError, first_line, out_of_memory_facts
-from agiasi.model_config import RUNTIME_FIELDS
+from agiasi.model.config import RUNTIME_FIELDS
 from agiasi.process import configure_process
 
 EXIT_USER_ERROR = 2
@@ -131,7 +131,7 @@ def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from agiasi.info import describe, format_info
-    from agiasi.model_config import ModelConfig
+    from agiasi.model.config import ModelConfig
 
     cfg = build_config(ModelConfig, args)
     if str(cfg.base_model).endswith(".gguf"):  # a GGUF file: its tensors, not a model to build
@@ -193,7 +193,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     file_values = _read_yaml(args.config) if args.config else None
     cfg = build_config(TrainConfig, args, file_values)
@@ -202,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from agiasi.export import ExportConfig, export
+    from agiasi.export.run import ExportConfig, export
 
     export(build_config(ExportConfig, args))
     return 0
@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json as _json
 
-    from agiasi.evaluate import EvalConfig, evaluate
+    from agiasi.eval.perplexity import EvalConfig, evaluate
 
     cfg = build_config(EvalConfig, args)
     if cfg.task or cfg.compare:
@@ -239,7 +239,7 @@ def _eval_tasks(cfg) -> int:
     """``agiasi eval --task``: the JGLUE table, the JSON summary, the full report file."""
     import json as _json
 
-    from agiasi.benchmark import format_benchmark, run_benchmark, without_items
+    from agiasi.eval.benchmark import format_benchmark, run_benchmark, without_items
 
     options.check(cfg)
     if not cfg.task:
@@ -248,7 +248,7 @@ def _eval_tasks(cfg) -> int:
         raise AgiasiError("--text is for perplexity; --task scores the JGLUE items instead")
     report_path = None
     if cfg.report:  # checked before an hour of scoring, and never an input of this command
-        from agiasi.benchmark import eval_inputs
+        from agiasi.eval.benchmark import eval_inputs
         from agiasi.outputs import check_output_file
 
         report_path = check_output_file(cfg.report, "--report", eval_inputs(cfg))
@@ -300,7 +300,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from agiasi.plot import plot_run
+    from agiasi.train.plot import plot_run
 
     print(plot_run(args.run, args.out))
     return 0
@@ -353,7 +353,7 @@ COMMANDS = [
         "a .gguf file its tensor types and importance matrix",
         "Describe what agiasi would build on MODEL (reads only its config).",
         _cmd_info,
-        "agiasi.model_config:ModelConfig",
+        "agiasi.model.config:ModelConfig",
         positional=("base_model",),
         skip=RUNTIME_FIELDS,  # `info` reads a config only: how a model would run does not apply
     ),
@@ -363,7 +363,7 @@ COMMANDS = [
         "The note's phase-transition training. Writes OUTPUT/step_N folders, "
         "metrics.jsonl and phase_transition.png.",
         _cmd_train,
-        "agiasi.train_config:TrainConfig",
+        "agiasi.train.config:TrainConfig",
         extra=_config_file_flag,
     ),
     _Command(
@@ -371,7 +371,7 @@ COMMANDS = [
         "merge LoRA, fold the soul, write HF + GGUF + Modelfile + card + report",
         "One plain model from a step folder, with the fidelity of every stage measured.",
         _cmd_export,
-        "agiasi.export:ExportConfig",
+        "agiasi.export.run:ExportConfig",
         positional=("checkpoint",),
     ),
     _Command(
@@ -382,7 +382,7 @@ COMMANDS = [
         "JCommonsenseQA / JNLI multiple choice as lm-evaluation-harness scores it; --compare "
         "puts models side by side with a confidence interval and a verdict.",
         _cmd_eval,
-        "agiasi.evaluate:EvalConfig",
+        "agiasi.eval.perplexity:EvalConfig",
         positional=("model",),
     ),
     _Command(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError
-from agiasi.loading import Quantization
+from agiasi.model.loading import Quantization
 from agiasi.options import check, option
 from agiasi.shipped import tiny_model_path
 
@@ -58,8 +58,8 @@ class _Timer(dict):
 
 def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     """inject → train (soul, control, the note's mix) → export → llama.cpp → report."""
-    from agiasi.export_files import format_report
-    from agiasi.gguf_arch import trained_context
+    from agiasi.export.files import format_report
+    from agiasi.gguf.arch import trained_context
     from agiasi.shipped import default_dataset, default_heldout
 
     check(cfg)
@@ -71,7 +71,7 @@ def demo(cfg: DemoConfig, log=_say) -> dict[str, Any]:
     context = trained_context(json.loads((base / "config.json").read_text()))
 
     def heldout_ppl(model: Path) -> dict[str, Any]:
-        from agiasi.evaluate import EvalConfig, evaluate
+        from agiasi.eval.perplexity import EvalConfig, evaluate
 
         ev = EvalConfig(
             model=str(model), text=str(heldout), window=context, max_tokens=cfg.eval_tokens
@@ -145,7 +145,7 @@ def _fresh_folder(out: Path) -> Path:
 
 def _train_run(cfg: DemoConfig, base: Path, out: Path, name: str, log, **options: Any) -> Path:
     """One training run of the demo (same data, seed and schedule for every run)."""
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     tc = TrainConfig(
         base_model=str(base),
@@ -168,7 +168,7 @@ def _train_run(cfg: DemoConfig, base: Path, out: Path, name: str, log, **options
 
 
 def _export(cfg: DemoConfig, ckpt: Path, out: Path, context: int, heldout: Path, log):
-    from agiasi.export import ExportConfig, export
+    from agiasi.export.run import ExportConfig, export
 
     return export(
         ExportConfig(
@@ -188,7 +188,7 @@ def _export(cfg: DemoConfig, ckpt: Path, out: Path, context: int, heldout: Path,
 def _generations(out: Path, report: dict[str, Any], context: int) -> dict[str, str]:
     """Greedy Japanese continuations: the exported HF folder (as `agiasi generate` runs it)
     and the smallest GGUF in llama.cpp."""
-    from agiasi.evaluate import GGUFModel
+    from agiasi.eval.perplexity import GGUFModel
     from agiasi.generate import GenerateConfig, generate
 
     buf = io.StringIO()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agiasi.errors import AgiasiError
-from agiasi.loading import DType
+from agiasi.model.loading import DType
 from agiasi.options import check, option
 
 
@@ -37,7 +37,7 @@ class GenerateConfig:
 def _load(cfg: GenerateConfig):
     from transformers import AutoTokenizer
 
-    from agiasi.evaluate import model_kind
+    from agiasi.eval.perplexity import model_kind
 
     kind = model_kind(cfg.model)
     if kind == "gguf":
@@ -45,7 +45,7 @@ def _load(cfg: GenerateConfig):
             "generate/chat take a step folder or an HF folder; run GGUFs in llama.cpp"
         )
     if kind == "checkpoint":
-        from agiasi.model import AGIASI_SO8T_Wrapper
+        from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
         model = AGIASI_SO8T_Wrapper.from_checkpoint(
             cfg.model,
@@ -56,8 +56,8 @@ def _load(cfg: GenerateConfig):
         )
         tok = AutoTokenizer.from_pretrained(model.config.base_model)
     else:
-        from agiasi.evaluate import load_hf_model
-        from agiasi.loading import parse_device, resolve_dtype
+        from agiasi.eval.perplexity import load_hf_model
+        from agiasi.model.loading import parse_device, resolve_dtype
 
         device = parse_device(cfg.device or "cpu")
         model = load_hf_model(cfg.model, resolve_dtype(cfg.dtype, device), device)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from agiasi.loading import load_config
-from agiasi.model_config import ModelConfig, lora_targets_for, match_lora_targets
+from agiasi.model.config import ModelConfig, lora_targets_for, match_lora_targets
+from agiasi.model.loading import load_config
 from agiasi.soul import Soul
 
 
@@ -92,7 +92,7 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise AgiasiError(f"{p}: no such GGUF file")
-    from agiasi.gguf_header import check_gguf_header
+    from agiasi.gguf.header import check_gguf_header
 
     check_gguf_header(p, "GGUF")  # counts bounded by the file's size before the reader trusts them
     try:

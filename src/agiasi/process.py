@@ -1,5 +1,5 @@
 """Process-wide settings, in one place: :func:`configure_process`, called by the CLI at start
-and by :func:`agiasi.train.train` (it is idempotent, and a value the user set is kept).
+and by :func:`agiasi.train.loop.train` (it is idempotent, and a value the user set is kept).
 
 Environment switches agiasi reads (all optional; documented in docs/DESIGN.md):
 
@@ -54,7 +54,7 @@ def configure_process(training: bool = False) -> None:
     # DDP each rank's micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave
     # 1.58-1.70x one. With flash attention (same math) the ranks run as fast as a lone GPU:
     # 1.93-2.01x. torchrun sets WORLD_SIZE before this runs. AGIASI_CUDNN_SDPA=1 keeps cuDNN.
-    from agiasi.distributed import env_count
+    from agiasi.train.distributed import env_count
 
     distributed = env_count("WORLD_SIZE", 1, least=1) > 1
     if distributed and torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":

@@ -100,9 +100,9 @@ def test_trainer_features_on_cuda(tmp_path):
 
 
 def test_traceable_nf4_dequantizes_as_bitsandbytes_cuda_kernel():
-    """agiasi.nf4's expression against bitsandbytes' CUDA kernel: eager bit for bit, in bf16."""
+    """agiasi.model.nf4's expression against bitsandbytes' CUDA kernel: eager bit for bit, in bf16."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from agiasi.nf4 import dequantize
+    from agiasi.model.nf4 import dequantize
 
     w = (torch.randn(3072, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).cuda()
     q, st = bnbf.quantize_4bit(

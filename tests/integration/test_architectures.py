@@ -16,7 +16,7 @@ from tests.helpers import ZOO, build_tiny_arch, cli_args, sample_text
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 # kanji, hiragana, katakana, half-width katakana, emoji, ASCII and full-width digits, punctuation
-from agiasi.zoo import JA_TEXTS, ZOO_MODEL_TYPE  # noqa: E402
+from agiasi.testing.zoo import JA_TEXTS, ZOO_MODEL_TYPE  # noqa: E402
 
 
 def test_the_zoo_covers_every_exportable_architecture():
@@ -77,7 +77,7 @@ def _check_hf_equals_wrapper(ckpt, hf_dir, tok):
 
 
 def _check_llama_cpp_equals_hf(out, hf, tok):
-    from agiasi.evaluate import GGUFModel
+    from agiasi.eval.perplexity import GGUFModel
 
     f32 = GGUFModel(next(out.glob("*-f32.gguf")), n_ctx=512)
     for text in JA_TEXTS:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from agiasi.benchmark import score_set
 from agiasi.cli import main
-from agiasi.evaluate import open_eval_model
-from agiasi.loglik import encode_pair
+from agiasi.eval.benchmark import score_set
+from agiasi.eval.loglik import encode_pair
+from agiasi.eval.perplexity import open_eval_model
+from agiasi.eval.tasks import TASKS, continuations, plain_prompt, prepare
 from agiasi.shipped import tiny_model_path
-from agiasi.tasks import TASKS, continuations, plain_prompt, prepare
 from tests.helpers import make_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
@@ -101,7 +101,7 @@ def test_loglik_through_the_soul_wrapper_and_batching_changes_nothing(tiny_phi3_
 
 
 def test_gguf_and_hf_of_the_f32_export_agree_item_by_item(tmp_path):
-    from agiasi.gguf import write_gguf
+    from agiasi.gguf.writer import write_gguf
 
     gguf = write_gguf(tiny_model_path(), tmp_path / "tiny-f32.gguf", "f32")
     hf = open_eval_model(tiny_model_path(), device="cpu")

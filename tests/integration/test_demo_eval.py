@@ -100,7 +100,7 @@ def test_demo_default_run(tmp_path, capsys):
 
 
 def test_eval_hf_and_f32_gguf_agree(tmp_path, capsys):
-    from agiasi.gguf import write_gguf
+    from agiasi.gguf.writer import write_gguf
 
     gguf = write_gguf(tiny_model_path(), tmp_path / "tiny-f32.gguf", "f32")
     rc1 = main(["eval", str(tiny_model_path()), "--json", "--max-tokens", "1024"])
@@ -123,8 +123,8 @@ def test_learned_alpha_lowers_heldout_perplexity_and_closes_the_gate(tmp_path):
     −5. On this data the task loss pushes it *down* — left to choose, the residual soul keeps its
     gate shut (opening it scales the logits) — and held-out perplexity falls like the control's."""
     from agiasi.data import default_heldout
-    from agiasi.evaluate import EvalConfig, evaluate
-    from agiasi.train import TrainConfig, train
+    from agiasi.eval.perplexity import EvalConfig, evaluate
+    from agiasi.train.loop import TrainConfig, train
 
     base = tiny_model_path()
     ev = dict(text=str(default_heldout()), window=256, max_tokens=2048)

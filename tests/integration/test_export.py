@@ -11,8 +11,8 @@ import torch
 
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
-from agiasi.export import ExportConfig, export
-from agiasi.merge import fold_soul, merge_lora
+from agiasi.export.merge import fold_soul, merge_lora
+from agiasi.export.run import ExportConfig, export
 from agiasi.weights import check_plain
 from tests.helpers import (
     build_tiny_llama_with_tokenizer,
@@ -105,7 +105,7 @@ def assert_same_gguf(a, b):
 def test_streamed_ggufs_equal_ggufs_written_from_the_hf_folder(phi3_export, tmp_path):
     """The export writes its F32/F16 GGUFs from the merged tensors on their way into the HF
     shards; the files are the ones write_gguf makes from the written folder."""
-    from agiasi.gguf import write_gguf
+    from agiasi.gguf.writer import write_gguf
 
     _, out, _ = phi3_export
     for t in ("f32", "f16"):
@@ -147,7 +147,7 @@ def test_gguf_in_llama_cpp_directly(phi3_export):
     """Our own check, not the report's: logits, greedy 32 tokens, tokenization, quants generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agiasi.evaluate import GGUFModel, hf_greedy
+    from agiasi.eval.perplexity import GGUFModel, hf_greedy
 
     _, out, _ = phi3_export
     tok = AutoTokenizer.from_pretrained(out / "hf")
@@ -191,7 +191,7 @@ def test_tied_llama_family_export(tmp_path):
     assert torch.equal(base["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
     assert not torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
     # the Llama's q/k rows are permuted for GGML on the stream just as from the folder
-    from agiasi.gguf import write_gguf
+    from agiasi.gguf.writer import write_gguf
 
     (streamed,) = (tmp_path / "out").glob("*-f32.gguf")
     assert_same_gguf(streamed, write_gguf(tmp_path / "out" / "hf", tmp_path / "f32.gguf", "f32"))
@@ -286,7 +286,7 @@ def test_export_errors_write_nothing(tiny_phi3_tok, tmp_path, capsys):
 def test_unknown_architecture_export_is_refused(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
     from tests.helpers import sample_text
 
     d = tmp_path / "gpt2"
@@ -358,13 +358,15 @@ def test_a_missing_dependency_fails_before_any_work(tiny_phi3_tok, tmp_path, cap
 
 
 def test_without_llama_cpp_the_measure_runs_what_it_can(tiny_phi3_tok, tmp_path, monkeypatch):
-    import agiasi.export
-    import agiasi.quantize
+    import agiasi.export.run
+    import agiasi.gguf.quantize
 
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
-    monkeypatch.setattr(agiasi.quantize, "have_quantizer", lambda: False)  # Q8_0 through gguf-py
-    real = agiasi.export.preflight_dependencies
-    monkeypatch.setattr(agiasi.export, "preflight_dependencies", lambda *a: real(*a) and False)
+    monkeypatch.setattr(
+        agiasi.gguf.quantize, "have_quantizer", lambda: False
+    )  # Q8_0 through gguf-py
+    real = agiasi.export.run.preflight_dependencies
+    monkeypatch.setattr(agiasi.export.run, "preflight_dependencies", lambda *a: real(*a) and False)
     report = export(
         ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), gguf="q8_0", num_ctx=256),
         log=quiet,
@@ -390,14 +392,14 @@ def test_too_little_disk_is_refused_before_any_work(tiny_phi3_tok, tmp_path, cap
 
 def test_a_failed_measure_keeps_the_export(tiny_phi3_tok, tmp_path, capsys, monkeypatch):
     """The model is written and loadable; the report says which stage failed; exit is non-zero."""
-    import agiasi.parity
+    import agiasi.export.parity
 
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
 
     def broken(run):
         raise RuntimeError("llama.cpp crashed")
 
-    monkeypatch.setattr(agiasi.parity, "_gguf_rows", broken)
+    monkeypatch.setattr(agiasi.export.parity, "_gguf_rows", broken)
     rc = main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--gguf", "f32"])
     err = capsys.readouterr().err
     assert rc == 2

@@ -29,7 +29,7 @@ RUN_AND_REPORT_PEAK = (
 def build_random_llama(out, hidden=1024, layers=16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from agiasi.tokenizer import build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_phi3_tokenizer
 
     tok = build_phi3_tokenizer([sample_text()], out, vocab_size=1000)
     torch.manual_seed(0)

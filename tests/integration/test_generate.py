@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from agiasi.checkpoint import write_step
-    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.checkpoint.step_folder import write_step
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     w = AGIASI_SO8T_Wrapper(
         str(tiny_model_path()), device="cpu", quantization="none", lora_dropout=0.0
@@ -35,7 +35,7 @@ def test_generate_streams_japanese_through_the_soul(ckpt, capsys):
     # the streamed text is the soul wrapper's greedy continuation
     from transformers import AutoTokenizer
 
-    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     w = AGIASI_SO8T_Wrapper.from_checkpoint(ckpt, device="cpu", lora_dropout=0.0)
     tok = AutoTokenizer.from_pretrained(tiny_model_path())

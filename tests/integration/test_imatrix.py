@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from agiasi.cli import main
-from agiasi.export import ExportConfig, export
-from agiasi.gguf import write_gguf
-from agiasi.gguf_types import GGUF_TYPE_TABLE, KQUANT_TYPES
-from agiasi.imatrix import (
+from agiasi.export.run import ExportConfig, export
+from agiasi.gguf.file_types import GGUF_TYPE_TABLE, KQUANT_TYPES
+from agiasi.gguf.imatrix import (
     Imatrix,
     QuantizerImatrix,
     calibration_chunks,
@@ -20,6 +19,7 @@ from agiasi.imatrix import (
     read_imatrix,
     write_imatrix,
 )
+from agiasi.gguf.writer import write_gguf
 from agiasi.shipped import default_dataset, default_heldout, tiny_model_path
 from agiasi.weights import LazyWeights
 from tests.helpers import make_checkpoint
@@ -120,7 +120,7 @@ def _quantize(src, dst, t, matrix=None):
     """llama.cpp's quantizer called directly (not through agiasi): 0 on success."""
     import llama_cpp
 
-    from agiasi.quantize import quiet_llama_cpp
+    from agiasi.gguf.quantize import quiet_llama_cpp
 
     quiet_llama_cpp()
     p = llama_cpp.llama_model_quantize_default_params()
@@ -144,9 +144,9 @@ def test_every_type_round_trips_through_llama_cpp(shipped_matrix, shipped):
     KL ≈ C · 4^-b with b the file's own bits a weight (16 × its size / the F16 file's); C is the
     model's sensitivity (52–123 for this model across all 16 types, 2026-12-02). Bounds: C in
     [16, 256] — a file that is not really quantized, or quantized wrongly, falls outside."""
-    from agiasi.evaluate import GGUFModel
-    from agiasi.parity import compare_all
-    from agiasi.quantize import quantize_gguf
+    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.export.parity import compare_all
+    from agiasi.gguf.quantize import quantize_gguf
 
     im, _, f16, root = shipped_matrix
     _, tok, _ = shipped
@@ -172,8 +172,8 @@ def test_the_quantizer_uses_the_matrix_and_the_file_records_it(shipped_matrix):
     import gguf
     import llama_cpp
 
+    from agiasi.gguf.quantize import quantize_gguf
     from agiasi.info import describe_gguf
-    from agiasi.quantize import quantize_gguf
 
     im, _, f16, root = shipped_matrix
     im.datasets = ["sample_ja.txt"]
@@ -183,7 +183,7 @@ def test_the_quantizer_uses_the_matrix_and_the_file_records_it(shipped_matrix):
     def keep(level, text, user_data):
         lines.append(text.decode("utf-8", "replace"))
 
-    from agiasi import quantize
+    from agiasi.gguf import quantize
 
     quantize.quiet_llama_cpp()  # installed first, so the quantizer keeps our callback below
     llama_cpp.llama_log_set(keep, None)
@@ -264,7 +264,7 @@ def test_imatrix_none_warns_for_low_bit_types_and_writes_no_matrix(tiny_phi3_tok
 
 
 def test_the_run_validation_data_is_the_default_calibration(tiny_phi3_tok, tmp_path):
-    from agiasi.calibration import choose_calibration
+    from agiasi.export.calibration import choose_calibration
 
     ckpt = make_checkpoint(tiny_phi3_tok, tmp_path / "run" / "step_10")
     val = tmp_path / "val.txt"

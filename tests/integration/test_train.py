@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from agiasi.cli import main
-from agiasi.schedule import linear_annealing
 from agiasi.soul import PHI
+from agiasi.train.schedule import linear_annealing
 from tests.helpers import (
     CUDA_OOM,
     TRAINED_STEP_FILES,
@@ -331,9 +331,9 @@ def test_gpu_out_of_memory_in_a_step_says_what_to_change(
     what was asked, this run's own ways to need less (checkpointing is on, so the next rung is
     offloading; an untied head can leave the embedding on the host; these tests' bf16/fp32 base
     can be NF4; half the batch at twice the accumulation) and the last complete checkpoint, which stays as it was."""
-    import agiasi.train
+    import agiasi.train.loop
 
-    real, calls = agiasi.train.train_step, []
+    real, calls = agiasi.train.loop.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
@@ -341,7 +341,7 @@ def test_gpu_out_of_memory_in_a_step_says_what_to_change(
             raise torch.OutOfMemoryError(CUDA_OOM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(agiasi.train, "train_step", step)
+    monkeypatch.setattr(agiasi.train.loop, "train_step", step)
     run = tmp_path / "run"
     assert train_cli(tiny_phi3_tok, run, 4, "--batch-size", "4", "--grad-accum", "2", save=2) == 2
     err = capsys.readouterr().err
@@ -360,12 +360,12 @@ def test_gpu_out_of_memory_while_loading_offers_only_what_is_off(
 ):
     """Out of memory before the first step (here: building the model), with offloading on and
     one sequence a batch: nothing on is offered again, and there is no checkpoint to name."""
-    import agiasi.train_setup
+    import agiasi.train.session
 
     def no_room(*args, **kwargs):
         raise torch.OutOfMemoryError(CUDA_OOM)
 
-    monkeypatch.setattr(agiasi.train_setup, "AGIASI_SO8T_Wrapper", no_room)
+    monkeypatch.setattr(agiasi.train.session, "AGIASI_SO8T_Wrapper", no_room)
     rc = train_cli(tiny_phi3_tok, tmp_path / "run", 2, "--offload-activations")
     err = capsys.readouterr().err
     assert rc == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agiasi.cli import main
-from agiasi.schedule import lr_factor
+from agiasi.train.schedule import lr_factor
 from tests.helpers import cli_args, cli_cmd, step_tensors
 from tests.unit.test_data import ALPACA, KINDS, MESSAGES, PROMPT_COMPLETION, SHAREGPT, _write_kind
 
@@ -128,7 +128,7 @@ def test_validation_best_step_and_export_step(tiny_phi3_tok, tmp_path, capsys):
     assert "best step_" in capsys.readouterr().err
     assert (run / "phase_transition.png").read_bytes()[:4] == b"\x89PNG"  # loss, eval, α, LR
     # `export RUN --step best` picks that folder; a run without validation has no best
-    from agiasi.runfolder import resolve_step
+    from agiasi.checkpoint.run_folder import resolve_step
 
     assert resolve_step(run, "best") == run / f"step_{best['step']}"
     assert resolve_step(run, "last") == run / "step_6"

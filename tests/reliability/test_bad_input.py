@@ -389,7 +389,7 @@ def test_real_process_prints_one_line_and_debug_shows_traceback(tmp_path):
 
 
 def test_disk_full_while_saving_leaves_no_step_folder(env, tmp_path, capsys, monkeypatch):
-    import agiasi.checkpoint as ck
+    import agiasi.checkpoint.step_folder as ck
 
     real_save = torch.save
 

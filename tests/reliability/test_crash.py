@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agiasi.checkpoint import required_files
+from agiasi.checkpoint.step_folder import required_files
 from tests.helpers import cli_cmd, make_checkpoint, step_tensors
 
 pytestmark = pytest.mark.slow

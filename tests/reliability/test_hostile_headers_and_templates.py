@@ -77,7 +77,7 @@ def test_a_gguf_header_that_claims_too_much_is_refused_in_bounded_memory(tmp_pat
         assert rc == 2 and line.startswith("agiasi: error: "), err
     else:
         rc, err, took = run_capped(
-            f"from agiasi.imatrix import read_imatrix\nfrom pathlib import Path\n"
+            f"from agiasi.gguf.imatrix import read_imatrix\nfrom pathlib import Path\n"
             f"read_imatrix(Path({str(p)!r}))"
         )
         line = err.strip().splitlines()[-1]
@@ -90,7 +90,7 @@ def test_the_header_walk_accepts_real_files(tmp_path):
     """The same walk passes the files the gguf library writes (strings, arrays, tensors)."""
     import gguf
 
-    from agiasi.gguf_header import check_gguf_header
+    from agiasi.gguf.header import check_gguf_header
 
     w = gguf.GGUFWriter(str(tmp_path / "ok.gguf"), arch="llama")
     w.add_array("tokenizer.ggml.tokens", ["あ", "い", "<|end|>"] * 1000)
@@ -157,7 +157,7 @@ def test_a_yaml_alias_bomb_is_refused_in_bounded_memory(tmp_path):
 
 def test_a_nested_value_is_never_formatted_whole():
     from agiasi.options import coerce
-    from agiasi.train_config import TrainConfig
+    from agiasi.train.config import TrainConfig
 
     deep: list = ["x"] * 10
     for _ in range(9):
@@ -205,7 +205,7 @@ def test_a_hostile_template_is_stopped_in_bounded_time_and_memory(
     msgs = [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "はい"}]
     call = {
         "train": "from agiasi.data.tokenize import render_chat as f\nf(tok, msgs, 'record 1')",
-        "modelfile": "from agiasi.ollama import _jinja as f\nf(tok, msgs, True)",
+        "modelfile": "from agiasi.export.ollama import _jinja as f\nf(tok, msgs, True)",
         "calibration": "from agiasi.templates import render_text as f\nf(tok, msgs, 'cal')",
     }[use]
     rc, err, took = run_capped(
@@ -270,7 +270,7 @@ def test_eval_reads_only_the_slice_it_scores(tmp_path):
     rc, err, took = run_capped(
         f"""
         import json, resource
-        from agiasi.evaluate import EvalConfig, evaluate
+        from agiasi.eval.perplexity import EvalConfig, evaluate
         r = evaluate(EvalConfig(model={str(tiny_model_path())!r}, text={str(big)!r},
                                 max_tokens=2048, window=256))
         print(json.dumps(r), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -296,7 +296,7 @@ def test_data_samples_a_huge_text_file_in_bounded_memory(tmp_path):
 
 
 def _imatrix(tmp_path, sums, counts):
-    from agiasi.imatrix import Imatrix, write_imatrix
+    from agiasi.gguf.imatrix import Imatrix, write_imatrix
 
     im = Imatrix(chunk_size=64, chunks=2, datasets=["x"])
     im.sums["blk.0.attn_qkv.weight"] = np.asarray(sums, np.float64)
@@ -315,7 +315,7 @@ def _imatrix(tmp_path, sums, counts):
     ids=["negative-sum", "nan-sum", "inf-sum", "negative-count"],
 )
 def test_a_given_importance_matrix_is_checked_before_use(tmp_path, sums, counts, message):
-    from agiasi.imatrix import read_imatrix
+    from agiasi.gguf.imatrix import read_imatrix
 
     path = _imatrix(tmp_path, sums, counts)
     with pytest.raises(AgiasiError, match="finite and never negative") as e:
@@ -324,7 +324,7 @@ def test_a_given_importance_matrix_is_checked_before_use(tmp_path, sums, counts,
 
 
 def test_an_absurd_quant_fails_the_export_check():
-    from agiasi.export_files import failed_check
+    from agiasi.export.files import failed_check
 
     measured = {"parity": {"hf": {"ppl": 42.8}, "gguf q4_k_m vs hf": {"ppl": 61623.0},
                            "gguf q8_0 vs hf": {"ppl": 42.9}}}  # fmt: skip
@@ -335,8 +335,8 @@ def test_an_absurd_quant_fails_the_export_check():
 
 
 def test_the_few_shot_pool_never_holds_a_scored_item(tmp_path):
+    from agiasi.eval.tasks import TASKS, prepare, read_items
     from agiasi.shipped import jglue_file
-    from agiasi.tasks import TASKS, prepare, read_items
 
     task = TASKS["jcommonsenseqa"]
     valid = read_items(task, jglue_file(task.valid_file))[:40]

@@ -141,10 +141,10 @@ def test_undecodable_files_are_one_line_naming_what_to_do(
 def test_every_text_reader_takes_the_same_encodings(tmp_path):
     """--text (eval and export), --calibration, task data and --config read Shift-JIS too, and
     never replace an undecodable byte."""
-    from agiasi.calibration import Calibration, calibration_text
     from agiasi.cli import _read_yaml
-    from agiasi.evaluate import prefix_ids
-    from agiasi.tasks import TASKS, read_items
+    from agiasi.eval.perplexity import prefix_ids
+    from agiasi.eval.tasks import TASKS, read_items
+    from agiasi.export.calibration import Calibration, calibration_text
 
     sjis = tmp_path / "t.txt"
     sjis.write_bytes("吾輩は猫である。\r\n名前はまだ無い。\r\n".encode("cp932"))

@@ -357,7 +357,7 @@ def test_every_number_is_validated(tiny_phi3_tok, ck, tmp_path, capsys, argv, me
 def _not_utf8(tmp_path: Path, name: str) -> Path:
     p = tmp_path / name
     # neither UTF-8 nor Shift-JIS (0x85 leads no CP932 character): Shift-JIS itself is read
-    p.write_bytes(b"\x85\x40" + "日本語".encode("utf-8") + b"\n")
+    p.write_bytes(b"\x85\x40" + "日本語".encode() + b"\n")
     return p
 
 

@@ -91,7 +91,7 @@ def test_eval_of_a_nan_model_exits_non_zero(poisoned, capsys):
 
 
 def test_nonfinite_figures_are_found_anywhere_in_a_report():
-    from agiasi.export_files import failed_check, nonfinite_figures
+    from agiasi.export.files import failed_check, nonfinite_figures
 
     report = {"parity": {"hf": {"ppl": float("nan"), "top1": 1.0}, "q8": [0.1, float("inf")]}}
     assert nonfinite_figures(report) == ["parity.hf.ppl", "parity.q8.1"]
@@ -201,7 +201,7 @@ def test_modelfile_refuses_values_that_could_add_directives(case):
     from pathlib import Path
 
     from agiasi.errors import AgiasiError
-    from agiasi.export_files import modelfile
+    from agiasi.export.files import modelfile
 
     eos, name, shown = MODELFILE_CASES[case]
     with pytest.raises(AgiasiError, match="cannot be written into an Ollama Modelfile safely") as e:
@@ -214,8 +214,8 @@ def test_modelfile_of_plain_values_and_special_ids_in_the_vocabulary():
     from types import SimpleNamespace
 
     from agiasi.errors import AgiasiError
-    from agiasi.export_checks import check_special_ids
-    from agiasi.export_files import modelfile
+    from agiasi.export.checks import check_special_ids
+    from agiasi.export.files import modelfile
 
     text = modelfile(_Tok("</s>"), {"q8_0": Path("m-q8_0.gguf")}, 256)
     lines = text.splitlines()
@@ -369,10 +369,10 @@ def test_gguf_space_prefix_follows_the_hf_tokenizer(tmp_path, prepend):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    from agiasi.evaluate import GGUFModel
-    from agiasi.gguf import write_gguf
+    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.gguf.writer import write_gguf
     from agiasi.shipped import tiny_model_path
-    from agiasi.zoo import JA_TEXTS
+    from agiasi.testing.zoo import JA_TEXTS
 
     hf = tmp_path / "hf"
     shutil.copytree(tiny_model_path(), hf)
@@ -605,7 +605,7 @@ def test_control_token_text_in_plain_text_is_trained_as_text(tiny_phi3_tok):
 
 
 def test_disk_full_anywhere_is_one_line(tiny_phi3_tok, tmp_path, capsys, monkeypatch):
-    import agiasi.train as train_mod
+    import agiasi.train.loop as train_mod
 
     real = train_mod.log_step
 
@@ -663,7 +663,7 @@ def test_a_role_the_template_prints_verbatim_is_refused(tmp_path, capsys):
 
 
 def test_eval_window_past_the_context_says_the_context(capsys):
-    from agiasi.evaluate import eval_window
+    from agiasi.eval.perplexity import eval_window
 
     assert eval_window(512, 256) == 512
     assert "--window 512 is past the model's context of 256 tokens" in capsys.readouterr().err
@@ -699,10 +699,10 @@ def test_a_broken_datasets_folder_is_one_line(tiny_phi3_tok, tmp_path, capsys):
 
 def _api_cases(step):
     from agiasi import AGIASI_SO8T_Wrapper
-    from agiasi.evaluate import EvalConfig, evaluate
-    from agiasi.export import ExportConfig, export
+    from agiasi.eval.perplexity import EvalConfig, evaluate
+    from agiasi.export.run import ExportConfig, export
     from agiasi.generate import GenerateConfig, generate
-    from agiasi.train import TrainConfig, train
+    from agiasi.train.loop import TrainConfig, train
 
     def wrapper():
         return AGIASI_SO8T_Wrapper.from_checkpoint(step, device="cpu")
@@ -754,7 +754,7 @@ def test_python_api_raises_agiasi_error(finished, case):
 def test_an_export_folder_that_appears_meanwhile_is_not_replaced(
     finished, tmp_path, capsys, monkeypatch
 ):
-    import agiasi.export as ex
+    import agiasi.export.run as ex
 
     out = tmp_path / "export"
     real = ex.write_hf_folder

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agiasi import AGIASI_SO8T_Wrapper
-from agiasi.checkpoint import read_manifest, safe_torch_load, write_step
+from agiasi.checkpoint.step_folder import read_manifest, safe_torch_load, write_step
 from agiasi.errors import AgiasiError
 from tests.helpers import build_tiny_llama, make_wrapper, randomize_lora, randomize_soul
 
@@ -92,7 +92,7 @@ def test_checkpoint_from_another_base_is_refused(trained_ckpt, tmp_path):
     _, folder = trained_ckpt
     other = build_tiny_llama(tmp_path / "other", hidden=32)
     w = make_wrapper(other)
-    from agiasi.checkpoint import load_into
+    from agiasi.checkpoint.step_folder import load_into
 
     with pytest.raises(AgiasiError, match="another base model"):
         load_into(w, folder)
@@ -111,7 +111,7 @@ def test_incomplete_or_foreign_folders_are_refused(trained_ckpt, tmp_path):
 
 
 def test_failed_write_leaves_nothing(tiny_phi3, tmp_path):
-    from agiasi.checkpoint import atomic_folder, write_step_files
+    from agiasi.checkpoint.step_folder import atomic_folder, write_step_files
 
     w = make_wrapper(tiny_phi3)
     with pytest.raises(AgiasiError, match="disk full"):
@@ -156,7 +156,7 @@ def test_a_checkpoint_from_before_the_mix_option_loads_as_residual(trained_ckpt)
 
 def test_step_record_reads_soul_json_one_way():
     """The mix has one place and one legacy default; malformed fields are one error each."""
-    from agiasi.step_record import StepRecord
+    from agiasi.checkpoint.record import StepRecord
 
     soul = {"kind": "so8", "hidden_size": 64, "alpha": 1.2, "gate": 0.77}
     new = StepRecord.from_json({"model": {}, "soul": {**soul, "mix": "convex"}}, "a")

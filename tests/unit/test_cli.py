@@ -74,7 +74,7 @@ def test_readme_lists_the_architecture_table():
 def test_every_train_flag_is_explained(capsys):
     import dataclasses
 
-    from agiasi.train import TrainConfig
+    from agiasi.train.loop import TrainConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -86,7 +86,7 @@ def test_every_train_flag_is_explained(capsys):
 
 
 def test_schedule_warning():
-    from agiasi.train import TrainConfig, schedule_warning
+    from agiasi.train.loop import TrainConfig, schedule_warning
 
     def cfg(**kw):
         return TrainConfig(base_model="m", **kw)
@@ -148,8 +148,8 @@ def test_out_of_memory_advice_follows_the_run():
     move its embedding; an allocator message in other words still gives the advice."""
     import torch
 
-    from agiasi.train_config import TrainConfig
-    from agiasi.train_setup import out_of_memory
+    from agiasi.train.config import TrainConfig
+    from agiasi.train.session import out_of_memory
 
     cfg = TrainConfig(base_model="m", gradient_checkpointing=False, max_length=2048)
     err = out_of_memory(cfg, torch.OutOfMemoryError("out of memory"), True, None)

@@ -9,7 +9,7 @@ import torch
 from agiasi.data import IGNORE, collate, load_records, pack, split_eval, tokenize_records
 from agiasi.data.files import source_kind
 from agiasi.errors import AgiasiError
-from agiasi.schedule import lr_factor, lr_warmup_steps
+from agiasi.train.schedule import lr_factor, lr_warmup_steps
 
 # One conversation in every format, and the `messages` it must become (the documented
 # conventions: system first, history pairs, instruction + "\n" + input).
@@ -237,8 +237,8 @@ def test_pack_restarts_positions_and_drops_only_the_boundary_targets(tok):
 def test_packed_losses_equal_unpacked():
     """Per-example losses of a packed row equal each example run alone (fp32, CPU)."""
     from agiasi.demo import tiny_model_path
-    from agiasi.model import AGIASI_SO8T_Wrapper
-    from agiasi.model_config import ModelConfig
+    from agiasi.model.config import ModelConfig
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     torch.manual_seed(0)
     cfg = ModelConfig(base_model=str(tiny_model_path()), quantization="none", lora_dropout=0.0)

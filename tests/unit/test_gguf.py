@@ -8,14 +8,14 @@ import torch
 
 from agiasi.architectures import ARCHITECTURES, vocabulary_kind
 from agiasi.errors import AgiasiError
-from agiasi.gguf_arch import GGUF_WRITERS, llama3_rope_factors
-from agiasi.gguf_vocab import bpe_pre_tokenizer
+from agiasi.gguf.arch import GGUF_WRITERS, llama3_rope_factors
+from agiasi.gguf.vocab import bpe_pre_tokenizer
 from tests.helpers import sample_text
 
 
 @pytest.fixture(scope="module")
 def bpe_dirs(tmp_path_factory):
-    from agiasi.tokenizer import build_bpe_tokenizer
+    from agiasi.testing.tokenizer import build_bpe_tokenizer
 
     out = {}
     for style in ("llama-bpe", "qwen2"):
@@ -115,7 +115,7 @@ def test_every_architecture_finds_its_gguf_writer_and_every_writer_is_used():
     """The two halves of the architecture registry agree: the table's llama.cpp name and the
     writer class's own."""
     from agiasi.architectures import ARCHITECTURES
-    from agiasi.gguf_arch import writer_for
+    from agiasi.gguf.arch import writer_for
 
     used = set()
     for entry in ARCHITECTURES.values():

@@ -1,5 +1,5 @@
 """The input embedding kept on the host (``--offload-embeddings``): what the CPU can check. The
-matrix is read in place by the GPU's own gather (agiasi.host_embedding), so the equality of loss,
+matrix is read in place by the GPU's own gather (agiasi.model.host_embedding), so the equality of loss,
 gradients and generation runs in the GPU tier (tests/gpu/test_cuda.py); here, the refusals and
 the CPU run that leaves the embedding alone."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agiasi.errors import AgiasiError
-from agiasi.host_embedding import keep_input_embedding_on_host
+from agiasi.model.host_embedding import keep_input_embedding_on_host
 from tests.helpers import make_wrapper
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from agiasi.losses import _fusable_head, causal_lm_loss, chunked_causal_lm_loss
+from agiasi.model.losses import _fusable_head, causal_lm_loss, chunked_causal_lm_loss
 
 
 def _case(dtype, vocab=97, hidden=24, shape=(3, 19), bias=False):

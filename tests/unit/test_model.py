@@ -334,7 +334,7 @@ def test_cpu_bfloat16_is_honoured_when_asked(tiny_phi3):
 
 
 def test_bfloat16_on_a_cpu_without_it_warns_once(monkeypatch, capsys):
-    from agiasi import loading as model
+    from agiasi.model import loading as model
 
     monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(model, "_WARNED", set())
@@ -360,7 +360,7 @@ def test_a_default_training_step_on_the_shipped_model_runs_no_bf16_matmul():
 
     from agiasi import AGIASI_SO8T_Wrapper
     from agiasi.demo import tiny_model_path
-    from agiasi.train import TrainConfig
+    from agiasi.train.loop import TrainConfig
 
     cfg = TrainConfig(base_model=str(tiny_model_path())).model_config()
     assert cfg.quantization == "nf4" and cfg.dtype == "auto"
@@ -483,7 +483,7 @@ def test_each_local_rank_gets_its_own_block_of_cpus(monkeypatch):
     pinned already, or a host with too few CPUs, is left as it is."""
     import os
 
-    from agiasi.distributed import pin_cpus
+    from agiasi.train.distributed import pin_cpus
 
     state = {"cpus": set(range(32))}
     monkeypatch.setattr(os, "cpu_count", lambda: 32)

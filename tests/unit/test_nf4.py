@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from agiasi.nf4 import NF4Matmul, dequantize, nf4_linear, use_traceable_nf4
+from agiasi.model.nf4 import NF4Matmul, dequantize, nf4_linear, use_traceable_nf4
 from tests.helpers import make_wrapper
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -201,7 +201,7 @@ def test_lora_addmm_is_peft_lora_sum(autocast):
     """The fused LoRA step against PEFT's formula ``y + B(A x) · s``: float32 to its rounding;
     under bf16 autocast both run their products in bf16, so they agree to bf16's (one ulp of
     the output per rounding, the fused one rounds fewer times)."""
-    from agiasi.nf4 import lora_addmm
+    from agiasi.model.nf4 import lora_addmm
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 7, 64, generator=gen, requires_grad=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agiasi.errors import AgiasiError
-from agiasi.offload import (
+from agiasi.model.offload import (
     _Offloader,
     available_host_memory,
     check_host_memory,
@@ -71,8 +71,8 @@ def test_host_memory_check_counts_every_layer_input():
 
 
 def test_train_refuses_offload_beyond_host_memory(tiny_phi3_tok, tmp_path, monkeypatch, capsys):
-    from agiasi import offload
     from agiasi.cli import main
+    from agiasi.model import offload
 
     monkeypatch.setattr(offload, "available_host_memory", lambda: 2**14)  # 16 KiB left
     run = tmp_path / "run"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agiasi.errors import AgiasiError
-from agiasi.export_files import modelfile
-from agiasi.ollama import CHAT_FORMATS, chat_format, render_go
+from agiasi.export.files import modelfile
+from agiasi.export.ollama import CHAT_FORMATS, chat_format, render_go
 
 # The families' chat templates as their models ship them (format, not code: Meta's Llama-2,
 # Mistral-7B-Instruct v0.1, Gemma's "System role not supported" template), in Jinja.
@@ -48,7 +48,7 @@ def shipped_tok():
 @pytest.fixture(scope="module")
 def bpe_toks(tmp_path_factory):
     from agiasi.shipped import default_dataset
-    from agiasi.tokenizer import build_bpe_tokenizer
+    from agiasi.testing.tokenizer import build_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("bpe")
     return {

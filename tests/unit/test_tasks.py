@@ -13,9 +13,9 @@ import pytest
 
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
-from agiasi.loglik import encode_pair, item_tokens
-from agiasi.stats import mcnemar_exact, paired_bootstrap, verdict
-from agiasi.tasks import (
+from agiasi.eval.loglik import encode_pair, item_tokens
+from agiasi.eval.stats import mcnemar_exact, paired_bootstrap, verdict
+from agiasi.eval.tasks import (
     TASKS,
     chat_messages,
     continuations,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from agiasi.tiling import enable_tiled_mlp
+from agiasi.model.tiling import enable_tiled_mlp
 from tests.helpers import make_wrapper
 
 # fp32, a few hundred multiply-adds per output: tiling changes only the matmuls' row counts,

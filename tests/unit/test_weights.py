@@ -92,7 +92,7 @@ def test_streamed_load_equals_from_pretrained(request, fixture):
 
 
 def _merge_plan(folder, tensors, lora):
-    from agiasi.merge import MergePlan
+    from agiasi.export.merge import MergePlan
 
     save_file(tensors, str(folder / "model.safetensors"))
     return MergePlan(
@@ -109,7 +109,7 @@ def _merge_plan(folder, tensors, lora):
 def test_merged_tensors_read_ahead_yields_what_the_plain_stream_does(tmp_path):
     """The worker thread that merges the next tensor while this one is written changes nothing
     in what comes out or in which order."""
-    from agiasi.merge import merge_tensor, merged_tensors
+    from agiasi.export.merge import merge_tensor, merged_tensors
 
     g = torch.Generator().manual_seed(3)
     ts = {
@@ -138,7 +138,7 @@ def test_merged_tensors_read_ahead_reports_a_bad_tensor_in_its_place(tmp_path):
     first), and a consumer that stops early leaves no worker running."""
     import threading
 
-    from agiasi.merge import merged_tensors
+    from agiasi.export.merge import merged_tensors
 
     ts = {f"w{i}.weight": torch.ones(8, 8) for i in range(5)}
     ts["w3.weight"][0, 0] = float("inf")

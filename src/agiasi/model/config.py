@@ -1,7 +1,7 @@
 """How to build the wrapper: :class:`ModelConfig` (the model flags), the LoRA targets of an
 architecture, and the options a step folder records.
 
-Apart from the wrapper (:mod:`agiasi.model`) because `info`, training's config and the export
+Apart from the wrapper (:mod:`agiasi.model.wrapper`) because `info`, training's config and the export
 plan all read these without building a model (and without importing peft).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from agiasi.errors import AgiasiError
-from agiasi.loading import DType, Quantization
+from agiasi.model.loading import DType, Quantization
 from agiasi.options import check, option
 from agiasi.soul import AlphaMode, RotationInit, RotationKind, SoulConfig, SoulMix
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError, first_line
-from agiasi.loading import DType
+from agiasi.model.loading import DType
 from agiasi.options import option
 
 MAX_EVAL_TOKENS = 4096
@@ -59,7 +59,7 @@ class GGUFModel:
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise AgiasiError(f"{path} is not a GGUF file (no GGUF magic at its start)")
-        from agiasi.quantize import quiet_llama_cpp
+        from agiasi.gguf.quantize import quiet_llama_cpp
 
         quiet_llama_cpp()
         try:
@@ -303,7 +303,7 @@ def model_kind(path: str | Path) -> str:
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
         return "gguf"
-    from agiasi.checkpoint import is_step_folder
+    from agiasi.checkpoint.step_folder import is_step_folder
 
     if is_step_folder(p):
         return "checkpoint"
@@ -318,8 +318,8 @@ def model_kind(path: str | Path) -> str:
 
 
 def load_hf_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
-    """An HF folder's causal LM (see :func:`agiasi.loading.open_model`)."""
-    from agiasi.loading import open_model
+    """An HF folder's causal LM (see :func:`agiasi.model.loading.open_model`)."""
+    from agiasi.model.loading import open_model
 
     return open_model(folder, dtype, device, what="the model")
 
@@ -352,11 +352,11 @@ def open_eval_model(
     kind = model_kind(path)
     if kind == "gguf":
         return _open_gguf(path, n_ctx)
-    from agiasi.loading import parse_device, resolve_dtype
+    from agiasi.model.loading import parse_device, resolve_dtype
 
     dev = parse_device(device)
     if kind == "checkpoint":
-        from agiasi.model import AGIASI_SO8T_Wrapper
+        from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
         overrides = {"base_model": base_model} if base_model else {}
         model = AGIASI_SO8T_Wrapper.from_checkpoint(
@@ -373,7 +373,7 @@ def open_eval_model(
 
 
 def _open_gguf(path: str | Path, n_ctx: int) -> EvalModel:
-    from agiasi.loglik import GGUFScorer
+    from agiasi.eval.loglik import GGUFScorer
 
     g = GGUFModel(path, n_ctx=n_ctx)
     ctx = g.context_length()
@@ -394,8 +394,8 @@ def _torch_eval_model(kind: str, path, model, tok_src, hf_config, dev) -> EvalMo
     """An HF model or the wrapper with its HF tokenizer, under both tokenizer rules."""
     from transformers import AutoTokenizer
 
-    from agiasi.gguf_arch import trained_context
-    from agiasi.loglik import TorchScorer
+    from agiasi.eval.loglik import TorchScorer
+    from agiasi.gguf.arch import trained_context
 
     tok = AutoTokenizer.from_pretrained(tok_src)
     embed = (model.causal_lm if kind == "checkpoint" else model).get_input_embeddings()

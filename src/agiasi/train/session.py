@@ -1,4 +1,4 @@
-"""Everything before the loop of :func:`agiasi.train.train`, as named steps: the device, the
+"""Everything before the loop of :func:`agiasi.train.loop.train`, as named steps: the device, the
 checkpoint to resume from, the data, the model and its optimizer, and restoring a step folder
 (weights, optimizer, data position, RNG: what makes a resume bit-exact).
 """
@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from agiasi.checkpoint import (
+from agiasi.checkpoint.run_folder import (
+    METRICS,
+    last_loss,
+    prepare_run_folder,
+    read_best,
+    run_identity,
+)
+from agiasi.checkpoint.step_folder import (
     TRAINER_STATE,
     checkpoint_problem,
     find_resume_checkpoint,
@@ -20,15 +27,14 @@ from agiasi.checkpoint import (
     safe_torch_load,
 )
 from agiasi.data import BatchStream, Data, load_data
-from agiasi.distributed import Dist, all_gather, broadcast
 from agiasi.errors import AgiasiError, out_of_memory_facts
-from agiasi.loading import load_config, resolve_dtype
-from agiasi.model import AGIASI_SO8T_Wrapper
-from agiasi.offload import check_host_memory
-from agiasi.runfolder import METRICS, last_loss, prepare_run_folder, read_best, run_identity
-from agiasi.schedule import lr_warmup_steps
+from agiasi.model.loading import load_config, resolve_dtype
+from agiasi.model.offload import check_host_memory
+from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 from agiasi.shipped import default_dataset
-from agiasi.train_config import TrainConfig, TrainResult, check_resume, schedule_warning
+from agiasi.train.config import TrainConfig, TrainResult, check_resume, schedule_warning
+from agiasi.train.distributed import Dist, all_gather, broadcast
+from agiasi.train.schedule import lr_warmup_steps
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,7 +52,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
     if cfg.device:
-        from agiasi.loading import parse_device
+        from agiasi.model.loading import parse_device
 
         try:
             return parse_device(cfg.device)
@@ -88,7 +94,7 @@ def _tokenizer(cfg: TrainConfig):
 def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
     """Training and validation examples and the pad id; a bad --base-model or --max-length
     fails first."""
-    from agiasi.loading import check_config_fits_weights, load_config
+    from agiasi.model.loading import check_config_fits_weights, load_config
 
     hf_config = load_config(cfg.base_model, cfg.trust_remote_code)
     check_config_fits_weights(cfg.base_model, hf_config)

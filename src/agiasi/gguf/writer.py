@@ -2,9 +2,9 @@
 
 The file format, the tensor-name table (``gguf.get_tensor_name_map``), the quantizers for
 Q8_0/BF16 (``gguf.quants``) and the special-token reader (``gguf.SpecialVocab``) are the
-library's; what each llama.cpp architecture adds is :mod:`agiasi.gguf_arch`. K-quants (Q4_K_M,
+library's; what each llama.cpp architecture adds is :mod:`agiasi.gguf.arch`. K-quants (Q4_K_M,
 Q5_K_M, Q6_K) and, when it is installed, Q8_0 come from ``llama_cpp.llama_model_quantize``
-(:mod:`agiasi.quantize`); nothing is built or downloaded.
+(:mod:`agiasi.gguf.quantize`); nothing is built or downloaded.
 
 :class:`GGUFStream` writes the header from the tensor *shapes* and then takes each tensor as it
 is produced, so the export writes its F16 GGUF from the merged tensors on their way into the HF
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
-from agiasi.gguf_arch import (
+from agiasi.gguf.arch import (
     GGUFArch,
     rope_theta_of,
     tensor_name_map,
     writer_for,
 )
-from agiasi.gguf_types import DIRECT_TYPES
+from agiasi.gguf.file_types import DIRECT_TYPES
 from agiasi.weights import EMBED_KEY, HEAD_KEY, check_plain
 
 

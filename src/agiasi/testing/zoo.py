@@ -35,7 +35,7 @@ ZOO = ("phi3", "llama-sp", "llama-bpe", "mistral", "qwen2", "qwen3", "gemma", "g
 
 
 def _tokenizer_for(kind: str, out: Path):
-    from agiasi.tokenizer import build_bpe_tokenizer, build_phi3_tokenizer
+    from agiasi.testing.tokenizer import build_bpe_tokenizer, build_phi3_tokenizer
 
     if kind in ("llama-bpe", "qwen2", "qwen3"):
         style = "llama-bpe" if kind == "llama-bpe" else "qwen2"

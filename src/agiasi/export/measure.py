@@ -3,7 +3,7 @@ the report and the model card.
 
 It runs after the folder is complete and renamed into place, so a measure that fails keeps the
 export (complete and loadable); the report then says which stage failed and the command exits
-non-zero. Models are opened one at a time (:mod:`agiasi.parity`), so the measure's memory is
+non-zero. Models are opened one at a time (:mod:`agiasi.export.parity`), so the measure's memory is
 one model's.
 """
 
@@ -16,19 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agiasi.errors import AgiasiError
-from agiasi.export_checks import REPORT
-from agiasi.export_files import (
+from agiasi.export.checks import REPORT
+from agiasi.export.files import (
     exported_config,
     failed_check,
     format_report,
     model_card,
     soul_record,
 )
-from agiasi.export_quant import imatrix_effect, no_imatrix_controls
-from agiasi.merge import MERGE_BASES
+from agiasi.export.merge import MERGE_BASES
+from agiasi.export.quant import imatrix_effect, no_imatrix_controls
 
 if TYPE_CHECKING:
-    from agiasi.export import ExportPlan
+    from agiasi.export.run import ExportPlan
 
 CARD = "README.md"
 
@@ -59,7 +59,7 @@ def finish_report(
     plan: ExportPlan, report: dict[str, Any], ggufs: dict[str, Path], tok, log=_say
 ) -> dict[str, Any]:
     """Run the fidelity measure on the finished export; a failure keeps the export."""
-    from agiasi.parity import MeasureError, parity_report, release_memory
+    from agiasi.export.parity import MeasureError, parity_report, release_memory
 
     if not plan.cfg.measure:
         log(f"export: done → {plan.out}")
@@ -105,7 +105,7 @@ def finish_report(
 def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say, controls=None):
     """What the measure compares: the checkpoint, the written folder and GGUFs, and both merge
     bases where the checkpoint was trained on NF4 and two fp32 copies of it fit."""
-    from agiasi.parity import COMPARE_MERGE_BASES_MAX_PARAMS, ParityInputs
+    from agiasi.export.parity import COMPARE_MERGE_BASES_MAX_PARAMS, ParityInputs
 
     merge_plans = {}
     if plan.model_config.quantization == "nf4":
@@ -135,9 +135,9 @@ def parity_inputs(plan: ExportPlan, ggufs: dict[str, Path], tok, log=_say, contr
 def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
     """``--benchmark``: the trained wrapper (as trained), the HF folder and each GGUF on the
     same JGLUE items, one model in memory at a time; a failure is the measure's failure."""
-    from agiasi.benchmark import export_rows
-    from agiasi.evaluate import open_eval_model
-    from agiasi.parity import MeasureError, gguf_stages, measure_device, parity_n_ctx
+    from agiasi.eval.benchmark import export_rows
+    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.export.parity import MeasureError, gguf_stages, measure_device, parity_n_ctx
 
     device = str(measure_device())
     mcfg = plan.model_config

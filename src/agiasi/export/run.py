@@ -5,18 +5,18 @@ Stages, each a function below:
 1. :func:`plan_export` — every check that can fail, before anything is read in bulk or written:
    the checkpoint, the output path (never inside the checkpoint, its run or the base model),
    the base model's files, the optional dependencies the requested outputs need, free disk.
-2. :func:`agiasi.export_hf.write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
-   base's safetensors into HF shards (:mod:`agiasi.merge`, :mod:`agiasi.weights`) and, on the
-   same pass, into the F16/F32/BF16 GGUFs (:class:`agiasi.gguf.GGUFStream`): memory holds
+2. :func:`agiasi.export.hf.write_hf_folder` — the merged, folded weights streamed tensor by tensor from the
+   base's safetensors into HF shards (:mod:`agiasi.export.merge`, :mod:`agiasi.weights`) and, on the
+   same pass, into the F16/F32/BF16 GGUFs (:class:`agiasi.gguf.writer.GGUFStream`): memory holds
    about two tensors (the next one is merged while this one is written), never the model, and
    nothing is read back.
-3. :func:`agiasi.export_quant.write_ggufs` — the importance matrix (:mod:`agiasi.imatrix`),
+3. :func:`agiasi.export.quant.write_ggufs` — the importance matrix (:mod:`agiasi.gguf.imatrix`),
    then Q8_0 and the K and IQ quants from the F16 through llama.cpp's quantizer.
-4. :func:`agiasi.export_measure.finish_report` — the fidelity measure (:mod:`agiasi.parity`,
+4. :func:`agiasi.export.measure.finish_report` — the fidelity measure (:mod:`agiasi.export.parity`,
    one model at a time), the ``--benchmark`` rows and the model card.
 
 Stages 2–3 write into ``.OUT.tmp-<pid>``, renamed to ``OUT`` when complete
-(:func:`agiasi.checkpoint.atomic_folder`): a killed export leaves no folder that looks complete.
+(:func:`agiasi.checkpoint.step_folder.atomic_folder`): a killed export leaves no folder that looks complete.
 The measure runs after that: if it fails, the export stays (complete and loadable), its report
 says which stage failed, and the command exits non-zero.
 """
@@ -34,24 +34,24 @@ from typing import Any, Literal, get_args
 import torch
 
 from agiasi.errors import AgiasiError
-from agiasi.export_checks import (
+from agiasi.export.checks import (
     check_free_disk,
     check_keys_fit,
     check_output_path,
     check_special_ids,
     refuse_nonfinite,
 )
-from agiasi.export_files import exported_config, modelfile, modelfile_value, read_json
-from agiasi.export_hf import write_hf_folder
-from agiasi.export_measure import base_report, finish_report, write_report_and_card
-from agiasi.export_quant import check_imatrix_flags, plan_imatrix, write_ggufs
-from agiasi.loading import DType
-from agiasi.merge import (
+from agiasi.export.files import exported_config, modelfile, modelfile_value, read_json
+from agiasi.export.hf import write_hf_folder
+from agiasi.export.measure import base_report, finish_report, write_report_and_card
+from agiasi.export.merge import (
     MergePlan,
     SoulFold,
     lora_pairs,
     rotation_from_state,
 )
+from agiasi.export.quant import check_imatrix_flags, plan_imatrix, write_ggufs
+from agiasi.model.loading import DType
 from agiasi.options import check, option
 from agiasi.weights import LazyWeights, check_plain
 
@@ -123,8 +123,8 @@ class ExportPlan:
 
     cfg: ExportConfig  # merge_base and num_ctx resolved
     checkpoint: Path
-    manifest: Any  # agiasi.step_record.StepRecord
-    model_config: Any  # agiasi.model.ModelConfig, base model resolved
+    manifest: Any  # agiasi.checkpoint.record.StepRecord
+    model_config: Any  # agiasi.model.wrapper.ModelConfig, base model resolved
     base_id: str
     base_dir: Path
     hf_config: Any
@@ -136,9 +136,9 @@ class ExportPlan:
     n_params: int
     run_ggufs: bool  # llama-cpp-python is there to run the GGUFs in the measure
     imatrix_types: list[str] = field(default_factory=list)  # quantized with the matrix
-    calibration: Any = None  # agiasi.calibration.Calibration, when the matrix is computed
+    calibration: Any = None  # agiasi.export.calibration.Calibration, when the matrix is computed
     imatrix_file: Path | None = None  # --imatrix FILE
-    given_imatrix: Any = None  # agiasi.imatrix.Imatrix read from it (checked in the plan)
+    given_imatrix: Any = None  # agiasi.gguf.imatrix.Imatrix read from it (checked in the plan)
 
     @property
     def stem(self) -> str:
@@ -186,7 +186,7 @@ def _output_lock(out: Path):
 
 
 def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
-    from agiasi.checkpoint import atomic_folder, clean_stale_temp
+    from agiasi.checkpoint.step_folder import atomic_folder, clean_stale_temp
 
     for stale in clean_stale_temp(plan.out):
         log(f"export: removed {stale.name}, left half-written by a killed export")
@@ -211,10 +211,10 @@ def _export(plan: ExportPlan, cfg: ExportConfig, log) -> dict[str, Any]:
 def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
     """Check everything that can be checked before the work; nothing is written here."""
     from agiasi.architectures import gguf_architecture
-    from agiasi.checkpoint import check_same_base, check_same_weights
-    from agiasi.gguf_arch import GEMMA_HEAD_MESSAGE, trained_context
-    from agiasi.gguf_types import KQUANT_TYPES
-    from agiasi.loading import load_config
+    from agiasi.checkpoint.step_folder import check_same_base, check_same_weights
+    from agiasi.gguf.arch import GEMMA_HEAD_MESSAGE, trained_context
+    from agiasi.gguf.file_types import KQUANT_TYPES
+    from agiasi.model.loading import load_config
 
     types = check_flags(cfg)
     ckpt, manifest, mcfg = _checkpoint_of(cfg, log)
@@ -277,9 +277,9 @@ def plan_export(cfg: ExportConfig, log=_say) -> ExportPlan:
 def _checkpoint_of(cfg: ExportConfig, log) -> tuple[Path, Any, Any]:
     """The step folder (a run folder's ``--step``), its manifest, and the model options it
     records with this command's overrides."""
-    from agiasi.checkpoint import read_manifest
-    from agiasi.model_config import ModelConfig, checkpoint_model_config
-    from agiasi.runfolder import is_run_folder, resolve_step
+    from agiasi.checkpoint.run_folder import is_run_folder, resolve_step
+    from agiasi.checkpoint.step_folder import read_manifest
+    from agiasi.model.config import ModelConfig, checkpoint_model_config
 
     ckpt = Path(cfg.checkpoint)
     if cfg.step is not None or is_run_folder(ckpt):
@@ -305,8 +305,8 @@ def _resolve_merge_base(cfg: ExportConfig, quantization: str) -> ExportConfig:
 def check_flags(cfg: ExportConfig) -> list[str]:
     """What the flags alone can get wrong (types, combinations, the --text file, the
     --benchmark spec), before anything is read: the GGUF types asked for."""
-    from agiasi.evaluate import eval_text
-    from agiasi.gguf_types import parse_types
+    from agiasi.eval.perplexity import eval_text
+    from agiasi.gguf.file_types import parse_types
 
     check(cfg)
     if not cfg.out or not str(cfg.out).strip():
@@ -319,7 +319,7 @@ def check_flags(cfg: ExportConfig) -> list[str]:
     if cfg.measure:
         eval_text(cfg.text)  # a missing or unreadable --text fails now, not after the export
     if cfg.benchmark:
-        from agiasi.benchmark import parse_export_spec
+        from agiasi.eval.benchmark import parse_export_spec
 
         if not cfg.measure:
             raise AgiasiError("--benchmark is part of the fidelity measure; --no-measure skips it")
@@ -335,8 +335,8 @@ def _check_gguf_writable(arch, base_dir: Path, hf_cfg) -> None:
     it needs is there and llama.cpp can reproduce it (a byte-level BPE whose pre-tokenizer
     llama.cpp does not know), and the writer takes this config (RoPE type, query scaling)."""
     from agiasi.architectures import vocabulary_kind
-    from agiasi.gguf_arch import writer_for
-    from agiasi.gguf_vocab import bpe_pre_tokenizer
+    from agiasi.gguf.arch import writer_for
+    from agiasi.gguf.vocab import bpe_pre_tokenizer
 
     if vocabulary_kind(arch, base_dir) == "bpe":
         bpe_pre_tokenizer(read_json(base_dir / "tokenizer.json"))
@@ -350,7 +350,7 @@ def merge_plan(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from agiasi.checkpoint import (
+    from agiasi.checkpoint.step_folder import (
         ADAPTER_WEIGHTS,
         SOUL_PT,
         check_soul_state,
@@ -396,7 +396,7 @@ def preflight_dependencies(cfg: ExportConfig, types: list[str], mcfg, kquants) -
 
     if types and not have("gguf"):
         raise AgiasiError("writing GGUF needs the gguf package: pip install gguf")
-    from agiasi.quantize import have_quantizer
+    from agiasi.gguf.quantize import have_quantizer
 
     llama_cpp = have_quantizer()
     wanted_k = [t for t in types if t in kquants]

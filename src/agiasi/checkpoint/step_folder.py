@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agiasi._faults import maybe_crash
+from agiasi.checkpoint.record import StepRecord
 from agiasi.errors import AgiasiError, first_line
-from agiasi.step_record import StepRecord
 from agiasi.weights import base_fingerprint
 
 if TYPE_CHECKING:
-    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"

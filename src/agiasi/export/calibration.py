@@ -74,7 +74,7 @@ def _exists(dataset: str) -> bool:
 
 
 def _train_config(checkpoint: Path) -> dict[str, Any]:
-    from agiasi.checkpoint import TRAIN_CONFIG
+    from agiasi.checkpoint.step_folder import TRAIN_CONFIG
 
     path = Path(checkpoint) / TRAIN_CONFIG
     if not path.is_file():

@@ -11,8 +11,8 @@ Resume is exact: a step folder carries the optimizer state, the RNG states and t
 position; both schedules are functions of the step. A killed run resumed with ``--resume auto``
 ends bit-for-bit where an uninterrupted run ends (CPU, fixed seed).
 
-The run folder, its lock and its records live in :mod:`agiasi.runfolder`; data-parallel helpers
-in :mod:`agiasi.distributed`; process-wide settings in :mod:`agiasi.process`.
+The run folder, its lock and its records live in :mod:`agiasi.checkpoint.run_folder`; data-parallel helpers
+in :mod:`agiasi.train.distributed`; process-wide settings in :mod:`agiasi.process`.
 """
 
 from __future__ import annotations
@@ -29,21 +29,7 @@ from typing import Any
 import torch
 
 from agiasi._faults import maybe_crash
-from agiasi.checkpoint import write_step
-from agiasi.data import IGNORE, BatchStream, Example, collate
-from agiasi.distributed import (
-    Dist,
-    all_gather,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-)
-from agiasi.errors import AgiasiError
-from agiasi.host_embedding import head_reads_input_embedding
-from agiasi.model import AGIASI_SO8T_Wrapper
-from agiasi.process import configure_process
-from agiasi.runfolder import (
+from agiasi.checkpoint.run_folder import (
     METRICS,
     RunLock,
     check_output_dir,
@@ -51,10 +37,24 @@ from agiasi.runfolder import (
     refuse_links,
     write_best,
 )
-from agiasi.schedule import linear_annealing, lr_factor
+from agiasi.checkpoint.step_folder import write_step
+from agiasi.data import IGNORE, BatchStream, Example, collate
+from agiasi.errors import AgiasiError
+from agiasi.model.host_embedding import head_reads_input_embedding
+from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
+from agiasi.process import configure_process
 from agiasi.soul import gate_of, phase_status
-from agiasi.train_config import TrainConfig, TrainResult, schedule_warning
-from agiasi.train_setup import out_of_memory, pick_device, rng_state, start_session
+from agiasi.train.config import TrainConfig, TrainResult, schedule_warning
+from agiasi.train.distributed import (
+    Dist,
+    all_gather,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
+from agiasi.train.schedule import linear_annealing, lr_factor
+from agiasi.train.session import out_of_memory, pick_device, rng_state, start_session
 
 __all__ = ["TrainConfig", "TrainResult", "schedule_warning", "train"]
 
@@ -463,7 +463,7 @@ def step_record(
 def finish_run(out_dir: Path, final: Path, loss: float, best: dict | None, say) -> None:
     """The phase plot and the closing line (rank 0)."""
     try:
-        from agiasi.plot import plot_run
+        from agiasi.train.plot import plot_run
 
         say(f"plot: {plot_run(out_dir)}")
     except AgiasiError as e:

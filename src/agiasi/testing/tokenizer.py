@@ -16,7 +16,7 @@ from pathlib import Path
 
 # The Llama-3 / Qwen2 split patterns live with the GGUF vocabulary code, which must name them for
 # llama.cpp; the test tokenizers of those families are built from the same patterns.
-from agiasi.gguf_vocab import BPE_SPLIT_PATTERNS
+from agiasi.gguf.vocab import BPE_SPLIT_PATTERNS
 
 PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
 

@@ -1,8 +1,8 @@
 """Stage 3 of an export: the GGUF files, and the importance matrix their quantizer is given.
 
-F32/F16/BF16 come from the HF folder one tensor at a time (:mod:`agiasi.gguf`); the K and IQ
+F32/F16/BF16 come from the HF folder one tensor at a time (:mod:`agiasi.gguf.writer`); the K and IQ
 types, and Q8_0 where llama.cpp's quantizer is installed, from an F16 file through llama.cpp's
-quantizer (:mod:`agiasi.quantize`). Which of them get an importance matrix, and from where, is
+quantizer (:mod:`agiasi.gguf.quantize`). Which of them get an importance matrix, and from where, is
 decided in the plan (:func:`plan_imatrix`); the matrix is computed here from the written HF
 folder (the merged + folded weights the GGUF holds) and saved as ``imatrix.gguf`` beside them.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from agiasi.errors import AgiasiError
 
 if TYPE_CHECKING:
-    from agiasi.export import ExportConfig, ExportPlan
+    from agiasi.export.run import ExportConfig, ExportPlan
 
 IMATRIX_FILE = "imatrix.gguf"
 
@@ -31,8 +31,8 @@ def _say(msg: str) -> None:
 
 def check_imatrix_flags(cfg: ExportConfig, types: list[str]) -> None:
     """What ``--imatrix`` and ``--calibration`` alone can get wrong, before anything is read."""
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
-    from agiasi.quantize import needs_imatrix_message
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.quantize import needs_imatrix_message
 
     if cfg.imatrix == "none":
         need = [t for t in types if GGUF_TYPE_TABLE[t].needs_imatrix]
@@ -56,7 +56,7 @@ def check_imatrix_flags(cfg: ExportConfig, types: list[str]) -> None:
 def imatrix_types(mode: str, types: list[str]) -> list[str]:
     """auto: the types at or below 4 bits; a file: every type llama.cpp quantizes (Q8_0 has no
     use for one); none: no type."""
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
 
     if mode == "none":
         return []
@@ -68,9 +68,9 @@ def imatrix_types(mode: str, types: list[str]) -> list[str]:
 def plan_imatrix(plan: ExportPlan, log=_say) -> ExportPlan:
     """The types that get the matrix, and its source: a given file checked against this
     model's tensors now, or the calibration text chosen now (a missing file fails here)."""
-    from agiasi.calibration import choose_calibration
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
-    from agiasi.imatrix import check_matches, gguf_names, read_imatrix
+    from agiasi.export.calibration import choose_calibration
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.imatrix import check_matches, gguf_names, read_imatrix
 
     cfg = plan.cfg
     with_matrix = imatrix_types(cfg.imatrix, plan.types)
@@ -99,8 +99,8 @@ def plan_imatrix(plan: ExportPlan, log=_say) -> ExportPlan:
 def streamed_types(types: list[str]) -> list[str]:
     """The GGUF types written while the merged tensors stream into the HF folder: those gguf-py
     writes itself, plus F16 when llama.cpp's quantizer makes the others from it."""
-    from agiasi.gguf_types import KQUANT_TYPES
-    from agiasi.quantize import have_quantizer
+    from agiasi.gguf.file_types import KQUANT_TYPES
+    from agiasi.gguf.quantize import have_quantizer
 
     from_f16 = [t for t in types if t in KQUANT_TYPES or (t == "q8_0" and have_quantizer())]
     direct = [t for t in types if t not in from_f16]
@@ -113,7 +113,7 @@ def write_ggufs(
     """The quantized GGUF files from the streamed F16 (the importance matrix first, when asked),
     all of them; and what the matrix was (None when none was used). An F16 written only as the
     quantizer's source is removed."""
-    from agiasi.quantize import quantize_gguf
+    from agiasi.gguf.quantize import quantize_gguf
 
     ggufs = dict(streamed)
     from_f16 = [t for t in plan.types if t not in ggufs]
@@ -138,7 +138,7 @@ def write_ggufs(
 def importance_matrix(plan: ExportPlan, hf_dir: Path, folder: Path, log=_say):
     """The matrix for the quantizer and its report entry: read from ``--imatrix FILE``, or
     computed on the calibration text and written to ``imatrix.gguf``."""
-    from agiasi.imatrix import QuantizerImatrix, write_imatrix
+    from agiasi.gguf.imatrix import QuantizerImatrix, write_imatrix
 
     info: dict[str, Any] = {"types": list(plan.imatrix_types)}
     if plan.given_imatrix is not None:
@@ -173,11 +173,11 @@ def compute_for_export(plan: ExportPlan, hf_dir: Path, log=_say):
     there is one; chunks of llama-imatrix's 512 tokens, or the model's context if shorter."""
     from transformers import AutoTokenizer
 
-    from agiasi.calibration import calibration_text
-    from agiasi.export_files import exported_config
-    from agiasi.gguf_arch import trained_context
-    from agiasi.imatrix import DEFAULT_CHUNK, calibration_chunks, compute_imatrix, gguf_names
-    from agiasi.parity import measure_device
+    from agiasi.export.calibration import calibration_text
+    from agiasi.export.files import exported_config
+    from agiasi.export.parity import measure_device
+    from agiasi.gguf.arch import trained_context
+    from agiasi.gguf.imatrix import DEFAULT_CHUNK, calibration_chunks, compute_imatrix, gguf_names
     from agiasi.weights import LazyWeights
 
     cfg = plan.cfg
@@ -201,9 +201,9 @@ def no_imatrix_controls(plan: ExportPlan, ggufs: dict[str, Path], log=_say):
     import shutil
     import tempfile
 
-    from agiasi.gguf import write_gguf
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
-    from agiasi.quantize import quantize_gguf
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.quantize import quantize_gguf
+    from agiasi.gguf.writer import write_gguf
 
     types = [t for t in plan.imatrix_types if not GGUF_TYPE_TABLE[t].needs_imatrix]
     if not types or not plan.cfg.measure:

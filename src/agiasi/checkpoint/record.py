@@ -1,7 +1,7 @@
 """What a step folder's ``soul.json`` says, typed: every stage reads a checkpoint through
 :class:`StepRecord`, so each fact has one spelling and one legacy default.
 
-``soul.json`` (written by :func:`agiasi.checkpoint.soul_manifest`) holds the base model and its
+``soul.json`` (written by :func:`agiasi.checkpoint.step_folder.soul_manifest`) holds the base model and its
 shape, the step, the wrapper's options (``model``), the soul's record (``soul``: kind, hidden
 size, mix, α, gate, phase, orthogonality error; ``null`` for a control run), the base's weight
 fingerprint and the step's validation figures. The soul's mix is stored once, in ``soul``;

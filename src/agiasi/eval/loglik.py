@@ -102,7 +102,7 @@ class TorchScorer:
     """Items through a torch causal LM (an HF model or the soul wrapper) in packed rows.
 
     ``forward(input_ids, attention_mask, position_ids)`` returns an object with ``.logits``;
-    both ``transformers`` models and :class:`agiasi.model.AGIASI_SO8T_Wrapper` take those
+    both ``transformers`` models and :class:`agiasi.model.wrapper.AGIASI_SO8T_Wrapper` take those
     keywords and pass a 4-D float mask through as it is.
     """
 

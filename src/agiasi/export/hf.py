@@ -1,8 +1,8 @@
-"""Stage 2 of an export (:mod:`agiasi.export`): the HF folder, with the streamed GGUFs.
+"""Stage 2 of an export (:mod:`agiasi.export.run`): the HF folder, with the streamed GGUFs.
 
 The merged, folded weights go from the base's safetensors into HF shards tensor by tensor
-(:mod:`agiasi.merge`, :mod:`agiasi.weights`), and each tensor on its way also into every GGUF
-that gguf-py writes (:class:`agiasi.gguf.GGUFStream`), so memory holds about two tensors and
+(:mod:`agiasi.export.merge`, :mod:`agiasi.weights`), and each tensor on its way also into every GGUF
+that gguf-py writes (:class:`agiasi.gguf.writer.GGUFStream`), so memory holds about two tensors and
 no GGUF reads the folder back.
 """
 
@@ -14,25 +14,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agiasi._faults import maybe_crash
-from agiasi.export_files import exported_config, read_json
-from agiasi.merge import merged_tensors
+from agiasi.export.files import exported_config, read_json
+from agiasi.export.merge import merged_tensors
 
 if TYPE_CHECKING:
-    from agiasi.export import ExportPlan
+    from agiasi.export.run import ExportPlan
 
 
 def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log) -> tuple:
     """Config, tokenizer (+ ``tokenizer.model``), generation config, then the merged weights in
     one stream: each tensor goes into the HF shards and, on the same pass, into every GGUF that
-    gguf-py writes (:func:`agiasi.export_quant.streamed_types`; F16 when K-quants or llama.cpp's
+    gguf-py writes (:func:`agiasi.export.quant.streamed_types`; F16 when K-quants or llama.cpp's
     Q8_0 follow), so no GGUF reads the folder back.
 
     Returns the tokenizer (the Modelfile and the measure use it) and the GGUFs written.
     """
     from transformers import AutoTokenizer, GenerationConfig
 
-    from agiasi.export_quant import streamed_types
-    from agiasi.gguf import GGUFStream
+    from agiasi.export.quant import streamed_types
+    from agiasi.gguf.writer import GGUFStream
     from agiasi.weights import write_sharded
 
     start = time.perf_counter()

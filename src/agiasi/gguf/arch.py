@@ -2,7 +2,7 @@
 common keys — metadata, extra tensors (RoPE factors), per-tensor transforms (the Llama q/k row
 permutation from HF's rotate-half layout to GGML's interleaved one, Gemma's 1 + w norms) — one
 small class each, as in llama.cpp's own converter. The file format and writing are
-:mod:`agiasi.gguf`; which model types map to which class is :mod:`agiasi.architectures`.
+:mod:`agiasi.gguf.writer`; which model types map to which class is :mod:`agiasi.architectures`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from agiasi.errors import AgiasiError
-from agiasi.gguf_vocab import bpe_vocabulary, sentencepiece_vocabulary
+from agiasi.gguf.vocab import bpe_vocabulary, sentencepiece_vocabulary
 from agiasi.weights import EMBED_KEY, HEAD_KEY
 
 

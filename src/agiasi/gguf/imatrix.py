@@ -244,7 +244,7 @@ def read_imatrix(path: Path) -> Imatrix:
     """An ``imatrix.gguf`` (ours or ``llama-imatrix``'s); one clear line if it is not one."""
     import gguf
 
-    from agiasi.gguf_header import check_gguf_header
+    from agiasi.gguf.header import check_gguf_header
 
     check_gguf_header(path, "importance matrix")
     try:
@@ -343,7 +343,7 @@ class QuantizerImatrix:
 def gguf_names(cfg: dict, keys) -> dict[str, str]:
     """HF weight key → GGUF tensor name, through the GGUF writer's own map."""
     from agiasi.architectures import gguf_architecture
-    from agiasi.gguf_arch import tensor_name_map, writer_for
+    from agiasi.gguf.arch import tensor_name_map, writer_for
 
     arch = writer_for(gguf_architecture(cfg.get("model_type", "")))
     name_map = tensor_name_map(arch, cfg)

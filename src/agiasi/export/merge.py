@@ -130,7 +130,7 @@ def _base_key(peft_stem: str) -> str:
 
 
 def rotation_from_state(info, state: dict[str, Any]) -> torch.Tensor:
-    """Dense R (float64) from ``soul.json``'s soul record (:class:`agiasi.step_record.SoulRecord`)
+    """Dense R (float64) from ``soul.json``'s soul record (:class:`agiasi.checkpoint.record.SoulRecord`)
     and ``soul.pt``'s rotation."""
     soul = Soul(SoulConfig(hidden_size=info.hidden_size, rotation=info.kind))
     try:

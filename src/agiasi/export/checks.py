@@ -115,7 +115,7 @@ def check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
 
 def check_free_disk(out: Path, n_params: int, dtype: torch.dtype, types: list[str]) -> None:
     """Refuse an export that cannot fit on the output's disk (estimated from the shapes)."""
-    from agiasi.gguf_types import GGUF_TYPE_TABLE, KQUANT_TYPES
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE, KQUANT_TYPES
 
     per = torch.tensor([], dtype=dtype).element_size()
     need = n_params * per

@@ -23,21 +23,21 @@ import torch
 from torch import nn
 
 from agiasi.errors import AgiasiError, first_line
-from agiasi.loading import (
+from agiasi.model.config import (
+    ModelConfig,
+    checkpoint_model_config,
+    lora_targets_for,
+    match_lora_targets,
+)
+from agiasi.model.loading import (
     _warn_once,
     load_config,
     open_model,
     parse_device,
     resolve_dtype,
 )
-from agiasi.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
-from agiasi.model_config import (
-    ModelConfig,
-    checkpoint_model_config,
-    lora_targets_for,
-    match_lora_targets,
-)
-from agiasi.precision import (
+from agiasi.model.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
+from agiasi.model.precision import (
     keep_nf4_in_float32,
     lora_autocast,
     lora_inputs_in_compute_dtype,
@@ -152,17 +152,17 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             if getattr(self.causal_lm, "_require_grads_hook", None) is not None:
                 self.causal_lm.disable_input_require_grads()
         if config.offload_activations:
-            from agiasi.offload import enable_offloaded_checkpointing
+            from agiasi.model.offload import enable_offloaded_checkpointing
 
             enable_offloaded_checkpointing(decoder)
         if config.mlp_tile:
-            from agiasi.tiling import enable_tiled_mlp
+            from agiasi.model.tiling import enable_tiled_mlp
 
             enable_tiled_mlp(decoder, config.mlp_tile)
         self.embedding_on_host = config.offload_embeddings and self.device_.type != "cpu"
         self.embedding_bytes_on_host = 0
         if self.embedding_on_host:
-            from agiasi.host_embedding import keep_input_embedding_on_host
+            from agiasi.model.host_embedding import keep_input_embedding_on_host
 
             self.embedding_bytes_on_host = keep_input_embedding_on_host(
                 self.causal_lm, self.device_
@@ -175,9 +175,9 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             # Each decoder layer compiled on its own: 32 identical layers share one graph, and
             # the kernel-launch overhead of small-batch QLoRA (CPU-bound) shrinks. The NF4
             # linears are rewritten as tensor arithmetic first, so the compiled graph holds
-            # their dequantization too (agiasi.nf4 says why).
+            # their dequantization too (agiasi.model.nf4 says why).
             if config.quantization == "nf4":
-                from agiasi.nf4 import use_traceable_nf4
+                from agiasi.model.nf4 import use_traceable_nf4
 
                 use_traceable_nf4(decoder)
             # Automatic dynamic shapes (not dynamic=False): a second batch width compiles one
@@ -281,7 +281,7 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         transformers then reads the example boundaries from the positions and keeps attention
         inside each example (a block-diagonal causal mask; on flash attention, varlen kernels).
         A 4-D additive float mask (B, 1, T, T) goes through as it is, with the positions: what
-        :mod:`agiasi.loglik` packs an item's choices with.
+        :mod:`agiasi.eval.loglik` packs an item's choices with.
         """
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         with lora_autocast(self.compute_dtype, self.device_):
@@ -466,8 +466,8 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
         device: str | torch.device | None = None,
         **overrides: Any,
     ) -> AGIASI_SO8T_Wrapper:
-        """Rebuild base + LoRA + soul from a step folder written by :mod:`agiasi.checkpoint`."""
-        from agiasi.checkpoint import load_into, read_manifest
+        """Rebuild base + LoRA + soul from a step folder written by :mod:`agiasi.checkpoint.step_folder`."""
+        from agiasi.checkpoint.step_folder import load_into, read_manifest
 
         manifest = read_manifest(ckpt_dir)
         if overrides.get("soul") is False and manifest.soul is not None:

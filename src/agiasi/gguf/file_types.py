@@ -1,7 +1,7 @@
 """The one table of GGUF file types agiasi writes, and what llama.cpp says of each.
 
-Who writes each type: gguf-py here (F32, F16, BF16, Q8_0 — agiasi.gguf) or llama.cpp's own
-quantizer from the F16 file (agiasi.quantize). Bits per weight (the export's free-disk check) are
+Who writes each type: gguf-py here (F32, F16, BF16, Q8_0 — agiasi.gguf.writer) or llama.cpp's own
+quantizer from the F16 file (agiasi.gguf.quantize). Bits per weight (the export's free-disk check) are
 upper estimates from llama.cpp's own figures (``tools/quantize/quantize.cpp``: nominal bpw, or
 the file size it lists for Llama-3-8B); the mixes keep some tensors at more bits.
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agiasi.checkpoint import TRAIN_CONFIG, clean_stale_temp, list_checkpoints
+from agiasi.checkpoint.step_folder import TRAIN_CONFIG, clean_stale_temp, list_checkpoints
 from agiasi.errors import AgiasiError
 
 METRICS = "metrics.jsonl"
@@ -242,7 +242,7 @@ def run_identity(out_dir: Path, resume_from: Path | None, ckpt_run_id: str | Non
 
 def is_run_folder(path: Path) -> bool:
     """A folder ``agiasi train`` wrote into (its metrics or config, not a step folder itself)."""
-    from agiasi.checkpoint import is_step_folder
+    from agiasi.checkpoint.step_folder import is_step_folder
 
     p = Path(path)
     if not p.is_dir() or is_step_folder(p):
@@ -261,7 +261,7 @@ def _validated(run_dir: Path) -> bool:
 
 def resolve_step(run_dir: Path, which: str) -> Path:
     """``best`` (``best.json``), ``last`` (the newest complete step) or ``N`` → its step folder."""
-    from agiasi.checkpoint import checkpoint_problem, find_resume_checkpoint
+    from agiasi.checkpoint.step_folder import checkpoint_problem, find_resume_checkpoint
 
     run_dir = Path(run_dir)
     if not is_run_folder(run_dir):

@@ -2,10 +2,10 @@
 (a step folder, an HF folder, a GGUF), and before/after with an interval and a verdict.
 
 ``agiasi eval MODEL --task jcommonsenseqa,jnli`` scores each item's choices by log-likelihood
-(:mod:`agiasi.loglik`, lm-eval's rules) on lm-eval's prompts (:mod:`agiasi.tasks`) and reports
+(:mod:`agiasi.eval.loglik`, lm-eval's rules) on lm-eval's prompts (:mod:`agiasi.eval.tasks`) and reports
 ``acc`` (the most likely choice) and ``acc_norm`` (log-likelihood per character of the choice,
 lm-eval's normalisation). ``--compare A,B,…`` scores every model on the same items, one model in
-memory at a time, and compares each with the first (:mod:`agiasi.stats`). ``agiasi export
+memory at a time, and compares each with the first (:mod:`agiasi.eval.stats`). ``agiasi export
 --benchmark`` puts the same rows, for the wrapper, the HF folder and every GGUF, in the export
 report (:func:`export_rows`).
 """
@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from agiasi.errors import AgiasiError
-from agiasi.tasks import TEMPLATE_SOURCE, TaskSet, chat_messages, continuations, plain_prompt
+from agiasi.eval.tasks import TEMPLATE_SOURCE, TaskSet, chat_messages, continuations, plain_prompt
 
 EXPORT_DEFAULT_ITEMS = 100
 
 
 def prepare_sets(cfg) -> list[TaskSet]:
     """The items every model of this run is scored on, checked before any model loads."""
-    from agiasi.tasks import parse_task_paths, parse_tasks, prepare
+    from agiasi.eval.tasks import parse_task_paths, parse_tasks, prepare
 
     tasks = parse_tasks(cfg.task)
     data = parse_task_paths(cfg.task_data, tasks, "--task-data")
@@ -93,7 +93,7 @@ def score_set(model, ts: TaskSet, chat: bool, log=None) -> dict[str, Any]:
 
 def _score_items(model, ts: TaskSet, contexts: list[str], chat: bool):
     """Every item's choices through the model's scorer: ([Scored], [cut?], seconds)."""
-    from agiasi.loglik import Scored, item_tokens
+    from agiasi.eval.loglik import Scored, item_tokens
 
     encoded = [
         item_tokens(model.encode, ctx, continuations(ts.task, it, chat), model.context)
@@ -174,7 +174,7 @@ def majority_rate(ts: TaskSet) -> float:
 
 def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each model's accuracy against the first's on the same items."""
-    from agiasi.stats import mcnemar_exact, paired_bootstrap, verdict
+    from agiasi.eval.stats import mcnemar_exact, paired_bootstrap, verdict
 
     ref = np.array([it["pred"] == it["gold"] for it in results[0]["per_item"]])
     rows = []
@@ -204,7 +204,7 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_benchmark(cfg, log=None) -> dict[str, Any]:
     """``agiasi eval --task``: every model of ``cfg`` (MODEL, or the list of ``--compare``) on
     every task; one model loaded at a time."""
-    from agiasi.evaluate import model_kind, open_eval_model
+    from agiasi.eval.perplexity import model_kind, open_eval_model
 
     if cfg.compare:
         if cfg.model:
@@ -252,7 +252,7 @@ def run_benchmark(cfg, log=None) -> dict[str, Any]:
 def one_at_a_time(openers: list[Any], work) -> list[Any]:
     """``work(model, i)`` for each opened model in turn; each is closed and its memory given
     back before the next opens, so a comparison costs one model's memory."""
-    from agiasi.parity import release_memory
+    from agiasi.export.parity import release_memory
 
     out = []
     for i, opener in enumerate(openers):
@@ -311,7 +311,7 @@ def format_benchmark(report: dict[str, Any]) -> str:
 
 def parse_export_spec(text: str) -> tuple[str, int]:
     """``jcommonsenseqa[:N]`` → (task, N items)."""
-    from agiasi.tasks import parse_tasks
+    from agiasi.eval.tasks import parse_tasks
 
     name, sep, n = text.partition(":")
     task = parse_tasks(name)
@@ -336,7 +336,7 @@ def export_rows(
     """The benchmark rows of an export: ``stages`` is [(row name, opener)], the first the
     reference (the trained wrapper); each opener returns an opened model, which is closed and
     freed before the next opens."""
-    from agiasi.tasks import TASKS, prepare
+    from agiasi.eval.tasks import TASKS, prepare
 
     name, n = parse_export_spec(spec)
     ts = prepare(TASKS[name], limit=n)

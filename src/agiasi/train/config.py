@@ -1,7 +1,7 @@
 """``TrainConfig``: every flag of ``agiasi train``, and what a resumed run may change.
 
 Every field is a flag (``max_steps`` ↔ ``--max-steps``) and a key of ``--config FILE.yaml``;
-the model's own options come from :class:`agiasi.model.ModelConfig`. A resume compares the
+the model's own options come from :class:`agiasi.model.wrapper.ModelConfig`. A resume compares the
 run's saved config with this one field by field (:func:`check_resume`).
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 from agiasi.errors import AgiasiError
-from agiasi.model_config import ModelConfig
+from agiasi.model.config import ModelConfig
 from agiasi.options import option
-from agiasi.schedule import LR_SCHEDULERS, linear_annealing
 from agiasi.soul import PHI, gate_of
+from agiasi.train.schedule import LR_SCHEDULERS, linear_annealing
 
 DatasetFormat = Literal["auto", "text", "messages", "alpaca", "sharegpt", "prompt-completion"]
 LrScheduler = Literal["constant", "linear", "cosine"]
@@ -164,8 +164,13 @@ class TrainResult:
 def check_resume(cfg: TrainConfig, resume_from: Path) -> None:
     """The checkpoint must come from this base model (configs only, no weights) and from a run
     with the same settings, except those in :data:`RESUMABLE_FIELDS`."""
-    from agiasi.checkpoint import TRAIN_CONFIG, check_same_base, check_same_weights, read_manifest
-    from agiasi.loading import load_config
+    from agiasi.checkpoint.step_folder import (
+        TRAIN_CONFIG,
+        check_same_base,
+        check_same_weights,
+        read_manifest,
+    )
+    from agiasi.model.loading import load_config
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
     manifest = read_manifest(resume_from)

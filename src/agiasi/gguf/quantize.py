@@ -56,11 +56,11 @@ def quantize_gguf(
     the K and IQ types, which only it makes, and Q8_0, which it makes multithreaded (gguf-py's
     numpy Q8_0 took ~40 s on one core for a 3.8 B model).
 
-    ``imatrix`` (an :class:`agiasi.imatrix.QuantizerImatrix`) goes to the quantizer as its C
+    ``imatrix`` (an :class:`agiasi.gguf.imatrix.QuantizerImatrix`) goes to the quantizer as its C
     array, and the file records it under the keys ``llama-quantize --imatrix`` writes
     (``quantize.imatrix.*``), which ``agiasi info`` reads back.
     """
-    from agiasi.gguf_types import GGUF_TYPE_TABLE
+    from agiasi.gguf.file_types import GGUF_TYPE_TABLE
 
     try:
         import llama_cpp

@@ -57,7 +57,7 @@ class MeasureError(AgiasiError):
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """max |Δ|, Δ relative to ref's logit range, top-1 agreement, mean KL(ref ‖ got)."""
-    from agiasi.evaluate import log_softmax_np
+    from agiasi.eval.perplexity import log_softmax_np
 
     lp, lq = log_softmax_np(ref), log_softmax_np(got)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
@@ -93,7 +93,7 @@ class ParityInputs:
     """What the measure compares; the export fills it after the model files are written."""
 
     checkpoint: Path
-    model_config: Any  # agiasi.model.ModelConfig, base model resolved
+    model_config: Any  # agiasi.model.wrapper.ModelConfig, base model resolved
     hf_config: Any  # the exported (untied) transformers config
     hf_dir: Path
     ggufs: dict[str, Path]
@@ -126,7 +126,7 @@ def parity_n_ctx(num_ctx: int) -> int:
 def long_context_n_ctx(cfg: dict[str, Any], num_ctx: int) -> int:
     """A context just past LongRoPE's original window — where llama.cpp switches to the long
     factors — not the model's maximum (131,072 for Phi-3.5-mini: a 51 GB KV cache)."""
-    from agiasi.gguf_arch import trained_context
+    from agiasi.gguf.arch import trained_context
 
     original = trained_context(cfg) or num_ctx
     maximum = int(cfg.get("max_position_embeddings") or 2 * original)
@@ -187,8 +187,8 @@ def release_memory() -> None:
 def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool) -> list:
     """Logits of the wrapper: as trained (NF4 if it was), or in ``dtype`` over the same base
     weights the merge used (NF4-dequantized for ``--merge-base nf4``)."""
-    from agiasi.merge import nf4_roundtrip
-    from agiasi.model import AGIASI_SO8T_Wrapper
+    from agiasi.export.merge import nf4_roundtrip
+    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     mcfg = inp.model_config
     common = dict(
@@ -282,8 +282,8 @@ def _merge_base_rows(run: _Run, device: torch.device) -> None:
     """Both merge bases against the wrapper as trained (small NF4 models only)."""
     from transformers import AutoModelForCausalLM
 
-    from agiasi.evaluate import hf_logits
-    from agiasi.merge import merged_tensors
+    from agiasi.eval.perplexity import hf_logits
+    from agiasi.export.merge import merged_tensors
 
     if not run.inp.merge_plans:
         return
@@ -305,7 +305,7 @@ def _merge_base_rows(run: _Run, device: torch.device) -> None:
 
 def _wrapper_and_hf_rows(run: _Run, device, dtype, n_params: int) -> None:
     """The unmerged wrapper against the HF folder, then the HF folder's perplexity."""
-    from agiasi.evaluate import hf_greedy, hf_logits, perplexity, text_ids
+    from agiasi.eval.perplexity import hf_greedy, hf_logits, perplexity, text_ids
 
     if dtype is None:
         run.skip(
@@ -338,7 +338,7 @@ HELDOUT_KL_TOKENS = 1024
 
 class _FirstWindows:
     """A logits function that keeps its outputs for the windows of the first
-    :data:`HELDOUT_KL_TOKENS` tokens, as :func:`agiasi.evaluate.perplexity` calls it in order."""
+    :data:`HELDOUT_KL_TOKENS` tokens, as :func:`agiasi.eval.perplexity.perplexity` calls it in order."""
 
     def __init__(self, fn):
         self.fn, self.logits, self.seen = fn, [], 0
@@ -353,7 +353,7 @@ class _FirstWindows:
 
 def _gguf_rows(run: _Run) -> None:
     """Each GGUF in llama.cpp against the HF folder."""
-    from agiasi.evaluate import GGUFModel, perplexity
+    from agiasi.eval.perplexity import GGUFModel, perplexity
 
     inp = run.inp
     if not inp.ggufs:
@@ -387,8 +387,8 @@ def _gguf_rows(run: _Run) -> None:
 
 def _long_context_row(run: _Run) -> None:
     """LongRoPE: llama.cpp switches to the long factors past the original window, HF not."""
-    from agiasi.evaluate import GGUFModel
-    from agiasi.gguf_arch import rope_scaling_of
+    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.gguf.arch import rope_scaling_of
 
     inp = run.inp
     cfg = inp.hf_config.to_dict()
@@ -406,9 +406,9 @@ def _long_context_row(run: _Run) -> None:
 
 
 def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device):
-    """An HF folder's model on ``device`` (see :func:`agiasi.loading.open_model`: streamed to a
+    """An HF folder's model on ``device`` (see :func:`agiasi.model.loading.open_model`: streamed to a
     GPU, ``from_pretrained`` on the CPU, which skips the random initialisation a model built in
     place would pay there)."""
-    from agiasi.loading import open_model
+    from agiasi.model.loading import open_model
 
     return open_model(folder, dtype, device, hf_config=hf_config, what="the exported model")
