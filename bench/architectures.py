@@ -24,7 +24,7 @@ import torch
 def gguf_vs_hf(gguf_path: Path, hf_dir: Path, texts: list[str]) -> tuple[float, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -20,8 +20,8 @@ def main() -> None:
 
     from agiasi.checkpoint.step_folder import write_step
     from agiasi.demo import tiny_model_path
-    from agiasi.eval.perplexity import GGUFModel
-    from agiasi.export.run import ExportConfig, export
+    from agiasi.eval.models import GGUFModel
+    from agiasi.export import ExportConfig, export
     from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
 
     base = tiny_model_path()
@@ -69,4 +69,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n", 1)[0]).parse_args()
     main()

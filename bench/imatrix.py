@@ -197,7 +197,7 @@ def same_as_llama_quantize(work: Path, im, tool: Path) -> bool:
 def effect(model: Path, work: Path, im, types: list[str], heldout: Path, n_tokens: int):
     from transformers import AutoTokenizer
 
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
     from agiasi.export.parity import compare_all
     from agiasi.gguf.file_types import GGUF_TYPE_TABLE
     from agiasi.gguf.imatrix import QuantizerImatrix

@@ -44,7 +44,7 @@ def run(model_dir: Path, device: str, task: str, shots: int, limit: int | None) 
     import torch
 
     from agiasi.eval.benchmark import score_set
-    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.eval.models import open_eval_model
     from agiasi.eval.tasks import TASKS, prepare
     from bench.lm_eval_crosscheck import lm_eval_items
 

@@ -112,7 +112,7 @@ def crosscheck(
 ) -> dict:
     """Both harnesses on the same items; the largest differences and the accuracies."""
     from agiasi.eval.benchmark import score_set
-    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.eval.models import open_eval_model
     from agiasi.eval.tasks import TASKS, continuations, prepare
 
     ts = prepare(TASKS[task_name], num_fewshot=num_fewshot, limit=limit)

@@ -40,8 +40,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
 
-    from agiasi.data import default_dataset
-    from agiasi.shipped import tiny_model_path
+    from agiasi.shipped import default_dataset, tiny_model_path
     from agiasi.train.loop import TrainConfig, train
 
     base = tiny_model_path()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 def short_turns(n: int) -> list[dict]:
     """Conversations from the shipped sample: a line's first sentence asks, the rest answers."""
-    from agiasi.data import default_dataset
+    from agiasi.shipped import default_dataset
 
     convs = []
     for line in default_dataset().read_text(encoding="utf-8").splitlines():

@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from agiasi.data import default_dataset
-    from agiasi.eval.perplexity import hf_logits, perplexity, text_ids
-    from agiasi.shipped import tiny_model_path
+    from agiasi.eval.models import hf_logits
+    from agiasi.eval.perplexity import perplexity, text_ids
+    from agiasi.shipped import default_dataset, tiny_model_path
     from agiasi.soul import PHI
     from agiasi.train.loop import TrainConfig, train
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,17 +129,10 @@ def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from agiasi.info import describe, format_info
-    from agiasi.model.config import ModelConfig
+    from agiasi.info import info
+    from agiasi.model import ModelConfig
 
-    cfg = build_config(ModelConfig, args)
-    if str(cfg.base_model).endswith(".gguf"):  # a GGUF file: its tensors, not a model to build
-        from agiasi.info import describe_gguf
-
-        print(format_info(describe_gguf(cfg.base_model)))
-        return 0
-    info = describe(cfg.base_model, cfg)
-    print(format_info(info))
+    info(build_config(ModelConfig, args))
     return 0
 
 
@@ -193,7 +185,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from agiasi.train.loop import TrainConfig, train
+    from agiasi.train import TrainConfig, train
 
     file_values = _read_yaml(args.config) if args.config else None
     cfg = build_config(TrainConfig, args, file_values)
@@ -202,67 +194,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from agiasi.export.run import ExportConfig, export
+    from agiasi.export import ExportConfig, export
 
     export(build_config(ExportConfig, args))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import json as _json
+    from agiasi.eval import EvalConfig, run_eval
 
-    from agiasi.eval.perplexity import EvalConfig, evaluate
-
-    cfg = build_config(EvalConfig, args)
-    if cfg.task or cfg.compare:
-        return _eval_tasks(cfg)
-    if cfg.model is None:
-        raise AgiasiError("eval: name a MODEL (a step folder, an HF folder or a .gguf file)")
-    r = evaluate(cfg)
-    if not math.isfinite(r["perplexity"]):
-        raise AgiasiError(
-            f"perplexity of {r['model']} is {r['perplexity']} on {r['text']}: the model's "
-            "outputs are not finite (a checkpoint trained into nan/inf?)"
-        )
-    if cfg.json:
-        print(_json.dumps(r, ensure_ascii=False, indent=2))
-    else:
-        print(
-            f"{r['kind']} {r['model']}\n  perplexity {r['perplexity']:.3f} on {r['tokens']} tokens of "
-            f"{r['text']}\n  window {r['window']} tokens, stride {r['stride']} (non-overlapping), "
-            f"{r['chars_per_token']:.2f} chars/token"
-        )
-    return 0
-
-
-def _eval_tasks(cfg) -> int:
-    """``agiasi eval --task``: the JGLUE table, the JSON summary, the full report file."""
-    import json as _json
-
-    from agiasi.eval.benchmark import format_benchmark, run_benchmark, without_items
-
-    options.check(cfg)
-    if not cfg.task:
-        raise AgiasiError("--compare needs --task (the benchmark to compare the models on)")
-    if cfg.text:
-        raise AgiasiError("--text is for perplexity; --task scores the JGLUE items instead")
-    report_path = None
-    if cfg.report:  # checked before an hour of scoring, and never an input of this command
-        from agiasi.eval.benchmark import eval_inputs
-        from agiasi.outputs import check_output_file
-
-        report_path = check_output_file(cfg.report, "--report", eval_inputs(cfg))
-    report = run_benchmark(cfg, log=lambda m: print(m, file=sys.stderr))
-    if report_path is not None:
-        tmp = report_path.with_name(f".{report_path.name}.tmp")
-        tmp.write_text(_json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(report_path)
-    if cfg.json:
-        print(_json.dumps(without_items(report), ensure_ascii=False, indent=2))
-    else:
-        print(format_benchmark(report))
-        if report_path is not None:
-            print(f"report: {report_path}")
+    run_eval(build_config(EvalConfig, args))
     return 0
 
 
@@ -288,14 +229,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    import json as _json
+    from agiasi.data import DataConfig, preview_data
 
-    from agiasi.data.preview import DataConfig, format_summary, summarize
-
-    cfg = build_config(DataConfig, args)
-    options.check(cfg)
-    s = summarize(cfg)
-    print(_json.dumps(s, ensure_ascii=False, indent=2) if args.json else format_summary(s))
+    preview_data(build_config(DataConfig, args))
     return 0
 
 
@@ -331,10 +267,6 @@ class _Command:
         if self.extra:
             self.extra(p)
         p.set_defaults(func=self.handler)
-
-
-def _json_flag(p) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _config_file_flag(p) -> None:
@@ -418,7 +350,6 @@ COMMANDS = [
         _cmd_data,
         "agiasi.data.preview:DataConfig",
         positional=("dataset",),
-        extra=_json_flag,
     ),
     _Command(
         "plot",

@@ -168,7 +168,7 @@ def _train_run(cfg: DemoConfig, base: Path, out: Path, name: str, log, **options
 
 
 def _export(cfg: DemoConfig, ckpt: Path, out: Path, context: int, heldout: Path, log):
-    from agiasi.export.run import ExportConfig, export
+    from agiasi.export import ExportConfig, export
 
     return export(
         ExportConfig(
@@ -188,7 +188,7 @@ def _export(cfg: DemoConfig, ckpt: Path, out: Path, context: int, heldout: Path,
 def _generations(out: Path, report: dict[str, Any], context: int) -> dict[str, str]:
     """Greedy Japanese continuations: the exported HF folder (as `agiasi generate` runs it)
     and the smallest GGUF in llama.cpp."""
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
     from agiasi.generate import GenerateConfig, generate
 
     buf = io.StringIO()

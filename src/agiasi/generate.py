@@ -37,7 +37,7 @@ class GenerateConfig:
 def _load(cfg: GenerateConfig):
     from transformers import AutoTokenizer
 
-    from agiasi.eval.perplexity import model_kind
+    from agiasi.eval.models import model_kind
 
     kind = model_kind(cfg.model)
     if kind == "gguf":
@@ -56,7 +56,7 @@ def _load(cfg: GenerateConfig):
         )
         tok = AutoTokenizer.from_pretrained(model.config.base_model)
     else:
-        from agiasi.eval.perplexity import load_hf_model
+        from agiasi.eval.models import load_hf_model
         from agiasi.model.loading import parse_device, resolve_dtype
 
         device = parse_device(cfg.device or "cpu")

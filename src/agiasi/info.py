@@ -126,5 +126,14 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
     }
 
 
+def info(cfg: ModelConfig, out=print) -> None:
+    """What ``agiasi info`` prints: a GGUF file's tensors, or what agiasi would build on a model
+    (from its config alone)."""
+    if str(cfg.base_model).endswith(".gguf"):  # a GGUF file: its tensors, not a model to build
+        out(format_info(describe_gguf(cfg.base_model)))
+        return
+    out(format_info(describe(cfg.base_model, cfg)))
+
+
 def format_info(info: dict[str, Any]) -> str:
     return json.dumps(info, ensure_ascii=False, indent=2)

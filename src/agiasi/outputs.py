@@ -63,13 +63,7 @@ def check_output_file(
     if target.is_dir():
         raise AgiasiError(f"{flag} {out} is a folder; name a file")
     if target not in {_resolved(p) for p in own}:
-        for folder in target.parents:
-            what = state_folder(folder)
-            if what is not None:
-                raise AgiasiError(
-                    f"{flag} {out} lies inside {what} ({folder}), which other commands read; "
-                    "write it elsewhere"
-                )
+        _check_not_inside_state(target, flag, out)
     _check_writable(target.parent, flag, out)
     return target
 
@@ -80,6 +74,13 @@ def check_output_folder(
     """A folder an output flag names: not an input, not inside (or holding) another command's
     folder. Whether an existing folder may be replaced is the command's own rule."""
     target = _check_place(out, flag, inputs)
+    _check_not_inside_state(target, flag, out)
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    _check_writable(existing if existing.is_dir() else existing.parent, flag, out)
+    return target
+
+
+def _check_not_inside_state(target: Path, flag: str, out) -> None:
     for folder in target.parents:
         what = state_folder(folder)
         if what is not None:
@@ -87,9 +88,6 @@ def check_output_folder(
                 f"{flag} {out} lies inside {what} ({folder}), which other commands read; "
                 "write it elsewhere"
             )
-    existing = next(p for p in [target, *target.parents] if p.exists())
-    _check_writable(existing if existing.is_dir() else existing.parent, flag, out)
-    return target
 
 
 def _check_writable(folder: Path, flag: str, out) -> None:

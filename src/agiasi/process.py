@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+from agiasi.errors import AgiasiError
+
 
 def configure_process(training: bool = False) -> None:
     """Settings that must be in place before CUDA initialises or training starts."""
@@ -31,7 +33,7 @@ def configure_process(training: bool = False) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # torch.compile's on-disk cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: a
     # kernel compiled on an AVX512 run, reused by a run forced to AVX2 kernels on the same
-    # machine, returned values of 1e37 (measured, torch 2.13; tests/unit/test_nf4.py caught
+    # machine, returned values of 1e37 (measured, torch 2.13; tests/unit/model/test_nf4.py caught
     # it). Each forced capability gets its own cache.
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
@@ -54,8 +56,26 @@ def configure_process(training: bool = False) -> None:
     # DDP each rank's micro-batch took 0.27-0.29 s against 0.24-0.26 s alone, and 2 GPUs gave
     # 1.58-1.70x one. With flash attention (same math) the ranks run as fast as a lone GPU:
     # 1.93-2.01x. torchrun sets WORLD_SIZE before this runs. AGIASI_CUDNN_SDPA=1 keeps cuDNN.
-    from agiasi.train.distributed import env_count
 
     distributed = env_count("WORLD_SIZE", 1, least=1) > 1
     if distributed and torch.cuda.is_available() and os.environ.get("AGIASI_CUDNN_SDPA") != "1":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def env_count(name: str, default: int, least: int = 0) -> int:
+    """A count the launcher (torchrun, accelerate) puts in the environment: ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``. Unset means ``default``; a value that is not a whole
+    number ≥ ``least`` is refused by name (it would otherwise surface as int()'s traceback)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise AgiasiError(
+            f"{name}={raw!r} in the environment is not a whole number >= {least}; launchers "
+            f"such as torchrun set it: unset it to run one process"
+        )
+    return value

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,8 +36,23 @@ from agiasi.checkpoint.record import StepRecord
 from agiasi.errors import AgiasiError, first_line
 from agiasi.weights import base_fingerprint
 
-if TYPE_CHECKING:
-    from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
+
+class SoulModel(Protocol):
+    """What the step-folder format reads from and writes into a model — its shape, not its
+    class (as torchtune's checkpointer works on state dicts): the checkpoint floor sits below
+    the model, and the wrapper satisfies this by having these attributes."""
+
+    config: Any  # agiasi.model.config.ModelConfig: base_model, to_dict()
+    hf_config: Any  # the base's transformers config (model_type)
+    hidden_size: int
+    head: torch.nn.Module  # the LM head (its weight's rows are the vocabulary)
+    base_model: torch.nn.Module  # the PEFT model holding the LoRA adapter
+    soul: Any  # agiasi.soul.Soul, or None for a control run
+
+    def soul_state(self) -> dict[str, Any]: ...
+
+    def load_soul_state(self, state: dict[str, Any]) -> None: ...
+
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,7 +173,7 @@ def _commit(tmp: Path, final: Path) -> int:
     return size
 
 
-def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
+def soul_manifest(wrapper: SoulModel, step: int) -> dict[str, Any]:
     soul = wrapper.soul
     manifest: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -190,7 +205,7 @@ def soul_manifest(wrapper: AGIASI_SO8T_Wrapper, step: int) -> dict[str, Any]:
 
 
 def write_step_files(
-    wrapper: AGIASI_SO8T_Wrapper,
+    wrapper: SoulModel,
     folder: Path,
     step: int,
     eval_record: dict[str, Any] | None = None,
@@ -217,7 +232,7 @@ def write_step_files(
 
 
 def write_step(
-    wrapper: AGIASI_SO8T_Wrapper,
+    wrapper: SoulModel,
     folder: Path,
     step: int,
     trainer_state: dict[str, Any] | None = None,
@@ -353,7 +368,7 @@ def check_same_base(
         )
 
 
-def load_into(wrapper: AGIASI_SO8T_Wrapper, ckpt_dir: str | os.PathLike) -> StepRecord:
+def load_into(wrapper: SoulModel, ckpt_dir: str | os.PathLike) -> StepRecord:
     """Load LoRA weights and soul from a step folder into an existing wrapper."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError

@@ -1,33 +1,20 @@
-"""Datasets → token examples → batches, one module per step:
-
-``files`` (file kinds → rows) → ``formats`` (rows → text or chat records) → ``load`` (sources,
-validation split, the entry :func:`load_data`) → ``tokenize`` (records → examples) →
-``batching`` (examples → resumable, rank-sharded, optionally packed micro-batches);
-``preview`` is what ``agiasi data`` prints.
+"""Datasets → token examples → batches, one module per step: ``files`` (file kinds → rows) →
+``formats`` (rows → text or chat records) → ``load`` (sources, validation split,
+:func:`load_data`) → ``tokenize`` (records → examples) → ``batching`` (examples → resumable,
+rank-sharded, optionally packed micro-batches); ``preview`` is what ``agiasi data`` prints.
 """
 
-from agiasi.data.batching import BatchStream, collate, pack
-from agiasi.data.load import (
-    Data,
-    default_dataset,
-    default_heldout,
-    load_data,
-    load_records,
-    split_eval,
-)
-from agiasi.data.tokenize import IGNORE, Example, tokenize_records
+from agiasi._lazy import lazy_exports, lazy_names
 
-__all__ = [
-    "IGNORE",
-    "BatchStream",
-    "Data",
-    "Example",
-    "collate",
-    "default_dataset",
-    "default_heldout",
-    "load_data",
-    "load_records",
-    "pack",
-    "split_eval",
-    "tokenize_records",
-]
+_EXPORTS = lazy_names(
+    """
+    batching: BatchStream collate pack
+    files: source_kind
+    load: Data iter_records load_data load_records split_eval split_sources
+    preview: DataConfig format_summary preview_data summarize
+    tokenize: Example IGNORE check_turn_text control_texts render_chat tokenize_records
+    """
+)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

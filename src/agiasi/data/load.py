@@ -23,7 +23,6 @@ from agiasi.data.files import read_rows
 from agiasi.data.formats import FORMATS, convert, parse_columns
 from agiasi.data.tokenize import WHERE, Example, tokenize_records
 from agiasi.errors import AgiasiError
-from agiasi.shipped import default_dataset, default_heldout  # noqa: F401 - re-exported
 
 
 def split_sources(dataset: str) -> list[str]:

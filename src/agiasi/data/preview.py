@@ -44,6 +44,18 @@ class DataConfig:
     max_length: int = option(512, "the training --max-length, to count what it would cut", ge=2)
     sample: int = option(1000, "records read per source (the rest is not read)", ge=1)
     trust_remote_code: bool = option(False, "allow a tokenizer that runs its own code")
+    json: bool = option(False, "print JSON")
+
+
+def preview_data(cfg: DataConfig, out=print) -> None:
+    """What ``agiasi data`` prints for ``cfg``: the summary as text, or as JSON."""
+    import json
+
+    from agiasi.options import check
+
+    check(cfg)
+    s = summarize(cfg)
+    out(json.dumps(s, ensure_ascii=False, indent=2) if cfg.json else format_summary(s))
 
 
 def _tokenizer(cfg: DataConfig):

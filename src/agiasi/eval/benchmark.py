@@ -204,7 +204,7 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_benchmark(cfg, log=None) -> dict[str, Any]:
     """``agiasi eval --task``: every model of ``cfg`` (MODEL, or the list of ``--compare``) on
     every task; one model loaded at a time."""
-    from agiasi.eval.perplexity import model_kind, open_eval_model
+    from agiasi.eval.models import model_kind, open_eval_model
 
     if cfg.compare:
         if cfg.model:
@@ -252,7 +252,7 @@ def run_benchmark(cfg, log=None) -> dict[str, Any]:
 def one_at_a_time(openers: list[Any], work) -> list[Any]:
     """``work(model, i)`` for each opened model in turn; each is closed and its memory given
     back before the next opens, so a comparison costs one model's memory."""
-    from agiasi.export.parity import release_memory
+    from agiasi.model.loading import release_memory
 
     out = []
     for i, opener in enumerate(openers):

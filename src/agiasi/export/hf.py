@@ -11,14 +11,11 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agiasi._faults import maybe_crash
+from agiasi.export.config import ExportPlan
 from agiasi.export.files import exported_config, read_json
 from agiasi.export.merge import merged_tensors
-
-if TYPE_CHECKING:
-    from agiasi.export.run import ExportPlan
 
 
 def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log) -> tuple:

@@ -13,10 +13,11 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agiasi.errors import AgiasiError
 from agiasi.export.checks import REPORT
+from agiasi.export.config import ExportPlan
 from agiasi.export.files import (
     exported_config,
     failed_check,
@@ -26,9 +27,6 @@ from agiasi.export.files import (
 )
 from agiasi.export.merge import MERGE_BASES
 from agiasi.export.quant import imatrix_effect, no_imatrix_controls
-
-if TYPE_CHECKING:
-    from agiasi.export.run import ExportPlan
 
 CARD = "README.md"
 
@@ -59,7 +57,8 @@ def finish_report(
     plan: ExportPlan, report: dict[str, Any], ggufs: dict[str, Path], tok, log=_say
 ) -> dict[str, Any]:
     """Run the fidelity measure on the finished export; a failure keeps the export."""
-    from agiasi.export.parity import MeasureError, parity_report, release_memory
+    from agiasi.export.parity import MeasureError, parity_report
+    from agiasi.model.loading import release_memory
 
     if not plan.cfg.measure:
         log(f"export: done → {plan.out}")
@@ -136,7 +135,7 @@ def benchmark_rows(plan: ExportPlan, inputs, log=_say) -> dict[str, Any]:
     """``--benchmark``: the trained wrapper (as trained), the HF folder and each GGUF on the
     same JGLUE items, one model in memory at a time; a failure is the measure's failure."""
     from agiasi.eval.benchmark import export_rows
-    from agiasi.eval.perplexity import open_eval_model
+    from agiasi.eval.models import open_eval_model
     from agiasi.export.parity import MeasureError, gguf_stages, measure_device, parity_n_ctx
 
     device = str(measure_device())

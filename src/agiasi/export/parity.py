@@ -20,7 +20,6 @@ Rows of the report (``export_report.json``):
 
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.model.loading import release_memory
 
 PARITY_PROMPTS = [
     "日本語の文章を生成します。",
@@ -169,21 +169,6 @@ def measure_dtype(n_params: int, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def release_memory() -> None:
-    """Give a freed model's memory back (call after ``del model``): collect its reference cycles,
-    empty the CUDA cache, and on glibc return the freed heap to the OS — tensors under 32 MB come
-    from the heap, which glibc keeps otherwise, so the next model would stack on top of it."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _wrapper_logits(inp: ParityInputs, prompts, device, dtype, as_trained: bool) -> list:
     """Logits of the wrapper: as trained (NF4 if it was), or in ``dtype`` over the same base
     weights the merge used (NF4-dequantized for ``--merge-base nf4``)."""
@@ -282,7 +267,7 @@ def _merge_base_rows(run: _Run, device: torch.device) -> None:
     """Both merge bases against the wrapper as trained (small NF4 models only)."""
     from transformers import AutoModelForCausalLM
 
-    from agiasi.eval.perplexity import hf_logits
+    from agiasi.eval.models import hf_logits
     from agiasi.export.merge import merged_tensors
 
     if not run.inp.merge_plans:
@@ -305,7 +290,8 @@ def _merge_base_rows(run: _Run, device: torch.device) -> None:
 
 def _wrapper_and_hf_rows(run: _Run, device, dtype, n_params: int) -> None:
     """The unmerged wrapper against the HF folder, then the HF folder's perplexity."""
-    from agiasi.eval.perplexity import hf_greedy, hf_logits, perplexity, text_ids
+    from agiasi.eval.models import hf_greedy, hf_logits
+    from agiasi.eval.perplexity import perplexity, text_ids
 
     if dtype is None:
         run.skip(
@@ -353,7 +339,8 @@ class _FirstWindows:
 
 def _gguf_rows(run: _Run) -> None:
     """Each GGUF in llama.cpp against the HF folder."""
-    from agiasi.eval.perplexity import GGUFModel, perplexity
+    from agiasi.eval.models import GGUFModel
+    from agiasi.eval.perplexity import perplexity
 
     inp = run.inp
     if not inp.ggufs:
@@ -387,7 +374,7 @@ def _gguf_rows(run: _Run) -> None:
 
 def _long_context_row(run: _Run) -> None:
     """LongRoPE: llama.cpp switches to the long factors past the original window, HF not."""
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
     from agiasi.gguf.arch import rope_scaling_of
 
     inp = run.inp

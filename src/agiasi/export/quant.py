@@ -13,12 +13,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agiasi.errors import AgiasiError
-
-if TYPE_CHECKING:
-    from agiasi.export.run import ExportConfig, ExportPlan
+from agiasi.export.config import ExportConfig, ExportPlan
 
 IMATRIX_FILE = "imatrix.gguf"
 

@@ -301,7 +301,7 @@ GEMMA_HEAD_MESSAGE = (
 
 # The writer half of the architecture registry: each class names its llama.cpp architecture
 # (``gguf_name``), and :data:`agiasi.architectures.ARCHITECTURES` entries name the one they are
-# written as; :func:`writer_for` joins the two and tests/unit/test_gguf.py checks that every
+# written as; :func:`writer_for` joins the two and tests/unit/gguf/test_gguf.py checks that every
 # entry finds its writer and every writer serves an entry.
 GGUF_WRITERS: dict[str, GGUFArch] = {
     w.gguf_name: w

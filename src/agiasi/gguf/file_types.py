@@ -8,7 +8,7 @@ the file size it lists for Llama-3-8B); the mixes keep some tensors at more bits
 Which types need an importance matrix is llama.cpp's rule, not ours: ``llama-quant.cpp``'s
 ``tensor_requires_imatrix`` refuses a tensor quantized to IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S
 or IQ3_XXS, or to Q2_K inside a Q2_K_S file, when no matrix is given. The file types whose
-tensors land there are the ones below with ``needs_imatrix``; tests/integration/
+tensors land there are the ones below with ``needs_imatrix``; tests/integration/export/
 test_imatrix.py checks the set against llama.cpp's quantizer itself. At or below 4 bits the
 others still lose more without a matrix (llama.cpp: "highly recommended"): they are
 ``low_bit`` and get the matrix by default (``--imatrix auto``).

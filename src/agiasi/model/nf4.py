@@ -21,7 +21,7 @@ kernels (the scales, then the weight). No library in our dependencies offers a t
 dequantization: Unsloth's is a hand-written Triton kernel tied to its own model patching.
 
 Exact: the same table entries, the same float32 products and the same final cast as
-``bitsandbytes.functional.dequantize_4bit`` — tests/unit/test_nf4.py checks bit equality, and the
+``bitsandbytes.functional.dequantize_4bit`` — tests/unit/model/test_nf4.py checks bit equality, and the
 autograd function against ``bnb.matmul_4bit``'s output and input gradient.
 
 No N × K weight outlives its matmul: in eager mode :class:`NF4Matmul` saves only the packed

@@ -14,26 +14,7 @@ from typing import Any
 
 import torch
 
-from agiasi.errors import AgiasiError
-
-
-def env_count(name: str, default: int, least: int = 0) -> int:
-    """A count the launcher (torchrun, accelerate) puts in the environment: ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``. Unset means ``default``; a value that is not a whole
-    number ≥ ``least`` is refused by name (it would otherwise surface as int()'s traceback)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise AgiasiError(
-            f"{name}={raw!r} in the environment is not a whole number >= {least}; launchers "
-            f"such as torchrun set it: unset it to run one process"
-        )
-    return value
+from agiasi.process import env_count
 
 
 @dataclass
