@@ -154,7 +154,7 @@ def randomize_lora(wrapper, seed: int = 2, scale: float = 0.05) -> None:
 
 
 def sample_text() -> Path:
-    from agiasi.data import default_dataset
+    from agiasi.shipped import default_dataset
 
     return default_dataset()
 

@@ -81,7 +81,7 @@ def test_trainer_features_on_cuda(tmp_path):
 
     from agiasi.cli import main
     from agiasi.shipped import tiny_model_path
-    from tests.unit.test_data import MESSAGES, PC_MESSAGES
+    from tests.unit.data.test_data import MESSAGES, PC_MESSAGES
 
     data = tmp_path / "chat.jsonl"
     recs = [{"messages": MESSAGES}, {"messages": PC_MESSAGES}] * 20

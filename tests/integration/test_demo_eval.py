@@ -122,8 +122,8 @@ def test_learned_alpha_lowers_heldout_perplexity_and_closes_the_gate(tmp_path):
     """``--alpha-mode learned`` with the note's residual mix: α is an optimizer parameter from
     −5. On this data the task loss pushes it *down* — left to choose, the residual soul keeps its
     gate shut (opening it scales the logits) — and held-out perplexity falls like the control's."""
-    from agiasi.data import default_heldout
     from agiasi.eval.perplexity import EvalConfig, evaluate
+    from agiasi.shipped import default_heldout
     from agiasi.train.loop import TrainConfig, train
 
     base = tiny_model_path()

@@ -11,8 +11,8 @@ import torch
 
 from agiasi.cli import main
 from agiasi.errors import AgiasiError
+from agiasi.export import ExportConfig, export
 from agiasi.export.merge import fold_soul, merge_lora
-from agiasi.export.run import ExportConfig, export
 from agiasi.weights import check_plain
 from tests.helpers import (
     build_tiny_llama_with_tokenizer,
@@ -147,7 +147,7 @@ def test_gguf_in_llama_cpp_directly(phi3_export):
     """Our own check, not the report's: logits, greedy 32 tokens, tokenization, quants generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agiasi.eval.perplexity import GGUFModel, hf_greedy
+    from agiasi.eval.models import GGUFModel, hf_greedy
 
     _, out, _ = phi3_export
     tok = AutoTokenizer.from_pretrained(out / "hf")

@@ -13,7 +13,7 @@ import torch
 from agiasi.cli import main
 from agiasi.eval.benchmark import score_set
 from agiasi.eval.loglik import encode_pair
-from agiasi.eval.perplexity import open_eval_model
+from agiasi.eval.models import open_eval_model
 from agiasi.eval.tasks import TASKS, continuations, plain_prompt, prepare
 from agiasi.shipped import tiny_model_path
 from tests.helpers import make_checkpoint

@@ -13,7 +13,14 @@ import torch
 from agiasi.cli import main
 from agiasi.train.schedule import lr_factor
 from tests.helpers import cli_args, cli_cmd, step_tensors
-from tests.unit.test_data import ALPACA, KINDS, MESSAGES, PROMPT_COMPLETION, SHAREGPT, _write_kind
+from tests.unit.data.test_data import (
+    ALPACA,
+    KINDS,
+    MESSAGES,
+    PROMPT_COMPLETION,
+    SHAREGPT,
+    _write_kind,
+)
 
 pytestmark = pytest.mark.slow
 FAST = ["--quantization", "none", "--max-length", "64", "--lora-dropout", "0", "--no-progress"]
@@ -111,7 +118,7 @@ def test_kill_inside_the_lr_schedule_then_resume_is_bit_exact(tiny_phi3_tok, tmp
 
 
 def test_validation_best_step_and_export_step(tiny_phi3_tok, tmp_path, capsys):
-    from agiasi.data import default_heldout
+    from agiasi.shipped import default_heldout
 
     run = tmp_path / "run"
     extra = ("--eval-dataset", str(default_heldout()), "--eval-max-tokens", "600")
@@ -145,7 +152,7 @@ def test_validation_best_step_and_export_step(tiny_phi3_tok, tmp_path, capsys):
 
 def test_eval_split_and_early_stopping(tiny_phi3_tok, tmp_path, capsys):
     data = tmp_path / "d.txt"
-    from agiasi.data import default_dataset
+    from agiasi.shipped import default_dataset
 
     lines = default_dataset().read_text().splitlines()[:120]
     data.write_text("\n\n".join(lines))  # 120 documents
@@ -190,7 +197,7 @@ def test_packing_trains_fewer_rows_with_the_same_tokens(tiny_phi3_tok, tmp_path,
 
 
 def test_data_preview_of_the_shipped_sample_and_an_alpaca_file(tmp_path, capsys):
-    from agiasi.data import default_dataset
+    from agiasi.shipped import default_dataset
 
     assert main(["data", str(default_dataset()), "--max-length", "256"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agiasi.cli import main
-from agiasi.export.run import ExportConfig, export
+from agiasi.export import ExportConfig, export
 from agiasi.gguf.file_types import GGUF_TYPE_TABLE, KQUANT_TYPES
 from agiasi.gguf.imatrix import (
     Imatrix,
@@ -144,7 +144,7 @@ def test_every_type_round_trips_through_llama_cpp(shipped_matrix, shipped):
     KL ≈ C · 4^-b with b the file's own bits a weight (16 × its size / the F16 file's); C is the
     model's sensitivity (52–123 for this model across all 16 types, 2026-12-02). Bounds: C in
     [16, 256] — a file that is not really quantized, or quantized wrongly, falls outside."""
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
     from agiasi.export.parity import compare_all
     from agiasi.gguf.quantize import quantize_gguf
 

@@ -24,7 +24,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FAST = ["--quantization", "none", "--max-length", "64", "--lora-dropout", "0", "--no-progress"]
 
 
@@ -449,7 +449,7 @@ def test_ddp_ranks_equal_one_rank_with_grad_accum(tiny_phi3_tok, tmp_path, ranks
     """N gloo ranks × batch 1 == 1 rank × batch 1 × --grad-accum N (soul and adapter equal up to
     the order of fp32 sums: :data:`tests.helpers.SUM_ORDER_RTOL`),
     and the logged loss is the global batch's, so the curves match too."""
-    from agiasi.data import default_heldout
+    from agiasi.shipped import default_heldout
 
     common = _distributed_flags(tiny_phi3_tok, steps=6)
     # validation too: split across the ranks, it must give one process's number

@@ -77,7 +77,7 @@ def _check_hf_equals_wrapper(ckpt, hf_dir, tok):
 
 
 def _check_llama_cpp_equals_hf(out, hf, tok):
-    from agiasi.eval.perplexity import GGUFModel
+    from agiasi.eval.models import GGUFModel
 
     f32 = GGUFModel(next(out.glob("*-f32.gguf")), n_ctx=512)
     for text in JA_TEXTS:
