@@ -92,17 +92,32 @@ def test_a_shift_jis_file_whose_first_lines_are_ascii(tmp_path):
     assert recs[-1]["messages"][0]["content"] == "質問"
 
 
-CELLS = ["0010001", "1.50", "1e5", "TRUE", "false", "2024-01-01", "NaN", "null", "-0", "+81",
-         "  両端に空白  ", "=SUM(A1)", '"引用"', "a,b", "改行\nあり", "1,234"]  # fmt: skip
+# Each column holds one kind of value, the way a spreadsheet column does: that is what a type
+# inference turns into numbers, booleans, dates or nulls (an answer "0010001" trained as "10001").
+COLUMNS = {
+    "zero-padded ids": ["0010001", "0000", "007"],
+    "decimals": ["1.50", "2.500", "-0.10"],
+    "exponents": ["1e5", "2E-3", "3e+07"],
+    "booleans": ["TRUE", "false", "True"],
+    "dates": ["2024-01-01", "2024-12-31", "2025-02-03"],
+    "times": ["09:00", "23:59:59", "00:00:00.5"],
+    "nulls": ["NaN", "null", "N/A"],
+    "signed": ["-0", "+81", "-1"],
+    "thousands": ["1,234", "12,345,678", "0,5"],
+    "spaced and quoted": ["  両端に空白  ", '"引用"', "=SUM(A1)"],
+    "line breaks": ["改行\nあり", "a\r\nb", "末尾\n"],
+}
 
 
 @pytest.mark.parametrize("sep", [",", "\t"], ids=["csv", "tsv"])
-def test_csv_cells_are_text_byte_for_byte(tmp_path, sep):
-    recs = [{"prompt": f"質問{i}", "completion": c} for i, c in enumerate(CELLS)]
+@pytest.mark.parametrize("column", sorted(COLUMNS))
+def test_csv_cells_are_text_byte_for_byte(tmp_path, sep, column):
+    cells = COLUMNS[column]
+    recs = [{"prompt": f"質問{i}", "completion": c} for i, c in enumerate(cells)]
     p = tmp_path / ("d.csv" if sep == "," else "d.tsv")
-    p.write_text(_csv(recs, sep, "\n"), encoding="utf-8")
+    p.write_bytes(_csv(recs, sep, "\n").encode("utf-8"))
     got = [r["messages"][1]["content"] for r in load_records(str(p))]
-    assert got == CELLS
+    assert got == cells
 
 
 NOT_TEXT = [
