@@ -1,7 +1,8 @@
 """Datasets → token examples → batches, one module per step: ``files`` (file kinds → rows) →
 ``formats`` (rows → text or chat records) → ``load`` (sources, validation split,
 :func:`load_data`) → ``tokenize`` (records → examples) → ``batching`` (examples → resumable,
-rank-sharded, optionally packed micro-batches); ``preview`` is what ``agiasi data`` prints.
+rank-sharded, optionally packed micro-batches); ``preview`` is what ``agiasi data`` prints;
+``preference`` turns preference pairs (TRL's and LLaMA-Factory's shapes) into token pairs.
 """
 
 from agiasi._lazy import lazy_exports, lazy_names
@@ -11,6 +12,7 @@ _EXPORTS = lazy_names(
     batching: BatchStream collate pack
     files: source_kind
     load: Data iter_records load_data load_records split_eval split_sources
+    preference: PairExample to_pair tokenize_pairs
     preview: DataConfig format_summary preview_data summarize
     tokenize: Example IGNORE check_turn_text control_texts render_chat tokenize_records
     """
