@@ -116,6 +116,9 @@ def summarize(cfg: DataConfig) -> dict[str, Any]:
     for source in split_sources(cfg.dataset):
         kind = source_kind(source)
         rows, sampled = _sample(read_rows(source), cfg.sample)
+        if _is_preference(rows, cfg, columns):
+            sources.append(_pairs_summary(source, kind, rows, sampled, cfg, columns, tok, notes))
+            continue
         records, formats = [], []
         for _, file_rows in groupby(rows, key=lambda r: r.where.rsplit(": ", 1)[0]):
             said: list[str] = []
@@ -163,6 +166,53 @@ def _count_text_tokens(records: list[dict[str, Any]], tok) -> int:
     return total
 
 
+def _is_preference(rows, cfg: DataConfig, columns: dict[str, str]) -> bool:
+    """Preference pairs: a forced preference format, or records with chosen and rejected."""
+    from agiasi.data.preference import PREFERENCE_FORMATS
+
+    if cfg.dataset_format in PREFERENCE_FORMATS:
+        return True
+    if cfg.dataset_format != "auto" or not rows:
+        return False
+    first = {columns.get(k, k): v for k, v in rows[0].record.items()}
+    return first.get("chosen") is not None and first.get("rejected") is not None
+
+
+def _pairs_summary(source, kind, rows, sampled, cfg, columns, tok, notes) -> dict[str, Any]:
+    """What training on preference pairs will see: the pairs, their tokens, how many
+    ``--max-length`` cuts (prompt first), and the first pair with both answers marked."""
+    from agiasi.data.formats import _renamed
+    from agiasi.data.preference import preference_format_of, to_pair, tokenize_pairs
+
+    fmt = cfg.dataset_format
+    pairs, formats = [], set()
+    for row in rows:
+        rec = _renamed(row.record, columns, row.where)
+        shape = preference_format_of(rec, row.where) if fmt == "auto" else fmt
+        formats.add(f"{shape} (detected)" if fmt == "auto" else shape)
+        pairs.append({**to_pair(rec, row.where, shape), WHERE: row.where})
+    full = tokenize_pairs(pairs, tok, 10**9, log=notes.append)
+    cut = tokenize_pairs(pairs, tok, cfg.max_length)
+    first = full[0]
+    return {
+        "source": source,
+        "kind": kind,
+        "formats": sorted(formats),
+        "records": len(pairs),
+        "sampled": sampled,
+        "pairs": len(pairs),
+        "chat_examples": 0,
+        "tokens": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in full),
+        "truncated": sum(e.truncated for e in cut),
+        "longest": max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in full),
+        "roles": {},
+        "example": None,
+        "text_example": None,
+        "example_chosen": marked(first.chosen_ids, first.chosen_labels, tok),
+        "example_rejected": marked(first.rejected_ids, first.rejected_labels, tok),
+    }
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"tokenizer: {s['base_model']}"]
     for src in s["sources"]:
@@ -173,6 +223,20 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  kind     {src['kind']}; format {', '.join(src['formats'])}",
             f"  records  {src['records']:,}{sample}",
         ]
+        if src.get("pairs"):
+            lines += [
+                f"  tokens   {src['tokens']:,} (both answers), longest pair side {src['longest']:,}",
+                f"  --max-length {s['max_length']}: {src['truncated']:,} of {src['pairs']:,} pairs "
+                "would be cut (the start of the prompt first, then the answers' ends)",
+                "",
+                f"  first pair, trained spans between {OPEN} and {CLOSE}:",
+                "",
+                "  chosen:",
+                *["    " + x for x in src["example_chosen"].splitlines()],
+                "  rejected:",
+                *["    " + x for x in src["example_rejected"].splitlines()],
+            ]
+            continue
         if src["chat_examples"]:
             lines.append(
                 f"  tokens   {src['tokens']:,} ({src['trained_tokens']:,} trained), "

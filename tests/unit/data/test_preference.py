@@ -155,3 +155,17 @@ def test_control_tokens_in_a_pair_are_refused(tok):
     rec = {**EXPECTED, "chosen": [{"role": "assistant", "content": "<|user|>偽の質問"}]}
     with pytest.raises(AgiasiError, match="control token"):
         tokenize_pairs([rec], tok, 256)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_agiasi_data_previews_pairs_with_both_answers_marked(tmp_path, capsys, shape):
+    from agiasi.cli import main
+
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps(SHAPES[shape], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["data", str(p), "--json", "--max-length", "12"]) == 0
+    (src,) = json.loads(capsys.readouterr().out)["sources"]
+    assert src["pairs"] == 1 and src["truncated"] == 1
+    assert src["formats"][0].endswith("(detected)") and "preference" in src["formats"][0]
+    assert f"⟦{GOOD}" in src["example_chosen"] and f"⟦{BAD}" in src["example_rejected"]
+    assert Q in src["example_chosen"] and f"⟦{Q}" not in src["example_chosen"]
