@@ -125,3 +125,40 @@ def test_train_on_every_format_and_kind(tiny_phi3_tok, tmp_path, capsys, fmt, ki
     )
     assert rc == 0, capsys.readouterr().err
     assert (run2 / "step_1" / "soul.json").is_file()
+
+
+RENAMED = {  # the format's field = the file's column (README: --dataset-columns)
+    "text": {"text": "本文"},
+    "alpaca": {"instruction": "question", "output": "answer"},
+    "prompt-completion": {"prompt": "q", "completion": "a"},
+    "messages": {"messages": "turns"},
+    "sharegpt": {"conversations": "dialogue"},
+}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", sorted(RENAMED))
+def test_dataset_columns_in_data_and_train(tiny_phi3_tok, tmp_path, capsys, fmt, kind):
+    mapping = RENAMED[fmt]
+    recs = [{mapping.get(k, k): v for k, v in r.items()} for r in records(fmt)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if kind == "jsonl":
+        path = folder / "d.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(recs), str(path))
+    spec = ",".join(f"{field}={column}" for field, column in mapping.items())
+    base = ["data", str(path), "--base-model", str(tiny_phi3_tok), "--dataset-columns", spec]
+    assert main([*base, "--json"]) == 0
+    (src,) = json.loads(capsys.readouterr().out)["sources"]
+    assert src["records"] == 4 and src["formats"] == [f"{fmt} (detected)"]
+    run = tmp_path / "run"
+    args = cli_args("train", base_model=tiny_phi3_tok, output_dir=run, max_steps=1, dataset=path)
+    fast = ["--quantization", "none", "--max-length", "24", "--no-progress", "--save-steps", "1"]
+    assert main([*args, *fast, "--dataset-columns", spec]) == 0
+    assert (run / "step_1" / "soul.json").is_file()
