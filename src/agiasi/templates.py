@@ -156,13 +156,8 @@ class _Bounds:
         return super().call_binop(context, operator, left, right)
 
     def call(self, __context, __obj, *args, **kwargs):
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_ITEMS:
-                raise _refused(f"a call with the argument {a}")
-        out = super().call(__context, __obj, *args, **kwargs)
-        if _too_big(out):
-            raise _refused("a call whose result is past the size bound")
-        return out
+        return _bounded_call(lambda: super(_Bounds, self).call(__context, __obj, *args, **kwargs),
+                             args, kwargs, "a call")  # fmt: skip
 
 
 def _refused(what: str):
@@ -181,15 +176,21 @@ def _bounded_filter(f):
 
     @functools.wraps(f)
     def run(*args, **kwargs):
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_ITEMS:
-                raise _refused(f"a filter with the argument {a}")
-        out = f(*args, **kwargs)
-        if _too_big(out):
-            raise _refused("a filter whose result is past the size bound")
-        return out
+        return _bounded_call(lambda: f(*args, **kwargs), args, kwargs, "a filter")
 
     return run
+
+
+def _bounded_call(fn, args, kwargs, what: str):
+    """``fn()`` unless an integer argument asks for more than the bound (``center(5e9)``), and
+    refused afterwards if its result is past it."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_ITEMS:
+            raise _refused(f"{what} with the argument {a}")
+    out = fn()
+    if _too_big(out):
+        raise _refused(f"{what} whose result is past the size bound")
+    return out
 
 
 _installed = False

@@ -192,7 +192,6 @@ def _pairs_summary(source, kind, rows, sampled, cfg, columns, tok, notes) -> dic
         formats.add(f"{shape} (detected)" if fmt == "auto" else shape)
         pairs.append({**to_pair(rec, row.where, shape), WHERE: row.where})
     full = tokenize_pairs(pairs, tok, 10**9, log=notes.append)
-    cut = tokenize_pairs(pairs, tok, cfg.max_length)
     first = full[0]
     return {
         "source": source,
@@ -203,7 +202,10 @@ def _pairs_summary(source, kind, rows, sampled, cfg, columns, tok, notes) -> dic
         "pairs": len(pairs),
         "chat_examples": 0,
         "tokens": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in full),
-        "truncated": sum(e.truncated for e in cut),
+        # a pair is cut exactly when a side is longer than --max-length (prompt first)
+        "truncated": sum(
+            max(len(e.chosen_ids), len(e.rejected_ids)) > cfg.max_length for e in full
+        ),
         "longest": max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in full),
         "roles": {},
         "example": None,

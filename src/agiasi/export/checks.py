@@ -5,13 +5,13 @@ inside the vocabulary, merged keys that fit the config.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from agiasi.errors import AgiasiError
+from agiasi.outputs import check_output_folder
 from agiasi.weights import HEAD_KEY
 
 REPORT = "export_report.json"
@@ -55,7 +55,6 @@ def check_output_path(
     """Refuse an --out that would destroy what the export reads (the checkpoint, its run, the
     base, and ``inputs``: the --text, --imatrix and --calibration files), or that cannot be
     written; ``--force`` replaces only an earlier export."""
-    target = out.resolve()
     protected = {"the checkpoint": ckpt.resolve()}
     for what, given in (inputs or {}).items():
         if given:
@@ -65,17 +64,11 @@ def check_output_path(
         protected["the checkpoint's run folder"] = run
     if Path(base_id).expanduser().exists():
         protected["the base model"] = Path(base_id).expanduser().resolve()
-    for what, path in protected.items():
-        if target == path or path in target.parents or target in path.parents:
-            raise AgiasiError(
-                f"--out {out} is or overlaps {what} ({path}); --force would delete it. "
-                "Pick an output folder outside it"
-            )
+    # one rule with every output flag: not over an input, not inside another command's folder,
+    # writable (agiasi.outputs)
+    check_output_folder(out, "--out", protected)
     if out.exists() and not out.is_dir():
         raise AgiasiError(f"--out {out} is a file; pass a folder path")
-    from agiasi.outputs import check_output_folder
-
-    check_output_folder(out, "--out", {})  # not inside a checkpoint, run, export or model
     if out.exists() and not force:
         raise AgiasiError(f"{out} already exists; pass --force to replace it")
     if out.exists():
@@ -88,11 +81,6 @@ def check_output_path(
                 f"{'' if REPORT not in names or not foreign else ' alone'}; it holds {found}); "
                 "pick another --out or remove it yourself"
             )
-    existing = next(p for p in [target, *target.parents] if p.exists())
-    if not existing.is_dir():
-        raise AgiasiError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise AgiasiError(f"--out {out}: {existing} is not writable")
 
 
 def check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
