@@ -27,7 +27,8 @@ PID = ".agiasi-train.pid"
 PLOT = "phase_transition.png"
 BEST = "best.json"
 RUN = "run.json"  # the run's identity: {"run_id"}, written at its first start
-OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST, RUN)
+REFERENCE = "reference_logps.safetensors"  # DPO's precomputed reference (agiasi.train.reference)
+OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST, RUN, REFERENCE)
 
 
 class RunLock:

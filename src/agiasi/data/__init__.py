@@ -9,10 +9,10 @@ from agiasi._lazy import lazy_exports, lazy_names
 
 _EXPORTS = lazy_names(
     """
-    batching: BatchStream collate pack
+    batching: BatchStream collate collate_pairs pack
     files: source_kind
     load: Data iter_records load_data load_records split_eval split_sources
-    preference: PairExample to_pair tokenize_pairs
+    preference: PREFERENCE_FORMATS PairExample iter_pairs load_pairs to_pair tokenize_pairs
     preview: DataConfig format_summary preview_data summarize
     tokenize: Example IGNORE check_turn_text control_texts render_chat tokenize_records
     """

@@ -30,6 +30,7 @@ class BatchStream:
         world_size: int = 1,
         position: int = 0,
         pin_memory: bool = False,
+        collate_fn=None,
     ):
         if batch_size < 1:
             raise AgiasiError(f"--batch-size must be at least 1, got {batch_size}")
@@ -41,6 +42,7 @@ class BatchStream:
         self.world_size = world_size
         self.position = position
         self.pin_memory = pin_memory  # for a GPU: copies that do not stall the host
+        self.collate = collate_fn or collate  # preference pairs: collate_pairs
         self._perm_cache: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -58,7 +60,7 @@ class BatchStream:
         base = self.position * global_bs + self.rank * self.batch_size
         items = [self.examples[self._index(base + i)] for i in range(self.batch_size)]
         self.position += 1
-        batch = collate(items, self.pad_id)
+        batch = self.collate(items, self.pad_id)
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
@@ -84,6 +86,17 @@ def collate(items: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if pos is not None:
         batch["position_ids"] = pos
+    return batch
+
+
+def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs → 2·B right-padded rows, every chosen answer first and then every
+    rejected one (one forward pass scores both), and each pair's index in its list (where a
+    precomputed reference log-probability is found)."""
+    rows = [Example(p.chosen_ids, p.chosen_labels) for p in items]
+    rows += [Example(p.rejected_ids, p.rejected_labels) for p in items]
+    batch = collate(rows, pad_id)
+    batch["pair_index"] = torch.tensor([p.index for p in items], dtype=torch.long)
     return batch
 
 

@@ -117,6 +117,9 @@ def cap_tokens(examples: list[Example], max_tokens: int | None) -> list[Example]
 
 @dataclass
 class Data:
+    """Training and validation rows: :class:`Example` s, or :class:`PairExample` s for the
+    preference objectives (:func:`agiasi.data.preference.load_pairs`)."""
+
     train: list[Example]
     eval: list[Example] = field(default_factory=list)
     n_train_docs: int = 0
@@ -125,11 +128,11 @@ class Data:
 
     @property
     def train_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.train)
+        return sum(e.n_tokens for e in self.train)
 
     @property
     def eval_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.eval)
+        return sum(e.n_tokens for e in self.eval)
 
 
 def load_data(

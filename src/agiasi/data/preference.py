@@ -25,11 +25,12 @@ token left is dropped and counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agiasi.data.formats import SHAREGPT_ROLES, check_messages
+from agiasi.data.files import read_rows
+from agiasi.data.formats import SHAREGPT_ROLES, _renamed, check_messages, parse_columns
 from agiasi.data.tokenize import IGNORE, WHERE, check_turn_text, control_texts, render_chat
 from agiasi.errors import AgiasiError
 
@@ -178,6 +179,11 @@ class PairExample:
     rejected_labels: list[int]
     prompt_tokens: int  # after truncation
     truncated: bool
+    index: int = -1  # place in its list: where a precomputed reference log-prob is kept
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
 
 
 def tokenize_pairs(
@@ -203,7 +209,8 @@ def tokenize_pairs(
                 )
             answers.append(full[len(prompt) :])
         longest = max(len(a) for a in answers)
-        keep_prompt = max(0, min(len(prompt), max_length - longest))
+        # at least one prompt token stays: the answer's first token is scored from it
+        keep_prompt = max(min(1, len(prompt)), min(len(prompt), max_length - longest))
         p = prompt[len(prompt) - keep_prompt :]
         room = max_length - len(p)
         kept = [a[:room] for a in answers]
@@ -214,7 +221,7 @@ def tokenize_pairs(
             continue
         c, r = kept
         out.append(PairExample(p + c, [IGNORE] * len(p) + c, p + r, [IGNORE] * len(p) + r,
-                               len(p), truncated))  # fmt: skip
+                               len(p), truncated, len(out)))  # fmt: skip
     if dropped:
         msg = (
             f"{len(dropped)} pair(s) dropped: no answer token fits --max-length {max_length} "
@@ -230,3 +237,69 @@ def tokenize_pairs(
             "prompt was cut first, then the end of their answers (as TRL does)"
         )
     return out
+
+
+def iter_pairs(
+    dataset: str, dataset_format: str = "auto", dataset_columns: str | None = None, method="dpo"
+) -> Iterator[dict[str, Any]]:
+    """Every record of ``dataset`` as a ``{prompt, chosen, rejected}`` pair (with where it came
+    from); anything that is not a pair is one clear line."""
+    from agiasi.data.load import split_sources
+
+    if dataset_format not in ("auto", *PREFERENCE_FORMATS):
+        raise AgiasiError(
+            f"--method {method} trains on preference pairs, but --dataset-format is "
+            f"{dataset_format!r}; use auto or one of {', '.join(PREFERENCE_FORMATS)}"
+        )
+    columns = parse_columns(dataset_columns)
+    for source in split_sources(str(dataset)):
+        for row in read_rows(source):
+            rec = _renamed(row.record, columns, row.where)
+            if "text" in rec and "chosen" not in rec:
+                raise AgiasiError(
+                    f"{row.where}: --method {method} trains on preference pairs (a prompt, a "
+                    "chosen and a rejected answer), but this is plain text; train on text with "
+                    "--method sft, or give pairs (see agiasi data)"
+                )
+            fmt = (
+                preference_format_of(rec, row.where) if dataset_format == "auto" else dataset_format
+            )
+            yield {**to_pair(rec, row.where, fmt), WHERE: row.where}
+
+
+def load_pairs(
+    dataset: str,
+    tokenizer,
+    max_length: int,
+    *,
+    dataset_format: str = "auto",
+    dataset_columns: str | None = None,
+    eval_dataset: str | None = None,
+    eval_split: float = 0.0,
+    seed: int = 42,
+    method: str = "dpo",
+    say=None,
+):
+    """Training and validation pairs as :class:`PairExample` s (in a :class:`Data`); the split
+    holds out whole pairs by the same seeded rule as supervised data."""
+    from agiasi.data.load import Data, split_eval
+
+    def read(source: str) -> list[dict[str, Any]]:
+        pairs = list(iter_pairs(source, dataset_format, dataset_columns, method))
+        if not pairs:
+            raise AgiasiError(f"{source}: the dataset is empty: no preference pair found")
+        return pairs
+
+    train = read(dataset)
+    held: list[dict[str, Any]] = []
+    if eval_split:
+        if eval_dataset:
+            raise AgiasiError("pass either --eval-dataset or --eval-split, not both")
+        train, held = split_eval(train, eval_split, seed)
+    elif eval_dataset:
+        held = read(eval_dataset)
+    data = Data(tokenize_pairs(train, tokenizer, max_length, log=say))
+    data.n_train_docs, data.n_eval_docs = len(train), len(held)
+    if held:
+        data.eval = tokenize_pairs(held, tokenizer, max_length, log=say)
+    return data

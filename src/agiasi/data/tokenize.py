@@ -31,6 +31,10 @@ class Example:
     labels: list[int] | np.ndarray
     position_ids: list[int] | None = None
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
 
 def tokenize_records(
     records: Iterable[dict[str, Any]], tokenizer, max_length: int, log=None

@@ -1,7 +1,8 @@
 """The training loss: causal-LM cross-entropy (shifted, padding ignored), computed whole or in
 chunks of positions (a frozen head's gradient computed with each chunk, any other head's chunk
 checkpointed) so the (T × vocab) fp32 logits never exist at once; Gemma-2's final soft-cap
-applied as HF applies it after the head.
+applied as HF applies it after the head; and the per-sequence log-probabilities of the
+answer tokens that the preference objectives (DPO, ORPO) score, by the same chunking.
 """
 
 from __future__ import annotations
@@ -110,3 +111,71 @@ def chunked_causal_lm_loss(
         else:
             total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False) / n_valid
     return total
+
+
+class _LinearTokenLogp(torch.autograd.Function):
+    """Per-token ``log p(y | h) = (h Wᵀ + b)[y] − logsumexp(h Wᵀ + b)`` over one chunk, its
+    gradient for ``h`` computed in the forward pass: ``(onehot − softmax) @ W`` per token.
+
+    Why by hand, as :class:`_LinearCrossEntropy`: a preference loss weighs each *sequence's*
+    log-probability by a factor known only after every sequence of the batch is scored, so the
+    gradient cannot be scaled in the forward pass; but ``log p_t`` depends on ``h_t`` alone, so
+    the (chunk × hidden) gradient of each token is kept and the backward multiplies it by that
+    token's incoming factor. Nothing of the (chunk × vocab) logits outlives the chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, grad: bool):
+        logits = F.linear(h, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = y != -100
+        target = y.clamp_min(0).unsqueeze(1)
+        logp = (logits.gather(1, target).squeeze(1) - lse) * valid
+        if grad:
+            p = logits.sub_(lse.unsqueeze(1)).exp_().neg_()  # −softmax, in the logits' memory
+            p.scatter_add_(1, target, valid.unsqueeze(1).to(p.dtype))
+            p.mul_(valid.to(p.dtype).unsqueeze(1))
+            ctx.save_for_backward(p.to(h.dtype) @ weight.to(h.dtype))
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_logp.to(grad_h.dtype).unsqueeze(1), None, None, None, None
+
+
+def _chunk_token_logp(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    logp = logits.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+    return logp * (y != -100)
+
+
+def sequence_logps(
+    h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of ``log p`` of every labelled next token (fp32, shape (B,)) and how
+    many there are (on ``labels``' device), the head run ``chunk`` positions at a time as in
+    :func:`chunked_causal_lm_loss`. A row with no labelled token is an error: its answer is
+    gone."""
+    from torch.utils.checkpoint import checkpoint
+
+    b, t = labels.shape
+    y = labels[:, 1:].reshape(-1)
+    valid = y != -100
+    counts = valid.reshape(b, t - 1).sum(1)
+    if t < 2 or bool((counts == 0).any()):
+        raise AgiasiError("a sequence of the batch has no answer token to score")
+    hs = h[:, :-1, :].reshape(-1, h.shape[-1])
+    fused = _fusable_head(head)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    pieces = []
+    for start in range(0, hs.shape[0], chunk):
+        yc = y[start : start + chunk].to(h.device, non_blocking=True)
+        hc = hs[start : start + chunk]
+        if not valid[start : start + chunk].any():
+            pieces.append(hc.new_zeros(hc.shape[0], dtype=torch.float32))
+        elif fused:
+            pieces.append(_LinearTokenLogp.apply(hc, head.weight, head.bias, yc, grad))
+        else:
+            pieces.append(checkpoint(_chunk_token_logp, head, hc, yc, use_reentrant=False))
+    return torch.cat(pieces).reshape(b, t - 1).sum(1), counts

@@ -36,7 +36,12 @@ from agiasi.model.loading import (
     parse_device,
     resolve_dtype,
 )
-from agiasi.model.losses import causal_lm_loss, chunked_causal_lm_loss, softcapped_logits
+from agiasi.model.losses import (
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    sequence_logps,
+    softcapped_logits,
+)
 from agiasi.model.precision import (
     keep_nf4_in_float32,
     lora_autocast,
@@ -352,16 +357,37 @@ class AGIASI_SO8T_Wrapper(nn.Module):  # noqa: N801 - the note's public name
             loss=loss, task_loss=task_loss, ortho_loss=ortho, logits=logits, alpha=alpha, gate=gate
         )
 
-    def _mix_and_head(self, h: torch.Tensor):
+    def sequence_logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        soul: Soul | None | str = "own",
+        loss_chunk: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row, Σ log p of the labelled tokens (fp32) and their count, with the ortho term:
+        what a preference objective scores. ``soul`` replaces this wrapper's own for the call
+        (the reference's frozen copy of the starting soul); the head is the same."""
+        self._check_batch(input_ids, attention_mask, labels)
+        labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
+        input_ids = input_ids.to(self.device_, non_blocking=True)
+        attention_mask = attention_mask.to(self.device_, non_blocking=True)
+        h = self.hidden_states(input_ids, attention_mask)
+        mixed, head, ortho, _, _ = self._mix_and_head(h, soul)
+        logps, counts = sequence_logps(mixed, head, labels, loss_chunk)
+        return logps, counts, ortho
+
+    def _mix_and_head(self, h: torch.Tensor, soul: Soul | None | str = "own"):
         """(mixed state, head, ortho term, α, gate). The soul acts once on the whole sequence
         (B·T·H is small) with one matrix_exp shared with the ortho monitor; the plain head then
         runs on the mixed state, softcapped where HF softcaps (Gemma-2), so training sees what
         inference does."""
-        if self._soul is not None:
-            prepared = self._soul.prepare()
-            mixed = self._soul(h, prepared)
-            ortho = self._soul.ortho_loss(prepared)
-            alpha, gate = self._soul.alpha.detach(), self._soul.gate().detach()
+        soul = self._soul if isinstance(soul, str) else soul
+        if soul is not None:
+            prepared = soul.prepare()
+            mixed = soul(h, prepared)
+            ortho = soul.ortho_loss(prepared)
+            alpha, gate = soul.alpha.detach(), soul.gate().detach()
             head = self.head.head
         else:
             mixed, head = h, self.head

@@ -1,5 +1,6 @@
 """Training: one visible loop of named steps (``loop``), its typed config, the session set up
-before the loop, α's and the learning rate's schedules, DDP, and the phase-transition plot.
+before the loop, the objectives (SFT, DPO, ORPO) and DPO's reference, α's and the learning
+rate's schedules, DDP, and the phase-transition plot.
 """
 
 from agiasi._lazy import lazy_exports, lazy_names
@@ -9,6 +10,8 @@ _EXPORTS = lazy_names(
     config: TrainConfig schedule_warning
     distributed: pin_cpus
     loop: train
+    objectives: dpo_loss orpo_loss preference_loss
+    reference: Reference
     plot: plot_run
     schedule: linear_annealing lr_factor lr_warmup_steps
     session: out_of_memory

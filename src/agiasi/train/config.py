@@ -16,9 +16,21 @@ from agiasi.errors import AgiasiError
 from agiasi.model.config import ModelConfig
 from agiasi.options import option
 from agiasi.soul import PHI, gate_of
+from agiasi.train.objectives import DpoLoss, Method
 from agiasi.train.schedule import LR_SCHEDULERS, linear_annealing
 
-DatasetFormat = Literal["auto", "text", "messages", "alpaca", "sharegpt", "prompt-completion"]
+DatasetFormat = Literal[
+    "auto",
+    "text",
+    "messages",
+    "alpaca",
+    "sharegpt",
+    "prompt-completion",
+    "preference",
+    "preference-implicit",
+    "alpaca-preference",
+    "sharegpt-preference",
+]
 LrScheduler = Literal["constant", "linear", "cosine"]
 assert LR_SCHEDULERS == ("constant", "linear", "cosine")
 
@@ -63,6 +75,31 @@ class TrainConfig(ModelConfig):
     ``--config FILE.yaml``; the model's own options come from :class:`ModelConfig`. Defaults are
     the design note's; the learning-rate schedule's were measured (bench/RESULTS.md)."""
 
+    method: Method = option(
+        "sft",
+        "objective: sft (next-token loss on the answers or text), dpo or orpo (preference pairs: "
+        "a prompt, a chosen and a rejected answer)",
+    )
+    init_from: str | None = option(
+        None,
+        "start from this step folder's adapter and soul (an SFT run's step_N) instead of a fresh "
+        "adapter and the identity soul; alpha stays at its value unless --alpha-* flags are given",
+    )
+    beta: float = option(
+        0.1, "dpo: how far the policy may move from the reference (higher: closer)", gt=0.0
+    )
+    dpo_loss: DpoLoss = option(
+        "sigmoid", "dpo: sigmoid (the DPO paper's) or ipo (squared, length-averaged)"
+    )
+    label_smoothing: float = option(
+        0.0, "dpo sigmoid: assume this share of the pairs' labels is flipped (cDPO)", ge=0.0, lt=0.5
+    )
+    orpo_lambda: float = option(0.1, "orpo: weight of the odds-ratio term beside the NLL", gt=0.0)
+    precompute_reference: bool = option(
+        False,
+        "dpo: score every pair with the reference once before training (kept in the run folder) "
+        "instead of a reference forward each step",
+    )
     dataset: str | None = option(
         None,
         "training data: .txt/.md, .jsonl, .json, .parquet, .csv/.tsv, a folder of these, a "
@@ -136,6 +173,26 @@ class TrainConfig(ModelConfig):
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: the GPU if there is one)")
     progress: bool = option(True, "show the progress bar")
+
+    def validate(self) -> None:
+        """The flags' bounds, and the combinations of ``--method`` that cannot work."""
+        from agiasi.data.preference import PREFERENCE_FORMATS
+
+        super().validate()
+        if self.method == "sft" and self.dataset_format in PREFERENCE_FORMATS:
+            raise AgiasiError(
+                f"--dataset-format {self.dataset_format} holds preference pairs: train on them "
+                "with --method dpo or --method orpo"
+            )
+        if self.method != "sft" and self.packing:
+            raise AgiasiError(
+                f"--packing packs supervised examples; --method {self.method} scores whole "
+                "pairs: leave --packing off"
+            )
+        if self.precompute_reference and self.method != "dpo":
+            raise AgiasiError(
+                "--precompute-reference is for --method dpo (the only objective with a reference)"
+            )
 
     def model_config(self) -> ModelConfig:
         """The wrapper's part of this config."""

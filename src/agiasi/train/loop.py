@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,15 @@ from agiasi.train.distributed import (
     barrier,
     init_distributed,
 )
+from agiasi.train.objectives import OBJECTIVE_KEYS, preference_loss
 from agiasi.train.schedule import linear_annealing, lr_factor
-from agiasi.train.session import out_of_memory, pick_device, rng_state, start_session
+from agiasi.train.session import (
+    out_of_memory,
+    pick_device,
+    resolve_init_from,
+    rng_state,
+    start_session,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "schedule_warning", "train"]
 
@@ -120,22 +127,44 @@ def set_schedules(
     return optimizer.param_groups[0]["lr"]
 
 
+def micro_step(
+    wrapper: AGIASI_SO8T_Wrapper, batch: dict[str, torch.Tensor], cfg: TrainConfig, reference
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss and what is logged of it, for ``--method``
+    (:mod:`agiasi.train.objectives`): SFT's cross-entropy, or a preference loss on pairs."""
+    if cfg.method == "sft":
+        out = wrapper(**batch, return_logits=False)
+        return out.loss, {"task_loss": out.task_loss, "ortho_loss": out.ortho_loss}
+    ref = reference.logps(wrapper, batch) if reference is not None else None
+    logps, counts, ortho = wrapper.sequence_logps(
+        batch["input_ids"], batch["attention_mask"], batch["labels"]
+    )
+    task, logged = preference_loss(cfg, logps, counts, ref)
+    loss = task + cfg.ortho_weight * ortho if wrapper.soul is not None else task
+    return loss, {"task_loss": task, "ortho_loss": ortho, **logged}
+
+
 def accumulate(
-    wrapper: AGIASI_SO8T_Wrapper, stream: BatchStream, cfg: TrainConfig, device: torch.device
+    wrapper: AGIASI_SO8T_Wrapper,
+    stream: BatchStream,
+    cfg: TrainConfig,
+    device: torch.device,
+    reference=None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-    """``grad_accum`` micro-batches forward and backward; the mean losses and a non-finite
-    flag stay on the device (no host sync inside), with the tokens this rank saw."""
-    totals = {k: torch.zeros((), device=device) for k in ("loss", "task_loss", "ortho_loss")}
+    """``grad_accum`` micro-batches forward and backward; the mean losses (and the objective's
+    figures) and a non-finite flag stay on the device (no host sync inside), with the tokens
+    this rank saw."""
+    totals: dict[str, torch.Tensor] = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     tokens = 0
     for _ in range(cfg.grad_accum):
         batch = stream.next()
-        out = wrapper(**batch, return_logits=False)
-        nonfinite |= ~torch.isfinite(out.loss.detach())
-        (out.loss / cfg.grad_accum).backward()
+        loss, logged = micro_step(wrapper, batch, cfg, reference)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        (loss / cfg.grad_accum).backward()
         maybe_crash("after_backward")
-        for k in totals:
-            totals[k] += getattr(out, k).detach().float() / cfg.grad_accum
+        for k, v in {"loss": loss, **logged}.items():
+            totals[k] = totals.get(k, 0) + v.detach().float().to(device) / cfg.grad_accum
         tokens += int(batch["attention_mask"].sum())
     return totals, nonfinite, tokens
 
@@ -149,11 +178,12 @@ def train_step(
     d: Dist,
     device: torch.device,
     timer: StepTimer,
+    reference=None,
 ) -> tuple[dict[str, float], int]:
     """Accumulate, one all-reduce, clip, AdamW; the logged values (after the step's one host
     sync) and the tokens this rank saw."""
     maybe_crash("step_start")
-    totals, nonfinite, tokens = accumulate(wrapper, stream, cfg, device)
+    totals, nonfinite, tokens = accumulate(wrapper, stream, cfg, device, reference)
     timer.computed()
     # One collective a step: the trainable gradients, the logged losses, the non-finite flag
     # and this rank's compute time of the previous step (mean and mean square: the spread
@@ -180,10 +210,12 @@ def train_step(
     # saved, and the run stops (the in-memory weights are then discarded).
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sync_logged(extra, grad_norm, wrapper.soul), tokens
+    return sync_logged(extra, list(totals), grad_norm, wrapper.soul), tokens
 
 
-def sync_logged(extra: torch.Tensor, grad_norm: torch.Tensor, soul) -> dict[str, float]:
+def sync_logged(
+    extra: torch.Tensor, totals: list[str], grad_norm: torch.Tensor, soul
+) -> dict[str, float]:
     """The one host sync of the step: everything logged comes back in one transfer."""
     zero = extra[0] * 0
     logged = torch.stack(
@@ -197,9 +229,52 @@ def sync_logged(extra: torch.Tensor, grad_norm: torch.Tensor, soul) -> dict[str,
     t_wait = time.perf_counter()
     values = logged.tolist()
     t_wait = time.perf_counter() - t_wait
-    names = ("loss", "task_loss", "ortho_loss", "nonfinite", "c_mean", "c_sq", "grad_norm")
+    names = (*totals, "nonfinite", "c_mean", "c_sq", "grad_norm")
     out = dict(zip((*names, "alpha", "rotation_distance"), values, strict=True))
     out["sync_wait_s"] = t_wait
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    wrapper: AGIASI_SO8T_Wrapper,
+    pairs: list,
+    pad_id: int,
+    cfg: TrainConfig,
+    d: Dist,
+    device: torch.device,
+    reference=None,
+) -> dict[str, float]:
+    """Validation of a preference run: the objective's loss and figures, each the mean over
+    every validation pair (ranks take interleaved slices; sums added across them)."""
+    from agiasi.data.batching import collate_pairs
+
+    was_training = wrapper.training
+    wrapper.eval()
+    sums: dict[str, float] = {}
+    mine = pairs[d.rank :: d.world_size]
+    try:
+        for i in range(0, len(mine), cfg.batch_size):
+            batch = collate_pairs(mine[i : i + cfg.batch_size], pad_id)
+            ref = reference.logps(wrapper, batch, "eval") if reference is not None else None
+            logps, counts, _ = wrapper.sequence_logps(
+                batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
+            loss, logged = preference_loss(cfg, logps, counts, ref)
+            n = logps.shape[0] // 2
+            for k, v in {"loss": loss, **logged}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            sums["pairs"] = sums.get("pairs", 0.0) + n
+    finally:
+        wrapper.train(was_training)
+    keys = ["loss", *OBJECTIVE_KEYS[cfg.method]]  # the same order on every rank
+    totals = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [sums.get("pairs", 0.0)], d, device)
+    count = totals[-1]
+    out = {
+        f"eval_{k}": t / count if count else float("nan")
+        for k, t in zip(keys, totals[:-1], strict=True)
+    }
+    out["eval_pairs"] = int(count)
     return out
 
 
@@ -249,6 +324,8 @@ def log_step(record: dict[str, Any], metrics_fh, bar, soul) -> None:
         post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
         if "eval_loss" in record:
             post["eval"] = f"{record['eval_loss']:.4f}"
+        if "margin" in record:
+            post.update(margin=f"{record['margin']:.3f}", acc=f"{record['accuracy']:.2f}")
         if soul is not None:
             post.update(
                 α=f"{record['alpha']:.3f}", gate=f"{record['gate']:.3f}", phase=record["phase"]
@@ -329,6 +406,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not d.main:
         say = lambda msg: None  # noqa: E731
+    cfg = preference_settings(resolve_init_from(cfg, say), say)
     out_dir = Path(cfg.output_dir)
     device = pick_device(cfg, d)
     lock = RunLock(out_dir)
@@ -344,6 +422,15 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         raise out_of_memory(cfg, e, None, None) from None
     finally:
         lock.release()
+
+
+def preference_settings(cfg: TrainConfig, say) -> TrainConfig:
+    """Preference runs train without dropout, as TRL's ``disable_dropout``: the policy must
+    score exactly as the reference at step 0, or the first rewards are noise."""
+    if cfg.method != "sft" and cfg.lora_dropout:
+        say(f"--method {cfg.method}: LoRA dropout off (was {cfg.lora_dropout:g})")
+        return replace(cfg, lora_dropout=0.0)
+    return cfg
 
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> TrainResult:
@@ -376,7 +463,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             t0 = time.perf_counter()
             timer.start()
             lr = set_schedules(step, cfg, soul, optimizer, run.warmup)
-            v, tokens = train_step(wrapper, optimizer, run.params, stream, cfg, d, device, timer)
+            v, tokens = train_step(
+                wrapper, optimizer, run.params, stream, cfg, d, device, timer, run.reference
+            )
             if v["nonfinite"] > 0:
                 raise AgiasiError(
                     f"loss became non-finite (nan/inf) at step {step + 1}; stopped without "
@@ -385,7 +474,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 )
             done = step + 1
             loss_value = v["loss"]
-            record = step_record(v, done, lr, tokens * d.world_size, time.perf_counter() - t0, soul)
+            record = step_record(
+                v, done, lr, tokens * d.world_size, time.perf_counter() - t0, soul, cfg.method
+            )
             record["peak_mem_gib"] = _peak_memory_gib(device)
             if timer.enabled and step > run.start_step:
                 # previous step's forward+backward GPU time: mean over ranks and its spread
@@ -393,7 +484,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 record["compute_s_prev_rank_std"] = max(0.0, v["c_sq"] - v["c_mean"] ** 2) ** 0.5
             evaluated, new_best = None, False
             if cfg.is_eval_step(done):
-                evaluated = evaluate_step(wrapper, run.data.eval, run.pad_id, cfg, d, device)
+                evaluated = (
+                    evaluate_step(wrapper, run.data.eval, run.pad_id, cfg, d, device)
+                    if cfg.method == "sft"
+                    else evaluate_pairs(
+                        wrapper, run.data.eval, run.pad_id, cfg, d, device, run.reference
+                    )
+                )
                 record.update(evaluated)
                 new_best = best is None or evaluated["eval_loss"] < best["eval_loss"]
                 stale_evals = 0 if new_best else stale_evals + 1
@@ -439,7 +536,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
 
 
 def step_record(
-    v: dict[str, float], done: int, lr: float, tokens: int, dt: float, soul
+    v: dict[str, float], done: int, lr: float, tokens: int, dt: float, soul, method: str = "sft"
 ) -> dict[str, Any]:
     """One line of ``metrics.jsonl`` from a step's synced values."""
     return {
@@ -457,6 +554,7 @@ def step_record(
         "tokens_per_s": tokens / dt if dt > 0 else None,
         "step_time_s": dt,
         "sync_wait_s": v["sync_wait_s"],
+        **{k: v[k] for k in OBJECTIVE_KEYS.get(method, ()) if k in v},
     }
 
 

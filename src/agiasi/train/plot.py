@@ -68,7 +68,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         raise AgiasiError(f"cannot write the plot: {out_path.parent} is not a folder")
     has_rot = any(r.get("rotation_distance") is not None for r in rows)
     has_lr = any(isinstance(r.get("lr"), (int, float)) for r in rows)
-    n = 2 + has_rot + has_lr
+    has_pairs = any(isinstance(r.get("margin"), (int, float)) for r in rows)
+    n = 2 + has_rot + has_lr + has_pairs
     fig, axes = plt.subplots(n, 1, figsize=(9, 2.2 + 1.9 * n), sharex=True)
     steps = [r["step"] for r in rows]
     _plot_loss(axes[0], rows, steps)
@@ -80,6 +81,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         )
     if has_rot:
         _plot_rotation(axes[2], rows, steps)
+    if has_pairs:
+        _plot_rewards(axes[2 + has_rot], rows, steps)
     if has_lr:
         _plot_lr(axes[-1], rows, steps)
     axes[-1].set_xlabel("step")
@@ -99,7 +102,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
 def _plot_loss(ax, rows: list[dict], steps: list[int]) -> None:
     """Training loss, and the validation loss where it was measured (with the best step)."""
-    ax.plot(steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label="task loss (CE)")
+    label = "task loss (CE)" if "margin" not in rows[0] else "preference loss"
+    ax.plot(steps, [r["task_loss"] for r in rows], color="#333", lw=1.2, label=label)
     evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float))]
     if evals:
         ax.plot(
@@ -117,6 +121,25 @@ def _plot_loss(ax, rows: list[dict], steps: list[int]) -> None:
         )
     ax.set_ylabel("loss")
     ax.legend(loc="upper right", fontsize=8)
+
+
+def _plot_rewards(ax, rows: list[dict], steps: list[int]) -> None:
+    """A preference run: the chosen and rejected rewards, their margin, and on the right axis
+    the share of pairs whose chosen answer wins (validation's as dots)."""
+    for key, color in (("rewards/chosen", "#198754"), ("rewards/rejected", "#dc3545")):
+        ax.plot(steps, [r.get(key) for r in rows], color=color, lw=1.2, label=key)
+    ax.plot(steps, [r.get("margin") for r in rows], color="#333", lw=1.4, label="margin")
+    ax.set_ylabel("reward")
+    ax.legend(loc="upper left", fontsize=8)
+    acc = ax.twinx()
+    acc.plot(steps, [r.get("accuracy") for r in rows], color="#0d6efd", lw=0.8, alpha=0.6)
+    evals = [r for r in rows if isinstance(r.get("eval_accuracy"), (int, float))]
+    if evals:
+        acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o",
+                 color="#0d6efd", ms=3, label="validation accuracy")  # fmt: skip
+        acc.legend(loc="lower right", fontsize=8)
+    acc.set_ylim(-0.05, 1.05)
+    acc.set_ylabel("accuracy", color="#0d6efd")
 
 
 def _plot_lr(ax, rows: list[dict], steps: list[int]) -> None:

@@ -26,7 +26,7 @@ from agiasi.checkpoint.step_folder import (
     load_into,
     safe_torch_load,
 )
-from agiasi.data import BatchStream, Data, load_data
+from agiasi.data import BatchStream, Data, collate_pairs, load_data
 from agiasi.errors import AgiasiError, out_of_memory_facts
 from agiasi.model.loading import load_config, resolve_dtype
 from agiasi.model.offload import check_host_memory
@@ -104,6 +104,9 @@ def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
             f"--max-length {cfg.max_length} exceeds the model's limit of {max_pos} positions"
         )
     tok = _tokenizer(cfg)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if cfg.method != "sft":
+        return _prepare_pairs(cfg, tok, say), pad_id
     dataset = cfg.dataset or str(default_dataset())
     data = load_data(
         dataset,
@@ -118,7 +121,6 @@ def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
         packing=cfg.packing,
         say=say,
     )
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     packed = f", packed from {data.packed_from} examples" if data.packed_from else ""
     say(
         f"data: {dataset}: {len(data.train)} rows{packed}, {data.train_tokens:,} tokens "
@@ -128,6 +130,84 @@ def prepare_data(cfg: TrainConfig, say) -> tuple[Data, int]:
         where = cfg.eval_dataset or f"{data.n_eval_docs} held-out documents (--eval-split)"
         say(f"validation: {where}: {len(data.eval)} examples, {data.eval_tokens:,} tokens")
     return data, pad_id
+
+
+def _prepare_pairs(cfg: TrainConfig, tok, say) -> Data:
+    """Preference pairs for ``--method dpo|orpo`` (there is no shipped sample of pairs)."""
+    from agiasi.data import load_pairs
+
+    if not cfg.dataset:
+        raise AgiasiError(
+            f"--method {cfg.method} needs --dataset: preference pairs (a prompt, a chosen and a "
+            "rejected answer; agiasi data shows what a file holds)"
+        )
+    data = load_pairs(
+        cfg.dataset,
+        tok,
+        cfg.max_length,
+        dataset_format=cfg.dataset_format,
+        dataset_columns=cfg.dataset_columns,
+        eval_dataset=cfg.eval_dataset,
+        eval_split=cfg.eval_split,
+        seed=cfg.seed,
+        method=cfg.method,
+        say=say,
+    )
+    say(
+        f"data: {cfg.dataset}: {len(data.train)} preference pairs, {data.train_tokens:,} tokens "
+        f"(both answers; max length {cfg.max_length})"
+    )
+    if data.eval:
+        where = cfg.eval_dataset or f"{data.n_eval_docs} held-out pairs (--eval-split)"
+        say(f"validation: {where}: {len(data.eval)} pairs, {data.eval_tokens:,} tokens")
+    return data
+
+
+# What a step folder fixes about the model that continues from it (--init-from).
+INHERITED = (
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "soul",
+    "rotation",
+    "rotation_init",
+    "soul_mix",
+)
+ALPHA_SCHEDULE = ("alpha_start", "alpha_target", "warmup_steps", "annealing_steps")
+
+
+def resolve_init_from(cfg: TrainConfig, say) -> TrainConfig:
+    """``--init-from STEP``: the step folder's adapter shape and soul, and α held at the value
+    it reached unless an ``--alpha-*`` schedule flag differs from its default. Decided from the
+    folder's ``soul.json`` alone, before anything loads, so a resume resolves it the same way."""
+    from dataclasses import fields as dc_fields
+    from dataclasses import replace
+
+    from agiasi.checkpoint.step_folder import read_manifest
+
+    if not cfg.init_from:
+        return cfg
+    path = Path(cfg.init_from)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise AgiasiError(f"--init-from {cfg.init_from!r}: {problem}")
+    manifest = read_manifest(path)
+    recorded = {k: manifest.model.get(k) for k in INHERITED if k in manifest.model}
+    recorded["soul_mix"] = manifest.mix
+    recorded["soul"] = manifest.soul is not None
+    changes = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
+    if changes:
+        say(
+            "init-from: the model's shape comes from "
+            f"{path.name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+        )
+    defaults = {f.name: f.default for f in dc_fields(TrainConfig)}
+    if manifest.soul is not None and manifest.soul.alpha is not None:
+        if all(getattr(cfg, k) == defaults[k] for k in ALPHA_SCHEDULE):
+            a = float(manifest.soul.alpha)
+            changes.update(alpha_start=a, alpha_target=a, warmup_steps=0, annealing_steps=0)
+            say(f"init-from: alpha stays at {a:.4f}, the value {path.name} reached")
+    return replace(cfg, **changes)
 
 
 def build_optimizer(
@@ -206,6 +286,7 @@ class Session:
     best: dict[str, Any] | None = None
     stale_evals: int = 0
     finished: TrainResult | None = None
+    reference: Any = None  # DPO's starting model (agiasi.train.reference.Reference)
 
 
 def _already_done(cfg: TrainConfig, resume_from: Path, done: int, out_dir: Path, say):
@@ -264,6 +345,22 @@ def _offload_budget(cfg: TrainConfig, device: torch.device) -> str:
     return check_host_memory(text.hidden_size, text.num_hidden_layers, tokens, itemsize)
 
 
+def precompute_reference(run: Session, cfg: TrainConfig, d: Dist, out_dir: Path, say) -> None:
+    """The reference's tables: read back from the run folder when they belong to these pairs
+    (a resume), else scored now (every rank the same) and written by rank 0."""
+    from agiasi.train.reference import pairs_fingerprint
+
+    splits = {"train": run.data.train, **({"eval": run.data.eval} if run.data.eval else {})}
+    prints = {split: pairs_fingerprint(pairs) for split, pairs in splits.items()}
+    if run.reference.load(out_dir, prints):
+        say("reference: log-probs read back from the run folder (--precompute-reference)")
+        return
+    for split, pairs in splits.items():
+        run.reference.precompute(run.wrapper, pairs, run.pad_id, cfg.batch_size, split, say)
+    if d.main:
+        run.reference.save(out_dir, prints)
+
+
 def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> Session:
     """Resume point → data → model → optimizer → restored state → the run folder's first
     writes (only after everything that can fail at start-up has passed)."""
@@ -283,6 +380,13 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
     torch.manual_seed(cfg.seed)
     run.wrapper = AGIASI_SO8T_Wrapper(config=cfg.model_config(), device=device)
     run.wrapper.train()
+    if cfg.init_from:
+        load_into(run.wrapper, cfg.init_from)
+        say(f"init-from: adapter and soul of {cfg.init_from}")
+    if cfg.method == "dpo":
+        from agiasi.train.reference import Reference
+
+        run.reference = Reference(run.wrapper, adapter_trained=bool(cfg.init_from))
     run.optimizer, run.params, groups = build_optimizer(cfg, run.wrapper)
     broadcast(run.params, d)
     counts = run.wrapper.trainable_parameters()
@@ -303,6 +407,7 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
     run.stream = BatchStream(
         run.data.train, cfg.batch_size, run.pad_id, cfg.seed, d.rank, d.world_size,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_pairs if cfg.method != "sft" else None,
     )  # fmt: skip
     if state is not None:
         run.start_step = restore(
@@ -314,6 +419,8 @@ def start_session(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path
         )
         run.best = read_best(out_dir) if run.start_step else None
         run.stale_evals = evals_since_best(out_dir, run.best)
+    if cfg.precompute_reference:
+        precompute_reference(run, cfg, d, out_dir, say)
     if d.enabled:  # every rank must stop early at the same step
         run.best, run.stale_evals = all_gather((run.best, run.stale_evals), d)[0]
     warning = schedule_warning(cfg)

@@ -169,3 +169,19 @@ def test_agiasi_data_previews_pairs_with_both_answers_marked(tmp_path, capsys, s
     assert src["formats"][0].endswith("(detected)") and "preference" in src["formats"][0]
     assert f"⟦{GOOD}" in src["example_chosen"] and f"⟦{BAD}" in src["example_rejected"]
     assert Q in src["example_chosen"] and f"⟦{Q}" not in src["example_chosen"]
+
+
+def test_truncation_keeps_one_prompt_token_so_the_first_answer_token_is_scored(tok):
+    from agiasi.data.preference import to_pair, tokenize_pairs
+    from agiasi.data.tokenize import IGNORE
+
+    pair = to_pair({"prompt": "質問" * 50, "chosen": "答え" * 50, "rejected": "いいえ"}, "x")
+    for max_length in (2, 3, 8):
+        (ex,) = tokenize_pairs([pair], tok, max_length)
+        assert ex.prompt_tokens == 1 and ex.truncated
+        for ids, labels in (
+            (ex.chosen_ids, ex.chosen_labels),
+            (ex.rejected_ids, ex.rejected_labels),
+        ):
+            assert len(ids) <= max_length and labels[0] == IGNORE
+            assert any(y != IGNORE for y in labels[1:])  # a scored answer token

@@ -117,3 +117,45 @@ def test_without_autograd_the_fused_loss_runs_the_head_only():
             loss = chunked_causal_lm_loss(h, head, labels, 8)
         assert count.n == per_chunk * 4  # 32 positions predict: 4 chunks of 8
         assert loss.requires_grad is grad_mode
+
+
+# --------------------------------------------------------------------------- per-sequence log-probs
+
+
+def _logps_by_definition(h, head, labels):
+    """Σ log softmax(W h_t)[y_{t+1}] per row, over labelled positions (autograd all the way)."""
+    logp = torch.log_softmax(head(h).float(), -1)[:, :-1]
+    y = labels[:, 1:]
+    picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (y != -100)
+    return picked.sum(1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
+@pytest.mark.parametrize("chunk", [5, 1024])
+def test_sequence_logps_and_their_gradient_equal_the_definition(fused, chunk):
+    """Each row's log-prob and the gradient of any per-row weighting of them (what DPO's loss
+    is) equal autograd through the full logits; fp32, so to a few float32 ulps of the sums."""
+    from agiasi.model.losses import sequence_logps
+
+    h, head, labels = _case(torch.float32, shape=(4, 23))
+    labels[1, 3:] = 7  # every row keeps labelled tokens
+    weights = torch.tensor([0.5, -1.5, 2.0, 0.25], dtype=torch.float64)
+    fn = head if fused else _checkpointed(head)
+    got, counts = sequence_logps(h, fn, labels, chunk)
+    (got.double() * weights).sum().backward()
+    g_got = h.grad.clone()
+    h.grad = None
+    want = _logps_by_definition(h, head, labels)
+    (want.double() * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_got, h.grad, rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == (labels[:, 1:] != -100).sum(1).tolist()
+
+
+def test_sequence_logps_refuses_a_row_without_an_answer_token():
+    from agiasi.errors import AgiasiError
+    from agiasi.model.losses import sequence_logps
+
+    h, head, labels = _case(torch.float32, shape=(3, 19))  # row 1 is fully masked
+    with pytest.raises(AgiasiError, match="no answer token"):
+        sequence_logps(h, head, labels)
