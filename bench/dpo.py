@@ -54,6 +54,24 @@ def random_pairs(batch: int, seed: int = 1234) -> list[dict]:
             for _ in range(batch)]  # fmt: skip
 
 
+def optimizer_step(model, loss_of):
+    """``(step(examples) -> loss, params)``: the loss, backward, clip, AdamW — every row alike."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-6)
+
+    def step(examples):
+        loss = loss_of(examples)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, params
+
+
 def build_trl(impl: str, model_dir: Path, tmp: Path):
     """TRL's DPOTrainer (or Unsloth's patched one) around a 4-bit LoRA model; returns
     ``(step(examples) -> loss, params)``."""
@@ -101,19 +119,12 @@ def build_trl(impl: str, model_dir: Path, tmp: Path):
     trainer = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
     model = trainer.model
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-6)
 
-    def step(examples):
+    def loss_of(examples):
         batch = {k: v.to(DEVICE) for k, v in trainer.data_collator(examples).items()}
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return trainer.compute_loss(model, batch)
 
-    return step, params
+    return optimizer_step(model, loss_of)
 
 
 def build_agiasi(impl: str, model_dir: Path):
@@ -142,25 +153,17 @@ def build_agiasi(impl: str, model_dir: Path):
     with torch.no_grad():
         w.alpha.fill_(1.618)  # the gate open, as after SFT's anneal
     reference = Reference(w, adapter_trained=False) if method == "dpo" else None
-    params = [p for p in w.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-6)
 
-    def step(examples):
+    def loss_of(examples):
         pairs = [
             PairExample(e["prompt_ids"] + e["chosen_ids"], [IGNORE] * PROMPT + e["chosen_ids"],
                         e["prompt_ids"] + e["rejected_ids"], [IGNORE] * PROMPT + e["rejected_ids"],
                         PROMPT, False, i)
             for i, e in enumerate(examples)
         ]  # fmt: skip
-        batch = collate_pairs(pairs, 3)
-        loss, _ = micro_step(w, batch, cfg, reference)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return micro_step(w, collate_pairs(pairs, 3), cfg, reference)[0]
 
-    return step, params
+    return optimizer_step(w, loss_of)
 
 
 def run(impl: str, batches: list[int], model_dir: Path, steps: int, warmup: int) -> list[dict]:

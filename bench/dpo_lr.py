@@ -8,7 +8,7 @@ continue a sentence's first half; chosen: its real second half; rejected: anothe
 and scores held-out pairs made the same way from the held-out text (reward accuracy, margin,
 validation loss) and the held-out perplexity of both texts (what the run cost the language).
 
-    OMP_NUM_THREADS=2 python bench/dpo_lr.py --json bench/data/dpo_lr_cpu.json   # ~10 min
+    OMP_NUM_THREADS=2 python bench/dpo_lr.py --json bench/data/2026-12-07_cpu_dpo_lr.json   # ~6 min
 """
 
 from __future__ import annotations

@@ -40,6 +40,50 @@ def cli_args(command: str, *extra: str, **flags) -> list[str]:
     return args + list(extra)
 
 
+def write_records(recs: list[dict], kind: str, folder: Path) -> str:
+    """Records as a dataset of ``kind`` in ``folder``: txt (their ``text`` fields between blank
+    lines), jsonl, folder (of one jsonl), json, parquet, csv, tsv or hf-disk; returns what to pass
+    as ``--dataset``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "txt":
+        p = folder / "d.txt"
+        p.write_text("\n\n".join(r["text"] for r in recs) + "\n", encoding="utf-8")
+    elif kind in ("jsonl", "folder"):
+        p = folder / "d.jsonl"
+        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+        if kind == "folder":
+            return str(folder)
+    elif kind == "json":
+        p = folder / "d.json"
+        p.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = folder / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(recs), str(p))
+    elif kind in ("csv", "tsv"):
+        import csv
+
+        p = folder / f"d.{kind}"
+        with open(p, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(
+                fh, fieldnames=list(recs[0]), delimiter="," if kind == "csv" else "\t"
+            )
+            w.writeheader()
+            w.writerows(recs)
+    elif kind == "hf-disk":
+        import datasets
+
+        p = folder / "ds"
+        datasets.Dataset.from_list(recs).save_to_disk(str(p))
+    else:
+        raise AssertionError(kind)
+    return str(p)
+
+
 def cli_cmd(command: str, *extra: str, **flags) -> list[str]:
     """The same as a separate process: ``python -m agiasi COMMAND …``."""
     return [sys.executable, "-m", "agiasi", *cli_args(command, *extra, **flags)]

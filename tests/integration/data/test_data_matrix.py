@@ -11,7 +11,7 @@ import json
 import pytest
 
 from agiasi.cli import main
-from tests.helpers import cli_args
+from tests.helpers import cli_args, write_records
 
 pytestmark = pytest.mark.slow
 
@@ -37,43 +37,7 @@ def records(fmt: str) -> list[dict]:
 
 def write(fmt: str, kind: str, folder) -> str:
     """The records of ``fmt`` as a file (or folder) of ``kind``."""
-    recs = records(fmt)
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "txt":
-        p = folder / "d.txt"
-        p.write_text("\n\n".join(r["text"] for r in recs) + "\n", encoding="utf-8")
-    elif kind in ("jsonl", "folder"):
-        p = folder / "d.jsonl"
-        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
-        if kind == "folder":
-            return str(folder)
-    elif kind == "json":
-        p = folder / "d.json"
-        p.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        p = folder / "d.parquet"
-        pq.write_table(pa.Table.from_pylist(recs), str(p))
-    elif kind in ("csv", "tsv"):
-        import csv
-
-        p = folder / f"d.{kind}"
-        with open(p, "w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(
-                fh, fieldnames=list(recs[0]), delimiter="," if kind == "csv" else "\t"
-            )
-            w.writeheader()
-            w.writerows(recs)
-    elif kind == "hf-disk":
-        import datasets
-
-        p = folder / "ds"
-        datasets.Dataset.from_list(recs).save_to_disk(str(p))
-    else:
-        raise AssertionError(kind)
-    return str(p)
+    return write_records(records(fmt), kind, folder)
 
 
 FLAT = ("jsonl", "json", "parquet", "csv", "tsv", "folder", "hf-disk")

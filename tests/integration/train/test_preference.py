@@ -309,3 +309,51 @@ def test_flag_combinations_refused(tiny_phi3_tok, tmp_path, capsys, pairs_file, 
     )
     line = one_error(capsys, main([*args, *TINY, *flags]))
     assert message in line
+
+
+def test_dpo_on_two_ranks_equals_one_rank_with_grad_accum(
+    tiny_phi3_tok, sft_step, pairs_file, tmp_path
+):
+    """Two gloo ranks × 1 pair == one process × --grad-accum 2: the same adapter and soul up to
+    the order of fp32 sums, the reference built on every rank; rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import assert_same_training, step_tensors
+
+    common = [*cli_args("train", base_model=tiny_phi3_tok, max_steps=3, dataset=pairs_file),
+              "--quantization", "none", "--max-length", "48", "--no-progress", "--batch-size", "1",
+              "--method", "dpo", "--init-from", str(sft_step), "--device", "cpu",
+              "--learning-rate", "1e-3"]  # fmt: skip
+    one = tmp_path / "one"
+    assert main([*common, "--output-dir", str(one), "--grad-accum", "2"]) == 0
+    many = tmp_path / "many"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29571", "-m", "agiasi", *common, "--output-dir", str(many)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_training(step_tensors(one / "step_3"), step_tensors(many / "step_3"))
+    la, lb = rows(one), rows(many)
+    for a, b in zip(la, lb, strict=True):
+        for k in ("loss", "margin", "accuracy"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(abs(a[k]), 1.0), (k, a, b)
+    assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+@pytest.mark.llamacpp
+def test_a_dpo_step_exports_with_the_soul_folded(tiny_phi3_tok, sft_step, pairs_file, tmp_path):
+    """A DPO step folder is a step folder: the export folds its soul exactly (the fidelity
+    report's wrapper-vs-HF row) and llama.cpp runs its GGUF like the HF model."""
+    run = tmp_path / "dpo"
+    args = cli_args(
+        "train", base_model=tiny_phi3_tok, output_dir=run, max_steps=2, dataset=pairs_file
+    )
+    assert main([*args, *TINY, "--method", "dpo", "--init-from", str(sft_step)]) == 0
+    out = tmp_path / "out"
+    assert main(["export", str(run / "step_2"), "--out", str(out), "--gguf", "f32"]) == 0
+    report = json.loads((out / "export_report.json").read_text("utf-8"))
+    p = report["parity"]
+    assert p["wrapper_fp32 vs hf"]["max_abs_dlogit"] <= 1e-4
+    assert p["gguf f32 vs hf"]["greedy_equal"] and p["gguf f32 vs hf"]["rel_dlogit"] <= 1e-3
