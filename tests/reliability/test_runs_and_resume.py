@@ -234,3 +234,41 @@ def test_disk_full_anywhere_is_one_line(tiny_phi3_tok, tmp_path, capsys, monkeyp
     assert "the disk is full writing" in line and "metrics.jsonl" in line
     monkeypatch.setattr(train_mod, "log_step", real)
     assert not (tmp_path / "run" / ".agiasi-train.lock").exists()
+
+
+def test_ctrl_c_saves_the_step_in_flight_and_resume_continues(tiny_phi3_tok, tmp_path):
+    """The first SIGINT (Ctrl-C, the studio's Stop) finishes the step in flight, saves it as a
+    step folder and exits 130 with ``status.json`` "stopped"; ``--resume auto`` continues from
+    that step to the end, and the status then says "finished"."""
+    import signal
+
+    run = tmp_path / "run"
+    flags = dict(base_model=tiny_phi3_tok, output_dir=run, max_steps=100_000, save_steps=100_000,
+                 quantization="none", max_length=32, progress=False)  # fmt: skip
+    proc = subprocess.Popen(cli_cmd("train", **flags), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            m = run / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "running" and status["pid"] == proc.pid
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    steps = [int(p.name[5:]) for p in run.iterdir() if p.name.startswith("step_")]
+    assert len(steps) == 1 and steps[0] >= 3
+    logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == steps[0]  # the saved step is the last one logged
+    assert f"stopped at step {steps[0]}" in err and "--resume auto continues" in err
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == steps[0]
+    flags["max_steps"] = steps[0] + 2
+    rc = main([*cli_args("train", **flags), "--resume", "auto"])
+    assert rc == 0 and (run / f"step_{steps[0] + 2}").is_dir()
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ PLOT = "phase_transition.png"
 BEST = "best.json"
 RUN = "run.json"  # the run's identity: {"run_id"}, written at its first start
 REFERENCE = "reference_logps.safetensors"  # DPO's precomputed reference (agiasi.train.reference)
-OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST, RUN, REFERENCE)
+STATUS = "status.json"  # {"state": running|finished|stopped|failed, "step", "error", "pid"}
+OWN_FILES = (METRICS, TRAIN_CONFIG, PLOT, BEST, RUN, REFERENCE, STATUS)
 
 
 class RunLock:
@@ -176,6 +178,23 @@ def prepare_run_folder(
     (out_dir / TRAIN_CONFIG).write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
+
+
+def write_status(out_dir: Path, state: str, step: int | None = None, error: str | None = None):
+    """The run's state for anyone watching its folder (``agiasi studio``): written when the
+    run starts and when it ends, however it ends that Python sees."""
+    record = {"state": state, "step": step, "pid": os.getpid(), "time": time.time()}
+    if error:
+        record["error"] = error
+    _write_json_atomic(Path(out_dir) / STATUS, record)
+
+
+def read_status(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((Path(out_dir) / STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("state"), str) else None
 
 
 def read_best(out_dir: Path) -> dict[str, Any] | None:

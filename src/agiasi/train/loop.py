@@ -36,6 +36,7 @@ from agiasi.checkpoint.run_folder import (
     check_output_path,
     refuse_links,
     write_best,
+    write_status,
 )
 from agiasi.checkpoint.step_folder import write_step
 from agiasi.data import IGNORE, BatchStream, Example, collate
@@ -433,10 +434,67 @@ def preference_settings(cfg: TrainConfig, say) -> TrainConfig:
     return cfg
 
 
+class StopRequest:
+    """The first Ctrl-C (SIGINT, what ``agiasi studio``'s Stop sends) lets the step in flight
+    finish, saves it and stops; a second one stops at once, as Ctrl-C always did. Only in a
+    single process: ranks of a distributed run stop as torchrun stops them."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def close(self) -> None:
+        import signal
+
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) -> TrainResult:
     run = start_session(cfg, d, device, out_dir, say)
     if run.finished is not None:
         return run.finished
+    if d.main:
+        write_status(out_dir, "running", run.start_step)
+    stop = StopRequest(not d.enabled)
+    try:
+        result = _loop(cfg, d, device, out_dir, say, run, stop)
+    except KeyboardInterrupt:
+        if d.main:
+            write_status(out_dir, "stopped", _last_step(out_dir), "interrupted")
+        raise
+    except BaseException as e:
+        if d.main:
+            write_status(out_dir, "failed", _last_step(out_dir), f"{e}"[:500] or type(e).__name__)
+        raise
+    finally:
+        stop.close()
+    if d.main:
+        write_status(out_dir, "stopped" if stop.requested else "finished", result.steps)
+    if stop.requested:
+        raise KeyboardInterrupt
+    return result
+
+
+def _last_step(out_dir: Path) -> int | None:
+    from agiasi.checkpoint.step_folder import list_checkpoints
+
+    steps = [step for step, _ in list_checkpoints(out_dir)]
+    return max(steps) if steps else None
+
+
+def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, run, stop):
     wrapper, optimizer, stream, soul = run.wrapper, run.optimizer, run.stream, run.wrapper.soul
     bar = None
     if d.main and cfg.progress:
@@ -498,7 +556,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
             patience_out = bool(
                 cfg.early_stopping_patience and stale_evals >= cfg.early_stopping_patience
             )
-            if done % cfg.save_steps == 0 or done == cfg.max_steps or new_best or patience_out:
+            if (
+                done % cfg.save_steps == 0
+                or done == cfg.max_steps
+                or new_best
+                or patience_out
+                or stop.requested
+            ):
                 last_saved = save_step(
                     wrapper, optimizer, stream, cfg, d, done, last_saved, run.run_id, evaluated
                 )
@@ -506,6 +570,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
                 best = {"step": done, **evaluated, "folder": last_saved.name}
                 if d.main:
                     write_best(out_dir, best)
+            if stop.requested:
+                stopped_early = True
+                say(f"stopped at step {done} (saved: {last_saved}); --resume auto continues")
+                break
             if patience_out:
                 stopped_early = True
                 say(

@@ -47,6 +47,7 @@ def test_twelve_steps_write_exactly_the_expected_files(tiny_phi3_tok, tmp_path):
         "metrics.jsonl",
         "phase_transition.png",
         "run.json",
+        "status.json",
         "step_12",
         "step_4",
         "step_8",
