@@ -15,114 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agiasi import options
 from agiasi.errors import AgiasiError, first_line, out_of_memory_facts
+from agiasi.flags import FlagParser as _Parser
+from agiasi.flags import add_dataclass_args, build_config
 from agiasi.model.config import RUNTIME_FIELDS
 from agiasi.process import configure_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line like every other error (``agiasi: error: …``, exit 2)."""
-
-    def error(self, message: str):
-        raise AgiasiError(f"{self.prog.removeprefix('agiasi ')}: {message} (see --help)")
-
-
-def add_dataclass_args(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    skip: Sequence[str] = (),
-    positional: Sequence[str] = (),
-) -> None:
-    """One ``--flag`` per dataclass field (``snake_case`` → ``--kebab-case``), with the field's
-    own help, range and choices (:mod:`agiasi.options`).
-
-    Defaults are left as ``None`` on the parser so that a YAML config file can sit between the
-    dataclass defaults and the flags (flags > file > defaults); :func:`build_config` merges them.
-    """
-    hints = options.field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        convert, choices, _ = options.converter(hints[f.name])  # unknown types fail here
-        default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = options.help_for(f).replace("%", "%%")  # argparse formats help with %
-        if not helptext:
-            raise TypeError(f"{cls.__name__}.{f.name} has no help text")
-        if f.name in positional:
-            if f.default is None:  # a positional whose field has a default may be left out
-                parser.add_argument(f.name, nargs="?", default=None, help=helptext)
-            else:
-                parser.add_argument(f.name, help=helptext)
-            continue
-        flag = options.flag_name(f.name)
-        if convert is options.parse_bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{helptext} (default: {'on' if default else 'off'})",
-            )
-            continue
-        shown = ",".join(default) if isinstance(default, list) else default
-        if isinstance(shown, float):
-            shown = f"{shown:g}"
-        if shown is not None and shown != "" and "default:" not in helptext:
-            helptext = f"{helptext} (default: {shown})"
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=_argparse_type(convert),
-            choices=choices,
-            default=None,
-            metavar=None if choices else f.name.upper().split("_")[-1],
-            help=helptext,
-        )
-
-
-def _argparse_type(convert):
-    def parse(text: str):
-        try:
-            return convert(text)
-        except (ValueError, TypeError) as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not valid ({e})") from None
-
-    parse.__name__ = getattr(convert, "__name__", "value").removeprefix("parse_")
-    return parse
-
-
-def build_config(cls: type, args: argparse.Namespace, file_values: dict[str, Any] | None = None):
-    """dataclass defaults < config file < explicit flags; file values typed like the flags."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in (file_values or {}).items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise AgiasiError(
-                f"unknown key {key!r} in the config file; valid keys are the flag names: "
-                + ", ".join(sorted(n.replace("_", "-") for n in names))
-            )
-        values[name] = options.coerce(cls, name, value, "config file")
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and f.name not in values
-    ]
-    if missing:
-        raise AgiasiError(
-            "missing required option(s): " + ", ".join(options.flag_name(m) for m in missing)
-        )
-    return cls(**values)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -232,6 +132,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from agiasi.data import DataConfig, preview_data
 
     preview_data(build_config(DataConfig, args))
+    return 0
+
+
+def _cmd_studio(args: argparse.Namespace) -> int:
+    from agiasi.studio.entry import StudioConfig, studio
+
+    studio(build_config(StudioConfig, args))
     return 0
 
 
@@ -350,6 +257,16 @@ COMMANDS = [
         _cmd_data,
         "agiasi.data.preview:DataConfig",
         positional=("dataset",),
+    ),
+    _Command(
+        "studio",
+        "the web workbench: model, data, a training form, live charts (pip install 'agiasi[studio]')",
+        "A local web page over the same commands: the training form is generated from "
+        "`agiasi train`'s flags, runs are `agiasi train` subprocesses, the charts follow "
+        "metrics.jsonl. Listens on loopback; another --host needs a token (one is made and "
+        "printed). Reads and writes only under --root.",
+        _cmd_studio,
+        "agiasi.studio.entry:StudioConfig",
     ),
     _Command(
         "plot",

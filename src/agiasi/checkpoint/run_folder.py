@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 

@@ -1,0 +1,19 @@
+"""The web workbench (``agiasi studio``): a page over the same configs and stage functions the
+CLI uses — ``entry`` (the command), ``server`` (the app and its API), ``pages`` (the page),
+``forms`` (a form from a config), ``runs`` (runs found, started, stopped), ``paths`` (what it may
+touch), ``static/`` (the script, the style, uPlot vendored).
+"""
+
+from agiasi._lazy import lazy_exports, lazy_names
+
+_EXPORTS = lazy_names(
+    """
+    entry: StudioConfig studio
+    forms: config_from_form flags_of form_schema yaml_of
+    runs: find_runs run_state start_run stop_run
+    server: create_app
+    """
+)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

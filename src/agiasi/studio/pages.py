@@ -1,0 +1,203 @@
+"""The studio's one page, rendered on the server in Japanese or English.
+
+The training form is written out here from the config's schema (:mod:`agiasi.studio.forms`):
+every field with its flag, help, range and choices. Everything a model or a dataset says
+reaches the page later as JSON and is set with ``textContent`` by ``static/app.js``; what this
+module puts into the HTML is escaped (:func:`html.escape`), and the JSON it embeds cannot close
+its script element.
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any
+
+# The page's words. Field help comes from the flags (English); the rest is translated.
+TEXT: dict[str, tuple[str, str]] = {
+    "title": ("agiasi スタジオ", "agiasi studio"),
+    "tab_model": ("モデル", "Model"),
+    "tab_data": ("データ", "Data"),
+    "tab_train": ("学習", "Train"),
+    "tab_runs": ("実行", "Runs"),
+    "model_path": (
+        "モデル（ローカルのフォルダまたはハブ ID）",
+        "Model (a local folder or a hub id)",
+    ),
+    "use_shipped": ("同梱の小さな日本語モデル", "The shipped tiny Japanese model"),
+    "show_info": ("調べる", "Inspect"),
+    "data_path": ("データセット（ルート以下のファイル）", "Dataset (a file under the root)"),
+    "use_sample": ("同梱の日本語サンプル", "The shipped Japanese sample"),
+    "upload": ("アップロード", "Upload"),
+    "files": ("ファイル", "Files"),
+    "preview": ("プレビュー", "Preview"),
+    "columns": ("列の対応（FIELD=COLUMN,…）", "Column mapping (FIELD=COLUMN,…)"),
+    "format": ("形式", "Format"),
+    "max_length": ("最大長", "Max length"),
+    "records": ("レコード", "records"),
+    "tokens": ("トークン", "tokens"),
+    "cut": ("最大長で切られる例", "examples cut by the max length"),
+    "roles": ("役割", "roles"),
+    "example": ("最初の例（学習される部分を強調）", "First example (trained spans highlighted)"),
+    "chosen": ("採用された回答", "chosen answer"),
+    "rejected": ("却下された回答", "rejected answer"),
+    "command": ("コマンド", "Command"),
+    "yaml": ("--config 用の YAML", "YAML for --config"),
+    "copy": ("コピー", "Copy"),
+    "start": ("学習を開始", "Start training"),
+    "stop": ("停止", "Stop"),
+    "resume": ("再開", "Resume"),
+    "busy": (
+        "別の実行が GPU を使っています。それでも開始しますか？",
+        "Another run holds the GPU. Start anyway?",
+    ),
+    "group_model": ("モデル", "Model"),
+    "group_data": ("データ", "Data"),
+    "group_objective": ("目的関数", "Objective"),
+    "group_soul": ("ソウル（回転とゲート）", "Soul (rotation and gate)"),
+    "group_optimizer": ("最適化", "Optimizer"),
+    "group_run": ("実行", "Run"),
+    "group_advanced": ("詳細", "Advanced"),
+    "default": ("既定", "default"),
+    "runs": ("実行一覧", "Runs"),
+    "no_runs": ("まだ実行はありません", "No runs yet"),
+    "running": ("実行中", "running"),
+    "starting": ("起動中", "starting"),
+    "finished": ("完了", "finished"),
+    "stopped": ("停止", "stopped"),
+    "failed": ("失敗", "failed"),
+    "unknown": ("不明", "unknown"),
+    "step": ("ステップ", "step"),
+    "elapsed": ("経過", "elapsed"),
+    "remaining": ("残り", "remaining"),
+    "best": ("最良ステップ", "best step"),
+    "log": ("ログ（末尾）", "Log (last lines)"),
+    "chart_loss": ("損失", "Loss"),
+    "chart_lr": ("学習率", "Learning rate"),
+    "chart_alpha": ("α とゲート（相）", "α and gate (phases)"),
+    "chart_rotation": ("‖R − I‖ と直交誤差", "‖R − I‖ and orthogonality error"),
+    "chart_speed": ("トークン/秒", "Tokens/s"),
+    "chart_memory": ("ピークメモリ (GiB)", "Peak memory (GiB)"),
+    "chart_rewards": ("報酬とマージン", "Rewards and margin"),
+    "phases": (
+        "🔵 安定  🟡 遷移中  🟢 黄金比に到達",
+        "🔵 Stable  🟡 Transitioning  🟢 Golden Ratio",
+    ),
+    "language": ("English", "日本語"),
+    "root": ("ルート", "Root"),
+    "watch": ("観察", "Watch"),
+}
+
+
+def t(key: str, lang: str) -> str:
+    ja, en = TEXT[key]
+    return ja if lang == "ja" else en
+
+
+def _field_html(f: dict[str, Any], lang: str) -> str:
+    name = escape(f["name"])
+    label = f"<code>{escape(f['flag'])}</code>"
+    default = f["default"]
+    text = (
+        {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    )
+    shown_default = (
+        ""
+        if default is None
+        else f' <span class="default">({t("default", lang)}: {escape(str(text))})</span>'
+    )
+    bounds = f' <span class="bounds">[{escape(f["bounds"])}]</span>' if f["bounds"] else ""
+    attrs = f'name="{name}" id="f-{name}" data-kind="{escape(f["kind"])}"'
+    if f["kind"] == "bool":
+        checked = " checked" if default else ""
+        control = f'<input type="checkbox" {attrs}{checked}>'
+    elif f["kind"] == "choice":
+        opts = "".join(
+            f'<option value="{escape(c)}"{" selected" if c == default else ""}>{escape(c)}</option>'
+            for c in f["choices"]
+        )
+        control = f"<select {attrs}>{opts}</select>"
+    else:
+        placeholder = "" if default is None else escape(str(default))
+        mode = ' inputmode="decimal"' if f["kind"] in ("int", "float") else ""
+        control = (
+            f'<input type="text" {attrs} placeholder="{placeholder}"{mode} autocomplete="off">'
+        )
+    return (
+        f'<div class="field" data-field="{name}"><label for="f-{name}">{label}{shown_default}</label>'
+        f'{control}<div class="help">{escape(f["help"])}{bounds}</div>'
+        f'<div class="error" id="e-{name}"></div></div>'
+    )
+
+
+def render_page(lang: str, schema: list[dict[str, Any]], root: str) -> str:
+    groups = "".join(
+        f'<fieldset class="group"><legend>{escape(t("group_" + g["group"], lang))}</legend>'
+        + "".join(_field_html(f, lang) for f in g["fields"])
+        + "</fieldset>"
+        for g in schema
+    )
+    words = {k: t(k, lang) for k in TEXT}
+    embedded = json.dumps({"lang": lang, "text": words}, ensure_ascii=False).replace("</", "<\\/")
+    other = "en" if lang == "ja" else "ja"
+    tabs = "".join(
+        f'<button class="tab" data-tab="{k}" type="button">{escape(t("tab_" + k, lang))}</button>'
+        for k in ("model", "data", "train", "runs")
+    )
+    return f"""<!doctype html>
+<html lang="{lang}"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(t("title", lang))}</title>
+<link rel="stylesheet" href="/static/uPlot.min.css"><link rel="stylesheet" href="/static/style.css">
+</head><body>
+<header><h1>{escape(t("title", lang))}</h1><nav>{tabs}</nav>
+<span class="root">{escape(t("root", lang))}: <code>{escape(root)}</code></span>
+<a class="lang" href="/?lang={other}">{escape(t("language", lang))}</a></header>
+<main>
+<section id="tab-model" class="panel">
+  <label for="model">{escape(t("model_path", lang))}</label>
+  <div class="row"><input type="text" id="model" autocomplete="off">
+  <button type="button" id="use-shipped">{escape(t("use_shipped", lang))}</button>
+  <button type="button" id="show-info">{escape(t("show_info", lang))}</button></div>
+  <div class="error" id="model-error"></div><table id="model-info" class="kv"></table>
+</section>
+<section id="tab-data" class="panel">
+  <label for="data-path">{escape(t("data_path", lang))}</label>
+  <div class="row"><input type="text" id="data-path" autocomplete="off">
+  <button type="button" id="use-sample">{escape(t("use_sample", lang))}</button>
+  <label class="upload">{escape(t("upload", lang))}<input type="file" id="upload"></label></div>
+  <div class="row"><label for="data-columns">{escape(t("columns", lang))}</label>
+  <input type="text" id="data-columns" autocomplete="off">
+  <label for="data-max-length">{escape(t("max_length", lang))}</label>
+  <input type="text" id="data-max-length" value="512" inputmode="decimal">
+  <button type="button" id="preview">{escape(t("preview", lang))}</button></div>
+  <div class="error" id="data-error"></div><div id="data-summary"></div>
+  <h3>{escape(t("files", lang))}</h3><ul id="files"></ul>
+</section>
+<section id="tab-train" class="panel">
+  <form id="train-form" autocomplete="off">{groups}</form>
+  <div class="error" id="form-error"></div>
+  <h3>{escape(t("yaml", lang))} <button type="button" class="copy" data-copy="yaml">{escape(t("copy", lang))}</button></h3>
+  <pre id="yaml"></pre>
+  <div class="actions"><pre id="command"></pre>
+  <button type="button" class="copy" data-copy="command">{escape(t("copy", lang))}</button>
+  <button type="button" id="start" class="primary">{escape(t("start", lang))}</button></div>
+</section>
+<section id="tab-runs" class="panel">
+  <h3>{escape(t("runs", lang))}</h3><table id="runs" class="runs"></table>
+  <div id="watch" hidden>
+    <h3 id="watch-title"></h3>
+    <div class="row"><span id="progress"></span>
+    <button type="button" id="stop">{escape(t("stop", lang))}</button>
+    <button type="button" id="resume">{escape(t("resume", lang))}</button></div>
+    <div class="error" id="run-error"></div>
+    <pre id="run-command"></pre>
+    <div class="phases">{escape(t("phases", lang))}</div>
+    <div id="charts"></div>
+    <h3>{escape(t("log", lang))}</h3><pre id="log"></pre>
+  </div>
+</section>
+</main>
+<script id="i18n" type="application/json">{embedded}</script>
+<script src="/static/uPlot.iife.min.js"></script><script src="/static/app.js"></script>
+</body></html>"""

@@ -1,0 +1,308 @@
+"""The studio's web server: one page, a JSON API over the same configs and stage functions the
+CLI uses, and server-sent events that replay and then follow a run's ``metrics.jsonl``.
+
+Security, in one place (:func:`create_app`'s middleware): a request without the token (when
+there is one) is refused; on a loopback bind the ``Host`` must be the loopback address (a web
+page elsewhere cannot reach the studio through DNS rebinding); a state-changing request must be
+a POST from this page's own origin carrying the page's header (a form on another site can send
+neither). Paths are checked by :mod:`agiasi.studio.paths`; every text from models and data
+reaches the page as JSON and is put in it with ``textContent`` (never as markup).
+
+FastAPI reads the endpoints' annotations at import time, so its names are imported at the top:
+this module is imported only by ``agiasi studio`` (the ``studio`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from agiasi.errors import AgiasiError
+from agiasi.studio import forms, paths, runs
+
+UPLOADS = "uploads"
+UPLOAD_LIMIT = 2 * 2**30  # bytes a single upload may have
+POLL_S = 0.25  # how often an open event stream looks at the metrics file
+HEADER = "x-agiasi-studio"  # every state-changing request from the page carries it
+
+
+def _train_config_cls():
+    from agiasi.train.config import TrainConfig
+
+    return TrainConfig
+
+
+def create_app(root: Path, token: str | None = None, loopback_port: int | None = None):
+    """The FastAPI app serving ``root``. ``loopback_port``: the port of a loopback bind (the
+    ``Host`` header is then checked); None for a bind reached by other hosts (the token is)."""
+    from agiasi.studio.pages import render_page
+
+    root = Path(root).resolve()
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    hosts = (
+        {f"{h}:{loopback_port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+        if loopback_port
+        else None
+    )
+
+    def refuse(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if hosts is not None and request.headers.get("host", "") not in hosts:
+            return refuse(403, "this studio answers only on its loopback address")
+        given = request.query_params.get("token")
+        if token is not None:
+            sent = given or request.cookies.get("agiasi_token") or request.headers.get(HEADER)
+            if not (isinstance(sent, str) and secrets.compare_digest(sent, token)):
+                return refuse(401, "this studio needs its token: open the URL it printed")
+        if request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+            if origin != own or request.headers.get(HEADER) is None:
+                return refuse(403, "a change must come from the studio's own page")
+        response = await call_next(request)
+        if token is not None and given:
+            response.set_cookie("agiasi_token", token, httponly=True, samesite="strict")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.exception_handler(AgiasiError)
+    async def agiasi_error(request: Request, e: AgiasiError):
+        return refuse(400, str(e))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):  # a bug: one line, as the CLI says
+        return refuse(500, f"internal error: {type(e).__name__}: {str(e)[:300]}")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(request: Request, lang: str | None = None):
+        chosen = lang if lang in ("ja", "en") else request.cookies.get("agiasi_lang")
+        if chosen not in ("ja", "en"):
+            accept = request.headers.get("accept-language", "").lower()
+            chosen = "ja" if accept.startswith("ja") else "en"
+        html = render_page(chosen, forms.form_schema(_train_config_cls()), str(root))
+        response = HTMLResponse(html)
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
+        )
+        if lang in ("ja", "en"):
+            response.set_cookie("agiasi_lang", lang, samesite="strict")
+        return response
+
+    # ------------------------------------------------------------------ model and data
+
+    @app.get("/api/info")
+    def model_info(model: str):
+        from agiasi.info import describe
+
+        return describe(paths.check_model(root, model))
+
+    @app.get("/api/shipped")
+    def shipped():
+        from agiasi.shipped import default_dataset, default_heldout, tiny_model_path
+
+        return {
+            "model": str(tiny_model_path()),
+            "dataset": str(default_dataset()),
+            "heldout": str(default_heldout()),
+        }
+
+    @app.get("/api/files")
+    def files(dir: str = ""):  # noqa: A002 - the query's name
+        folder = paths.resolve(root, dir or ".", what="folder")
+        if not folder.is_dir():
+            raise AgiasiError(f"{dir!r} is not a folder under the root")
+        entries = []
+        for p in sorted(folder.iterdir(), key=lambda p: (not p.is_dir(), p.name)):
+            if p.name.startswith("."):
+                continue
+            try:
+                entries.append({"name": paths.relative(root, p), "dir": p.is_dir(),
+                                "size": None if p.is_dir() else p.stat().st_size})  # fmt: skip
+            except (ValueError, OSError):  # a link out of the root: not shown
+                continue
+        return {"dir": paths.relative(root, folder), "entries": entries}
+
+    @app.post("/api/upload")
+    async def upload(request: Request, name: str):
+        safe = Path(name).name
+        if not safe or safe != name or safe.startswith("."):
+            raise AgiasiError(f"upload name {name!r}: a plain file name, please")
+        dest = paths.resolve(root, f"{UPLOADS}/{safe}", write=True, what="upload")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{safe}.part")
+        size = 0
+        with open(tmp, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > UPLOAD_LIMIT:
+                    fh.close()
+                    tmp.unlink(missing_ok=True)
+                    raise AgiasiError(f"upload larger than {UPLOAD_LIMIT // 2**30} GiB refused")
+                fh.write(chunk)
+        tmp.replace(dest)
+        return {"name": paths.relative(root, dest), "size": size}
+
+    @app.post("/api/data")
+    def data_preview(body: dict[str, Any]):
+        from agiasi.data.preview import DataConfig, summarize
+
+        values = {k: v for k, v in body.items() if v not in (None, "")}
+        if "dataset" not in values:
+            raise AgiasiError("choose a dataset first")
+        values["dataset"] = paths.check_datasets(root, str(values["dataset"]), "dataset")
+        if values.get("base_model"):
+            values["base_model"] = paths.check_model(root, str(values["base_model"]))
+        cfg = forms.config_from_form(
+            DataConfig,
+            {k: v for k, v in values.items() if k != "json"},
+            "agiasi data",
+            ("dataset",),
+        )
+        return summarize(cfg)
+
+    # ------------------------------------------------------------------ the training form
+
+    def train_config(values: dict[str, Any]):
+        values = {k: v for k, v in values.items() if v not in (None, "")}
+        if values.get("base_model"):
+            values["base_model"] = paths.check_model(root, str(values["base_model"]))
+        for key in ("dataset", "eval_dataset"):
+            if values.get(key):
+                values[key] = paths.check_datasets(
+                    root, str(values[key]), f"--{key.replace('_', '-')}"
+                )
+        if values.get("init_from"):
+            values["init_from"] = str(
+                paths.resolve(root, str(values["init_from"]), what="--init-from")
+            )
+        out = paths.resolve(root, str(values.get("output_dir") or "checkpoints_agiasi"),
+                            write=True, what="--output-dir")  # fmt: skip
+        values["output_dir"] = paths.relative(root, out)
+        return forms.config_from_form(_train_config_cls(), values)
+
+    def command_of(cfg) -> dict[str, Any]:
+        flags = forms.flags_of(cfg)
+        return {"flags": flags, "command": forms.shell_line(["agiasi", "train", *flags]),
+                "yaml": forms.yaml_of(cfg), "output_dir": cfg.output_dir}  # fmt: skip
+
+    @app.post("/api/command")
+    def command(body: dict[str, Any]):
+        return command_of(train_config(body.get("values") or {}))
+
+    @app.post("/api/runs")
+    def start(body: dict[str, Any]):
+        cfg = train_config(body.get("values") or {})
+        busy = runs.any_running(root)
+        if busy and not body.get("force"):
+            return JSONResponse({"warning": "busy", "running": busy}, status_code=409)
+        shown = command_of(cfg)
+        meta = {"max_steps": cfg.max_steps, "method": cfg.method, "command": shown["command"]}
+        pid = runs.start_run(root, cfg.output_dir, shown["flags"], False, meta)
+        return {**shown, "pid": pid, "run": cfg.output_dir}
+
+    def run_dir(name: str) -> str:
+        folder = paths.resolve(root, name, write=True, what="run")
+        return paths.relative(root, folder)
+
+    @app.post("/api/runs/stop")
+    def stop(body: dict[str, Any]):
+        return {"pid": runs.stop_run(root, run_dir(str(body.get("run", ""))))}
+
+    @app.post("/api/runs/resume")
+    def resume(body: dict[str, Any]):
+        from agiasi.checkpoint.step_folder import TRAIN_CONFIG
+
+        rel = run_dir(str(body.get("run", "")))
+        saved = runs._read_json(root / rel / TRAIN_CONFIG)
+        if saved is None:
+            raise AgiasiError(f"{rel} has no {TRAIN_CONFIG}: nothing to resume")
+        values = {k: v for k, v in saved.items() if k not in forms.HIDDEN}
+        if body.get("max_steps"):
+            values["max_steps"] = body["max_steps"]
+        cfg = train_config(values)
+        busy = [r for r in runs.any_running(root) if r != rel]
+        if busy and not body.get("force"):
+            return JSONResponse({"warning": "busy", "running": busy}, status_code=409)
+        shown = command_of(cfg)
+        meta = {"max_steps": cfg.max_steps, "method": cfg.method,
+                "command": shown["command"] + " --resume auto"}  # fmt: skip
+        pid = runs.start_run(root, rel, shown["flags"], True, meta)
+        return {**shown, "pid": pid, "run": rel}
+
+    # ------------------------------------------------------------------ watching
+
+    @app.get("/api/runs")
+    def list_runs():
+        return {"runs": runs.find_runs(root)}
+
+    @app.get("/api/run")
+    def one_run(run: str):
+        rel = run_dir(run)
+        state = runs.run_state(root, rel)
+        log = runs.log_path(root, rel)
+        state["log"] = runs.tail_lines(log, 40)
+        launch = runs._read_json(runs.launch_path(root, rel)) or {}
+        state["command"] = launch.get("command")
+        state["started"] = launch.get("started")
+        return state
+
+    @app.get("/api/events")
+    async def events(request: Request, run: str):
+        rel = run_dir(run)
+        metrics = root / rel / runs.METRICS
+        last = request.headers.get("last-event-id", "")
+        skip = int(last) + 1 if last.isdigit() else 0
+
+        async def stream():
+            yield "retry: 1000\n\n"
+            offset, line_no, state, tick, first = 0, 0, None, 0, skip
+            while not await request.is_disconnected():
+                try:
+                    size = metrics.stat().st_size
+                except OSError:
+                    size = 0
+                if size < offset:  # trimmed by a resume: the history restarts
+                    offset, line_no, first = 0, 0, 0
+                    yield "event: reset\ndata: {}\n\n"
+                if size > offset:
+                    with open(metrics, "rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read(size - offset)
+                    end = chunk.rfind(b"\n") + 1  # only whole lines
+                    offset += end
+                    for raw in chunk[:end].splitlines():
+                        if line_no >= first:
+                            text = raw.decode("utf-8", "replace")
+                            yield f"id: {line_no}\nevent: metric\ndata: {text}\n\n"
+                        line_no += 1
+                if tick % 4 == 0:  # the run's state once a second
+                    now = await asyncio.to_thread(runs.run_state, root, rel)
+                    keys = ("state", "step", "max_steps", "error", "saved_step")
+                    summary = {k: now.get(k) for k in keys}
+                    if summary != state:
+                        state = summary
+                        yield f"event: state\ndata: {json.dumps(summary, ensure_ascii=False)}\n\n"
+                tick += 1
+                await asyncio.sleep(POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
+    return app

@@ -1,0 +1,392 @@
+// agiasi studio: the page's behaviour. Everything from the server (model names, dataset text,
+// error lines, logs) is put into the page with textContent, never as markup.
+"use strict";
+
+const I18N = JSON.parse(document.getElementById("i18n").textContent);
+const T = (k) => I18N.text[k] || k;
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+async function api(path, body) {
+  const opts = body === undefined ? {} : {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "X-Agiasi-Studio": "1"},
+    body: JSON.stringify(body),
+  };
+  const r = await fetch(path, opts);
+  let data = null;
+  try { data = await r.json(); } catch (e) { data = {error: r.statusText}; }
+  if (!r.ok) { const err = new Error(data.error || r.statusText); err.status = r.status; err.data = data; throw err; }
+  return data;
+}
+
+// ------------------------------------------------------------------ tabs (the hash keeps them)
+
+function showTab(name) {
+  for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== "tab-" + name;
+  for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === name);
+  if (name === "runs") refreshRuns();
+}
+for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => { location.hash = b.dataset.tab; });
+function route() {
+  const h = decodeURIComponent(location.hash.slice(1));
+  if (h.startsWith("run=")) { showTab("runs"); watch(h.slice(4)); return; }
+  showTab(["model", "data", "train", "runs"].includes(h) ? h : "model");
+}
+window.addEventListener("hashchange", route);
+
+// ------------------------------------------------------------------ the form's fields
+
+const form = $("train-form");
+form.addEventListener("submit", (e) => e.preventDefault());
+function field(name) { return form.elements.namedItem(name); }
+function setField(name, value) {
+  const f = field(name);
+  if (!f) return;
+  if (f.type === "checkbox") f.checked = !!value; else f.value = value;
+  scheduleCommand();
+}
+function formValues() {
+  const values = {};
+  for (const f of form.elements) {
+    if (!f.name) continue;
+    if (f.type === "checkbox") values[f.name] = f.checked;
+    else if (f.value.trim() !== "") values[f.name] = f.value.trim();
+  }
+  return values;
+}
+
+// ------------------------------------------------------------------ model
+
+$("use-shipped").addEventListener("click", async () => {
+  const s = await api("/api/shipped");
+  $("model").value = s.model;
+  showInfo();
+});
+$("show-info").addEventListener("click", showInfo);
+async function showInfo() {
+  const model = $("model").value.trim();
+  $("model-error").textContent = "";
+  const table = $("model-info");
+  table.replaceChildren();
+  setField("base_model", model);
+  try {
+    const info = await api("/api/info?model=" + encodeURIComponent(model));
+    for (const [k, v] of Object.entries(info)) {
+      const tr = el("tr");
+      tr.append(el("th", k), el("td", typeof v === "object" ? JSON.stringify(v) : v));
+      table.append(tr);
+    }
+  } catch (e) { $("model-error").textContent = e.message; }
+}
+
+// ------------------------------------------------------------------ data
+
+$("use-sample").addEventListener("click", async () => {
+  const s = await api("/api/shipped");
+  $("data-path").value = s.dataset;
+  preview();
+});
+$("preview").addEventListener("click", preview);
+$("upload").addEventListener("change", async (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  $("data-error").textContent = "";
+  const r = await fetch("/api/upload?name=" + encodeURIComponent(file.name), {
+    method: "POST", headers: {"X-Agiasi-Studio": "1"}, body: file,
+  });
+  const data = await r.json();
+  if (!r.ok) { $("data-error").textContent = data.error; return; }
+  $("data-path").value = data.name;
+  listFiles("");
+  preview();
+});
+
+async function listFiles(dir) {
+  const ul = $("files");
+  try {
+    const r = await api("/api/files?dir=" + encodeURIComponent(dir));
+    ul.replaceChildren();
+    if (r.dir !== ".") {
+      const up = el("li", "..", "dir");
+      up.addEventListener("click", () => listFiles(r.dir.split("/").slice(0, -1).join("/")));
+      ul.append(up);
+    }
+    for (const e of r.entries) {
+      const li = el("li", e.dir ? e.name + "/" : `${e.name} (${e.size.toLocaleString()} B)`, e.dir ? "dir" : "file");
+      li.addEventListener("click", () => {
+        if (e.dir) listFiles(e.name); else { $("data-path").value = e.name; preview(); }
+      });
+      ul.append(li);
+    }
+  } catch (e) { ul.replaceChildren(el("li", e.message, "error")); }
+}
+
+function marked(text) {
+  // the preview marks trained spans ⟦like this⟧: shown highlighted, as text
+  const out = el("pre", null, "example");
+  const parts = String(text).split(/(⟦[\s\S]*?⟧)/);
+  for (const p of parts) {
+    if (p.startsWith("⟦") && p.endsWith("⟧")) out.append(el("mark", p.slice(1, -1)));
+    else if (p) out.append(document.createTextNode(p));
+  }
+  return out;
+}
+
+async function preview() {
+  const dataset = $("data-path").value.trim();
+  const box = $("data-summary");
+  $("data-error").textContent = "";
+  box.replaceChildren();
+  setField("dataset", dataset);
+  setField("dataset_columns", $("data-columns").value.trim());
+  if ($("data-max-length").value.trim()) setField("max_length", $("data-max-length").value.trim());
+  try {
+    const s = await api("/api/data", {
+      dataset, base_model: $("model").value.trim() || null,
+      max_length: $("data-max-length").value.trim() || null,
+      dataset_columns: $("data-columns").value.trim() || null,
+    });
+    for (const src of s.sources) {
+      const div = el("div", null, "source");
+      div.append(el("h4", `${src.source} — ${src.kind}, ${src.formats.join(", ")}`));
+      const table = el("table", null, "kv");
+      const rows = [[T("records"), src.records], [T("tokens"), src.tokens],
+                    [T("cut"), `${src.truncated} / ${src.pairs || src.chat_examples || src.records}`]];
+      if (src.roles && Object.keys(src.roles).length) rows.push([T("roles"), JSON.stringify(src.roles)]);
+      for (const [k, v] of rows) { const tr = el("tr"); tr.append(el("th", k), el("td", v)); table.append(tr); }
+      div.append(table);
+      if (src.example) { div.append(el("h5", T("example")), marked(src.example)); }
+      if (src.example_chosen) {
+        div.append(el("h5", T("chosen")), marked(src.example_chosen), el("h5", T("rejected")), marked(src.example_rejected));
+      }
+      if (src.text_example) div.append(el("pre", src.text_example, "example"));
+      box.append(div);
+    }
+    for (const n of s.notes || []) box.append(el("p", n, "note"));
+  } catch (e) { $("data-error").textContent = e.message; }
+}
+
+// ------------------------------------------------------------------ the command and the start
+
+let commandTimer = null;
+function scheduleCommand() { clearTimeout(commandTimer); commandTimer = setTimeout(showCommand, 250); }
+form.addEventListener("input", scheduleCommand);
+form.addEventListener("change", scheduleCommand);
+let lastCommand = null;
+
+function showError(message) {
+  for (const e of form.querySelectorAll(".error")) e.textContent = "";
+  for (const e of form.querySelectorAll(".field.bad")) e.classList.remove("bad");
+  $("form-error").textContent = message || "";
+  if (!message) return;
+  const m = message.match(/--([a-z0-9-]+)/);
+  if (m) {
+    const name = m[1].replace(/-/g, "_");
+    const target = $("e-" + name);
+    if (target) { target.textContent = message; target.parentElement.classList.add("bad"); }
+  }
+}
+
+async function showCommand() {
+  try {
+    const r = await api("/api/command", {values: formValues()});
+    showError("");
+    $("command").textContent = r.command;
+    $("yaml").textContent = r.yaml;
+    lastCommand = r;
+    $("start").disabled = false;
+  } catch (e) {
+    showError(e.message);
+    $("command").textContent = "";
+    $("yaml").textContent = "";
+    $("start").disabled = true;
+  }
+}
+
+for (const b of document.querySelectorAll(".copy")) {
+  b.addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($(b.dataset.copy).textContent));
+}
+
+async function postRun(path, body) {
+  try {
+    return await api(path, body);
+  } catch (e) {
+    if (e.status === 409 && e.data && e.data.warning === "busy") {
+      if (!confirm(T("busy") + "\n" + e.data.running.join("\n"))) return null;
+      return await api(path, {...body, force: true});
+    }
+    throw e;
+  }
+}
+
+$("start").addEventListener("click", async () => {
+  try {
+    const r = await postRun("/api/runs", {values: formValues()});
+    if (r) location.hash = "run=" + encodeURIComponent(r.run);
+  } catch (e) { showError(e.message); }
+});
+
+// ------------------------------------------------------------------ runs
+
+async function refreshRuns() {
+  const table = $("runs");
+  try {
+    const r = await api("/api/runs");
+    table.replaceChildren();
+    if (!r.runs.length) { table.append(el("tr", T("no_runs"))); return; }
+    for (const run of r.runs) {
+      const tr = el("tr", null, "run-row");
+      tr.dataset.run = run.name;
+      const name = el("td");
+      const a = el("a", run.name);
+      a.href = "#run=" + encodeURIComponent(run.name);
+      name.append(a);
+      const state = el("td", T(run.state), "state " + run.state);
+      if (run.error) state.append(el("div", run.error, "error"));
+      const best = run.best ? `${T("best")} ${run.best.step}` : "";
+      tr.append(name, state, el("td", `${run.step ?? "–"} / ${run.max_steps ?? "?"}`), el("td", run.method || ""), el("td", best));
+      table.append(tr);
+    }
+  } catch (e) { table.replaceChildren(el("tr", e.message, "error")); }
+}
+setInterval(() => { if (!$("tab-runs").hidden) refreshRuns(); }, 3000);
+
+// ------------------------------------------------------------------ watching one run
+
+const PHASE_COLORS = {"🔵": "rgba(13,110,253,0.08)", "🟡": "rgba(255,193,7,0.15)", "🟢": "rgba(25,135,84,0.15)", "🟣": "rgba(111,66,193,0.12)"};
+const CHARTS = [
+  {key: "loss", title: "chart_loss", series: [["task_loss", "#333"], ["eval_loss", "#fd7e14"]]},
+  {key: "rewards", title: "chart_rewards", series: [["rewards/chosen", "#198754"], ["rewards/rejected", "#dc3545"], ["margin", "#333"]], only: "margin"},
+  {key: "lr", title: "chart_lr", series: [["lr", "#6f42c1"]], sci: true},
+  {key: "alpha", title: "chart_alpha", series: [["alpha", "#0d6efd"], ["gate", "#dc3545"]], phases: true},
+  {key: "rotation", title: "chart_rotation", series: [["rotation_distance", "#198754"], ["ortho_loss", "#888"]]},
+  {key: "speed", title: "chart_speed", series: [["tokens_per_s", "#0dcaf0"]]},
+  {key: "memory", title: "chart_memory", series: [["peak_mem_gib", "#6c757d"]]},
+];
+let current = null;
+
+function watch(name) {
+  if (current && current.name === name) return;
+  if (current) { current.source.close(); clearInterval(current.timer); }
+  $("watch").hidden = false;
+  $("watch-title").textContent = name;
+  const box = $("charts");
+  box.replaceChildren();
+  current = {name, rows: [], charts: {}, state: null, dirty: false};
+  for (const spec of CHARTS) {
+    const div = el("div", null, "chart");
+    div.id = "chart-" + spec.key;
+    div.dataset.points = "0";
+    div.append(el("h4", T(spec.title)));
+    box.append(div);
+    const opts = {
+      width: Math.min(560, box.clientWidth || 560), height: 180,
+      scales: {x: {time: false}}, legend: {show: true},
+      series: [{label: T("step")}, ...spec.series.map(([k, c]) => ({label: k, stroke: c, width: 1.5, spanGaps: true, points: {show: k.startsWith("eval")}}))],
+      axes: [{}, {size: 60}],
+    };
+    if (spec.phases) opts.hooks = {drawClear: [(u) => drawPhases(u)]};
+    if (spec.sci) opts.axes[1].values = (u, vals) => vals.map((v) => (v === 0 ? "0" : v.toExponential(1)));
+    current.charts[spec.key] = {spec, div, plot: new uPlot(opts, [[], ...spec.series.map(() => [])], div)};
+  }
+  const source = new EventSource("/api/events?run=" + encodeURIComponent(name));
+  source.addEventListener("metric", (ev) => {
+    try { current.rows.push(JSON.parse(ev.data)); current.dirty = true; requestAnimationFrame(redraw); } catch (e) { /* a partial line */ }
+  });
+  source.addEventListener("reset", () => { current.rows = []; current.dirty = true; requestAnimationFrame(redraw); });
+  source.addEventListener("state", (ev) => { current.state = JSON.parse(ev.data); showProgress(); runDetails(); refreshRuns(); });
+  current.source = source;
+  current.timer = setInterval(runDetails, 2000);
+  runDetails();
+}
+
+function drawPhases(u) {
+  const rows = current ? current.rows : [];
+  const ctx = u.ctx;
+  let start = null, phase = null;
+  const flush = (endStep) => {
+    if (phase === null) return;
+    const x0 = u.valToPos(start - 0.5, "x", true), x1 = u.valToPos(endStep + 0.5, "x", true);
+    ctx.fillStyle = PHASE_COLORS[[...phase][0]] || "transparent";
+    ctx.fillRect(x0, u.bbox.top, x1 - x0, u.bbox.height);
+  };
+  let last = null;
+  for (const r of rows) {
+    if (!r.phase) continue;
+    if (r.phase !== phase) { flush(last); start = r.step; phase = r.phase; }
+    last = r.step;
+  }
+  flush(last);
+}
+
+function redraw() {
+  if (!current || !current.dirty) return;
+  current.dirty = false;
+  const rows = current.rows;
+  const steps = rows.map((r) => r.step);
+  for (const {spec, div, plot} of Object.values(current.charts)) {
+    const hasOnly = !spec.only || rows.some((r) => typeof r[spec.only] === "number");
+    div.hidden = !hasOnly;
+    if (!hasOnly) continue;
+    const cols = spec.series.map(([k]) => rows.map((r) => (typeof r[k] === "number" ? r[k] : null)));
+    plot.setData([steps, ...cols]);
+    div.dataset.points = String(steps.length);
+  }
+  showProgress();
+}
+
+function fmtTime(s) {
+  if (!isFinite(s)) return "–";
+  s = Math.round(s);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  return (h ? h + ":" : "") + String(m).padStart(h ? 2 : 1, "0") + ":" + String(sec).padStart(2, "0");
+}
+
+function showProgress() {
+  if (!current) return;
+  const rows = current.rows, st = current.state || {};
+  const step = rows.length ? rows[rows.length - 1].step : st.step || 0;
+  const total = st.max_steps || "?";
+  const times = rows.map((r) => r.step_time_s).filter((x) => typeof x === "number");
+  const elapsed = times.reduce((a, b) => a + b, 0);
+  const recent = times.slice(-20);
+  const per = recent.length ? recent.reduce((a, b) => a + b, 0) / recent.length : NaN;
+  const remaining = typeof total === "number" ? per * (total - step) : NaN;
+  const evals = rows.filter((r) => typeof r.eval_loss === "number");
+  const best = evals.length ? evals.reduce((a, b) => (b.eval_loss < a.eval_loss ? b : a)) : null;
+  const state = st.state ? T(st.state) : "";
+  $("progress").textContent = `${state} · ${T("step")} ${step} / ${total} · ${T("elapsed")} ${fmtTime(elapsed)} · ${T("remaining")} ${fmtTime(remaining)}` + (best ? ` · ${T("best")} ${best.step} (${best.eval_loss.toFixed(4)})` : "");
+  $("progress").dataset.state = st.state || "";
+  $("progress").dataset.step = String(step);
+  const running = st.state === "running" || st.state === "starting";
+  $("stop").disabled = !running;
+  $("resume").disabled = running || !st.saved_step || (typeof total === "number" && st.saved_step >= total);
+  $("run-error").textContent = st.error || "";
+}
+
+async function runDetails() {
+  if (!current) return;
+  try {
+    const r = await api("/api/run?run=" + encodeURIComponent(current.name));
+    $("log").textContent = r.log.join("\n");
+    $("run-command").textContent = r.command || "";
+  } catch (e) { $("run-error").textContent = e.message; }
+}
+
+$("stop").addEventListener("click", async () => {
+  try { await api("/api/runs/stop", {run: current.name}); } catch (e) { $("run-error").textContent = e.message; }
+});
+$("resume").addEventListener("click", async () => {
+  try { await postRun("/api/runs/resume", {run: current.name}); } catch (e) { $("run-error").textContent = e.message; }
+});
+
+listFiles("");
+showCommand();
+route();
