@@ -86,6 +86,26 @@ TEXT: dict[str, tuple[str, str]] = {
     "language": ("English", "日本語"),
     "root": ("ルート", "Root"),
     "watch": ("観察", "Watch"),
+    "tab_chat": ("チャット", "Chat"),
+    "chat_model": (
+        "モデル（ステップフォルダまたは HF フォルダ）",
+        "Model (a step folder or an HF folder)",
+    ),
+    "chat_latest": ("最新の実行の最後のステップ", "The latest run's last step"),
+    "chat_system": ("システムプロンプト", "System prompt"),
+    "temperature": ("温度", "Temperature"),
+    "top_p": ("top-p", "top-p"),
+    "max_new_tokens": ("最大生成トークン数", "Max new tokens"),
+    "send": ("送信", "Send"),
+    "new_chat": ("新しい会話", "New conversation"),
+    "you": ("あなた", "You"),
+    "assistant": ("アシスタント", "Assistant"),
+    "stopped_reply": ("（停止）", "(stopped)"),
+    "loading": ("読み込み中…", "loading…"),
+    "chat_placeholder": (
+        "メッセージ（Enter で送信、Shift+Enter で改行）",
+        "Message (Enter sends, Shift+Enter is a new line)",
+    ),
 }
 
 
@@ -142,7 +162,7 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str) -> str:
     other = "en" if lang == "ja" else "ja"
     tabs = "".join(
         f'<button class="tab" data-tab="{k}" type="button">{escape(t("tab_" + k, lang))}</button>'
-        for k in ("model", "data", "train", "runs")
+        for k in ("model", "data", "train", "runs", "chat")
     )
     return f"""<!doctype html>
 <html lang="{lang}"><head><meta charset="utf-8">
@@ -196,6 +216,25 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str) -> str:
     <div id="charts"></div>
     <h3>{escape(t("log", lang))}</h3><pre id="log"></pre>
   </div>
+</section>
+<section id="tab-chat" class="panel">
+  <label for="chat-model">{escape(t("chat_model", lang))}</label>
+  <div class="row"><input type="text" id="chat-model" autocomplete="off">
+  <button type="button" id="chat-latest">{escape(t("chat_latest", lang))}</button></div>
+  <div class="row"><label for="chat-system">{escape(t("chat_system", lang))}</label>
+  <input type="text" id="chat-system" autocomplete="off">
+  <label for="chat-temperature">{escape(t("temperature", lang))}</label>
+  <input type="text" id="chat-temperature" value="0" inputmode="decimal" class="short">
+  <label for="chat-top-p">{escape(t("top_p", lang))}</label>
+  <input type="text" id="chat-top-p" value="0.9" inputmode="decimal" class="short">
+  <label for="chat-max">{escape(t("max_new_tokens", lang))}</label>
+  <input type="text" id="chat-max" value="128" inputmode="decimal" class="short"></div>
+  <div id="chat-log"></div>
+  <textarea id="chat-input" rows="3" placeholder="{escape(t("chat_placeholder", lang))}"></textarea>
+  <div class="row"><button type="button" id="chat-send" class="primary">{escape(t("send", lang))}</button>
+  <button type="button" id="chat-stop" disabled>{escape(t("stop", lang))}</button>
+  <button type="button" id="chat-new">{escape(t("new_chat", lang))}</button></div>
+  <div class="error" id="chat-error"></div>
 </section>
 </main>
 <script id="i18n" type="application/json">{embedded}</script>

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import secrets
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,49 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
                         yield f"event: state\ndata: {json.dumps(summary, ensure_ascii=False)}\n\n"
                 tick += 1
                 await asyncio.sleep(POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    # ------------------------------------------------------------------ chat
+
+    from agiasi.studio.chat import DONE, ChatModels, prepare_reply, start_reply
+
+    chat_models = ChatModels()
+
+    @app.post("/api/chat")
+    async def chat(request: Request, body: dict[str, Any]):
+        import threading
+
+        model = str(paths.resolve(root, str(body.get("model") or ""), what="model"))
+        messages = list(body.get("messages") or [])
+        if body.get("system"):
+            messages.insert(0, {"role": "system", "content": str(body["system"])})
+        params = {k: body[k] for k in ("temperature", "top_p", "max_new_tokens") if k in body}
+        model_obj, tok, ids, cfg = await asyncio.to_thread(
+            prepare_reply, chat_models, model, messages, params
+        )
+        stop = threading.Event()
+        pieces = start_reply(model_obj, tok, ids, cfg, stop, chat_models.generating)
+
+        async def stream():
+            try:
+                while True:
+                    try:
+                        item = await asyncio.to_thread(pieces.get, True, 0.5)
+                    except queue.Empty:  # nothing new: is the page still there?
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    if item is DONE:
+                        break
+                    if isinstance(item, AgiasiError):
+                        yield f"event: error\ndata: {json.dumps(str(item), ensure_ascii=False)}\n\n"
+                        continue
+                    yield f"event: token\ndata: {json.dumps(item, ensure_ascii=False)}\n\n"
+                yield "event: done\ndata: {}\n\n"
+            finally:
+                stop.set()  # Stop pressed, the page gone, or the end: the model's thread ends
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip

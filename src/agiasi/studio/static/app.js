@@ -37,7 +37,7 @@ for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", (
 function route() {
   const h = decodeURIComponent(location.hash.slice(1));
   if (h.startsWith("run=")) { showTab("runs"); watch(h.slice(4)); return; }
-  showTab(["model", "data", "train", "runs"].includes(h) ? h : "model");
+  showTab(["model", "data", "train", "runs", "chat"].includes(h) ? h : "model");
 }
 window.addEventListener("hashchange", route);
 
@@ -385,6 +385,118 @@ $("stop").addEventListener("click", async () => {
 });
 $("resume").addEventListener("click", async () => {
   try { await postRun("/api/runs/resume", {run: current.name}); } catch (e) { $("run-error").textContent = e.message; }
+});
+
+// ------------------------------------------------------------------ chat
+
+let conversation = [];
+let chatController = null;
+
+function addTurn(role, text) {
+  const div = el("div", null, "turn " + role);
+  div.append(el("span", T(role === "user" ? "you" : "assistant"), "who"));
+  const body = el("div", text, "text");
+  div.append(body);
+  $("chat-log").append(div);
+  $("chat-log").scrollTop = $("chat-log").scrollHeight;
+  return body;
+}
+
+function readFrames(buffer, onFrame) {
+  // server-sent events in a fetch body: frames end with a blank line
+  let i;
+  while ((i = buffer.indexOf("\n\n")) >= 0) {
+    const frame = buffer.slice(0, i);
+    buffer = buffer.slice(i + 2);
+    let event = "message", data = "";
+    for (const line of frame.split("\n")) {
+      if (line.startsWith("event: ")) event = line.slice(7);
+      else if (line.startsWith("data: ")) data += line.slice(6);
+    }
+    onFrame(event, data);
+  }
+  return buffer;
+}
+
+async function sendChat() {
+  const input = $("chat-input");
+  const text = input.value;
+  if (!text.trim() || chatController) return;
+  $("chat-error").textContent = "";
+  const messages = [...conversation, {role: "user", content: text}];
+  const userTurn = addTurn("user", text);
+  const reply = addTurn("assistant", T("loading"));
+  reply.dataset.tokens = "0";
+  input.value = "";
+  chatController = new AbortController();
+  $("chat-stop").disabled = false;
+  $("chat-send").disabled = true;
+  let got = "", failed = null, stopped = false;
+  try {
+    const r = await fetch("/api/chat", {
+      method: "POST", signal: chatController.signal,
+      headers: {"Content-Type": "application/json", "X-Agiasi-Studio": "1"},
+      body: JSON.stringify({
+        model: $("chat-model").value.trim(), messages, system: $("chat-system").value || null,
+        temperature: $("chat-temperature").value.trim() || 0, top_p: $("chat-top-p").value.trim() || 0.9,
+        max_new_tokens: $("chat-max").value.trim() || 128,
+      }),
+    });
+    if (!r.ok) { failed = (await r.json()).error; }
+    else {
+      const reader = r.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      reply.textContent = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buffer = readFrames(buffer + decoder.decode(value, {stream: true}), (event, data) => {
+          if (event === "token") {
+            got += JSON.parse(data);
+            reply.textContent = got;
+            reply.dataset.tokens = String(+reply.dataset.tokens + 1);
+          } else if (event === "error") failed = JSON.parse(data);
+        });
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") stopped = true; else failed = e.message;
+  }
+  chatController = null;
+  $("chat-stop").disabled = true;
+  $("chat-send").disabled = false;
+  if (failed !== null && !got) {
+    // the message is dropped, as agiasi chat drops the line; the conversation goes on
+    userTurn.parentElement.remove();
+    reply.parentElement.remove();
+    input.value = text;
+    $("chat-error").textContent = failed;
+    return;
+  }
+  if (stopped) reply.parentElement.append(el("span", T("stopped_reply"), "stopped"));
+  reply.parentElement.dataset.done = "1";
+  conversation = [...messages, {role: "assistant", content: got.trim()}];
+}
+
+$("chat-input").addEventListener("keydown", (e) => {
+  // Enter that confirms an IME conversion (kana → kanji) is not "send"
+  if (e.key !== "Enter" || e.isComposing || e.keyCode === 229 || e.shiftKey) return;
+  e.preventDefault();
+  sendChat();
+});
+$("chat-send").addEventListener("click", sendChat);
+$("chat-stop").addEventListener("click", () => { if (chatController) chatController.abort(); });
+$("chat-new").addEventListener("click", () => {
+  if (chatController) chatController.abort();
+  conversation = [];
+  $("chat-log").replaceChildren();
+  $("chat-error").textContent = "";
+});
+$("chat-latest").addEventListener("click", async () => {
+  const r = await api("/api/runs");
+  const run = r.runs.find((x) => x.saved_step);
+  if (run) $("chat-model").value = `${run.name}/step_${run.saved_step}`;
 });
 
 listFiles("");
