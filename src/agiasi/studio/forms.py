@@ -38,11 +38,15 @@ HIDDEN = ("progress", "resume")
 PATH_FIELDS = ("dataset", "eval_dataset", "output_dir", "init_from", "base_model")
 
 
-def form_schema(cls: type) -> list[dict[str, Any]]:
-    """``[{"group", "fields": [{name, flag, kind, default, help, choices, min, max, …}]}]``."""
+def form_schema(
+    cls: type, groups: dict[str, tuple[str, ...]] | None = None
+) -> list[dict[str, Any]]:
+    """``[{"group", "fields": [{name, flag, kind, default, help, choices, min, max, …}]}]``;
+    ``groups`` defaults to the training form's (another command's fields keep their order)."""
+    groups = GROUPS if groups is None else groups
     hints = options.field_types(cls)
-    by_group: dict[str, list[dict[str, Any]]] = {g: [] for g in (*GROUPS, "advanced")}
-    placed = {name: g for g, names in GROUPS.items() for name in names}
+    by_group: dict[str, list[dict[str, Any]]] = {g: [] for g in (*groups, "advanced")}
+    placed = {name: g for g, names in groups.items() for name in names}
     for f in dataclasses.fields(cls):
         if f.name in HIDDEN:
             continue

@@ -87,6 +87,12 @@ TEXT: dict[str, tuple[str, str]] = {
     "root": ("ルート", "Root"),
     "watch": ("観察", "Watch"),
     "tab_chat": ("チャット", "Chat"),
+    "tab_export": ("エクスポート", "Export"),
+    "export_start": ("エクスポートを開始", "Start the export"),
+    "exports": ("エクスポート一覧", "Exports"),
+    "no_exports": ("まだエクスポートはありません", "No exports yet"),
+    "report": ("忠実度レポート（CLI と同じ表）", "Fidelity report (the CLI's table)"),
+    "run_it": ("動かすには", "To run it"),
     "chat_model": (
         "モデル（ステップフォルダまたは HF フォルダ）",
         "Model (a step folder or an HF folder)",
@@ -114,7 +120,7 @@ def t(key: str, lang: str) -> str:
     return ja if lang == "ja" else en
 
 
-def _field_html(f: dict[str, Any], lang: str) -> str:
+def _field_html(f: dict[str, Any], lang: str, prefix: str = "f") -> str:
     name = escape(f["name"])
     label = f"<code>{escape(f['flag'])}</code>"
     default = f["default"]
@@ -127,7 +133,7 @@ def _field_html(f: dict[str, Any], lang: str) -> str:
         else f' <span class="default">({t("default", lang)}: {escape(str(text))})</span>'
     )
     bounds = f' <span class="bounds">[{escape(f["bounds"])}]</span>' if f["bounds"] else ""
-    attrs = f'name="{name}" id="f-{name}" data-kind="{escape(f["kind"])}"'
+    attrs = f'name="{name}" id="{prefix}-{name}" data-kind="{escape(f["kind"])}"'
     if f["kind"] == "bool":
         checked = " checked" if default else ""
         control = f'<input type="checkbox" {attrs}{checked}>'
@@ -144,25 +150,29 @@ def _field_html(f: dict[str, Any], lang: str) -> str:
             f'<input type="text" {attrs} placeholder="{placeholder}"{mode} autocomplete="off">'
         )
     return (
-        f'<div class="field" data-field="{name}"><label for="f-{name}">{label}{shown_default}</label>'
+        f'<div class="field" data-field="{name}"><label for="{prefix}-{name}">{label}{shown_default}</label>'
         f'{control}<div class="help">{escape(f["help"])}{bounds}</div>'
-        f'<div class="error" id="e-{name}"></div></div>'
+        f'<div class="error" id="{"e" if prefix == "f" else prefix + "e"}-{name}"></div></div>'
     )
 
 
-def render_page(lang: str, schema: list[dict[str, Any]], root: str) -> str:
+def render_page(lang: str, schema: list[dict[str, Any]], root: str,
+                export_schema: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     groups = "".join(
         f'<fieldset class="group"><legend>{escape(t("group_" + g["group"], lang))}</legend>'
         + "".join(_field_html(f, lang) for f in g["fields"])
         + "</fieldset>"
         for g in schema
     )
+    export_fields = "".join(
+        _field_html(f, lang, "x") for g in (export_schema or []) for f in g["fields"]
+    )
     words = {k: t(k, lang) for k in TEXT}
     embedded = json.dumps({"lang": lang, "text": words}, ensure_ascii=False).replace("</", "<\\/")
     other = "en" if lang == "ja" else "ja"
     tabs = "".join(
         f'<button class="tab" data-tab="{k}" type="button">{escape(t("tab_" + k, lang))}</button>'
-        for k in ("model", "data", "train", "runs", "chat")
+        for k in ("model", "data", "train", "runs", "export", "chat")
     )
     return f"""<!doctype html>
 <html lang="{lang}"><head><meta charset="utf-8">
@@ -215,6 +225,22 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str) -> str:
     <div class="phases">{escape(t("phases", lang))}</div>
     <div id="charts"></div>
     <h3>{escape(t("log", lang))}</h3><pre id="log"></pre>
+  </div>
+</section>
+<section id="tab-export" class="panel">
+  <form id="export-form" autocomplete="off" class="export-form">{export_fields}</form>
+  <div class="error" id="export-form-error"></div>
+  <div class="actions"><pre id="export-command"></pre>
+  <button type="button" id="export-start" class="primary">{escape(t("export_start", lang))}</button></div>
+  <h3>{escape(t("exports", lang))}</h3><table id="exports" class="runs"></table>
+  <div id="export-view" hidden>
+    <h3 id="export-title"></h3><div id="export-state"></div>
+    <div class="error" id="export-error"></div>
+    <h4>{escape(t("report", lang))}</h4><pre id="export-report"></pre>
+    <h4>{escape(t("files", lang))}</h4><table id="export-files" class="kv"></table>
+    <h4>{escape(t("run_it", lang))}</h4><pre id="export-run"></pre>
+    <h4>Modelfile</h4><pre id="export-modelfile"></pre>
+    <h4>{escape(t("log", lang))}</h4><pre id="export-log"></pre>
   </div>
 </section>
 <section id="tab-chat" class="panel">

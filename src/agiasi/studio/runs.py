@@ -216,18 +216,21 @@ def start_run(root: Path, rel: str, flags: list[str], resume: bool, meta: dict[s
         )
     overwrite = "--overwrite" in flags
     check_output_dir(run_dir, resume, overwrite)
-    argv = [sys.executable, "-m", "agiasi", "train", *flags, "--no-progress"]
-    if resume:
-        argv += ["--resume", "auto"]
-    log = log_path(root, rel)
+    argv = ["train", *flags, "--no-progress"] + (["--resume", "auto"] if resume else [])
+    return launch(root, launch_path(root, rel), log_path(root, rel), argv,
+                  {"output_dir": rel, **meta})  # fmt: skip
+
+
+def launch(root: Path, record: Path, log: Path, argv: list[str], meta: dict[str, Any]) -> int:
+    """``agiasi ARGV`` in its own process group (a crash of it cannot take the server down,
+    and Ctrl-C on the server does not reach it), its output appended to ``log``, its launch
+    record (argv, pid, then the exit code) in ``record``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        fh.write(
-            f"\n$ agiasi train {' '.join(flags)}{' --resume auto' if resume else ''}\n".encode()
-        )
+        fh.write(f"\n$ agiasi {' '.join(argv)}\n".encode())
         fh.flush()
         proc = subprocess.Popen(  # an argv list, never a shell
-            argv,
+            [sys.executable, "-m", "agiasi", *argv],
             cwd=root,
             stdin=subprocess.DEVNULL,
             stdout=fh,
@@ -235,15 +238,14 @@ def start_run(root: Path, rel: str, flags: list[str], resume: bool, meta: dict[s
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    record = {"output_dir": rel, "argv": argv[1:], "pid": proc.pid, "started": time.time(),
-              "exit_code": None, **meta}  # fmt: skip
-    _write_json(launch_path(root, rel), record)
+    data = {"argv": argv, "pid": proc.pid, "started": time.time(), "exit_code": None, **meta}
+    _write_json(record, data)
 
-    def wait() -> None:  # the exit code, for a run that dies before its status.json
+    def wait() -> None:  # the exit code, for a job that dies before its own files say so
         code = proc.wait()
-        rec = _read_json(launch_path(root, rel)) or record
+        rec = _read_json(record) or data
         if rec.get("pid") == proc.pid:
-            _write_json(launch_path(root, rel), {**rec, "exit_code": code, "ended": time.time()})
+            _write_json(record, {**rec, "exit_code": code, "ended": time.time()})
 
     threading.Thread(target=wait, daemon=True).start()
     return proc.pid

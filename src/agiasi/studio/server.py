@@ -92,7 +92,10 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         if chosen not in ("ja", "en"):
             accept = request.headers.get("accept-language", "").lower()
             chosen = "ja" if accept.startswith("ja") else "en"
-        html = render_page(chosen, forms.form_schema(_train_config_cls()), str(root))
+        from agiasi.export.config import ExportConfig
+
+        html = render_page(chosen, forms.form_schema(_train_config_cls()), str(root),
+                           forms.form_schema(ExportConfig, groups={}))  # fmt: skip
         response = HTMLResponse(html)
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -301,6 +304,68 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    # ------------------------------------------------------------------ export
+
+    from agiasi.studio import exports
+
+    def export_config(values: dict[str, Any]):
+        """(the config as the command shows it, relative to the root; the same with absolute
+        paths, for the command's own checks run here)."""
+        from dataclasses import replace
+
+        from agiasi.export.config import ExportConfig
+
+        values = {k: v for k, v in values.items() if v not in (None, "")}
+        ckpt = paths.resolve(root, str(values.get("checkpoint") or ""), what="checkpoint")
+        out = paths.resolve(root, str(values.get("out") or ""), write=True, what="--out")
+        values["checkpoint"], values["out"] = paths.relative(root, ckpt), paths.relative(root, out)
+        absolute = {"checkpoint": str(ckpt), "out": str(out)}
+        for key in ("text", "calibration"):
+            if values.get(key):
+                absolute[key] = paths.check_datasets(root, str(values[key]), f"--{key}")
+        if values.get("imatrix") not in (None, "auto", "none"):
+            absolute["imatrix"] = str(paths.resolve(root, str(values["imatrix"]), what="--imatrix"))
+        if values.get("base_model"):
+            absolute["base_model"] = values["base_model"] = paths.check_model(
+                root, str(values["base_model"])
+            )
+        from agiasi.export.run import check_flags
+
+        cfg = forms.config_from_form(ExportConfig, values, "agiasi export", ("checkpoint",))
+        checked = replace(cfg, **absolute)
+        check_flags(checked)  # what the flags alone get wrong, as the command says it
+        return cfg, checked
+
+    def export_command(cfg) -> dict[str, Any]:
+        flags = forms.flags_of(cfg)  # the checkpoint is the command's positional argument
+        i = flags.index("--checkpoint") if "--checkpoint" in flags else -1
+        if i >= 0:
+            del flags[i : i + 2]
+        return {"flags": flags, "out": cfg.out,
+                "command": forms.shell_line(["agiasi", "export", cfg.checkpoint, *flags])}  # fmt: skip
+
+    @app.post("/api/export/command")
+    def export_cmd(body: dict[str, Any]):
+        return export_command(export_config(body.get("values") or {})[0])
+
+    @app.post("/api/exports")
+    def start_export(body: dict[str, Any]):
+        cfg, absolute = export_config(body.get("values") or {})
+        shown = export_command(cfg)
+        pid = exports.start_export(
+            root, absolute, cfg, shown["flags"], {"command": shown["command"]}
+        )
+        return {**shown, "pid": pid}
+
+    @app.get("/api/exports")
+    def list_exports():
+        return {"exports": exports.find_exports(root)}
+
+    @app.get("/api/export")
+    def one_export(out: str):
+        rel = paths.relative(root, paths.resolve(root, out, write=True, what="export"))
+        return exports.export_state(root, rel, details=True)
 
     # ------------------------------------------------------------------ chat
 

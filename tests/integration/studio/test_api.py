@@ -255,3 +255,38 @@ def test_chat_refusals_are_the_cli_lines(client, root):
     r = client.post("/api/chat", headers=POST, json={
         "model": model, "messages": [{"role": "user", "content": "a"}], "max_new_tokens": 0})  # fmt: skip
     assert r.status_code == 400 and "--max-new-tokens must be at least 1" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run of the shipped model under a root of its own."""
+    from agiasi.cli import main
+
+    root = tmp_path_factory.mktemp("export_root") / "root"
+    root.mkdir()
+    args = ["train", "--base-model", str(tiny_model_path()), "--max-steps", "4", "--save-steps", "2",
+            "--max-length", "48", "--no-progress", "--output-dir", str(root / "runs" / "a")]  # fmt: skip
+    assert main(args) == 0
+    return root
+
+
+def test_export_command_and_the_cli_refusals(finished_run):
+    c = TestClient(create_app(finished_run, loopback_port=7860), base_url=BASE)
+    values = {"checkpoint": "runs/a", "step": "last", "out": "exports/a", "gguf": "q8_0"}
+    r = c.post("/api/export/command", headers=POST, json={"values": values}).json()
+    assert r["command"] == "agiasi export runs/a --out exports/a --step last --gguf q8_0"
+    cases = [
+        ({"step": "9"}, "step_9 cannot be used: checkpoint not found"),
+        ({"gguf": "q3_x"}, "q3_x"),
+        ({"out": "../outside"}, "outside the studio's root"),
+        ({"checkpoint": "runs/none"}, "runs/none"),
+    ]
+    for change, message in cases:
+        r = c.post("/api/exports", headers=POST, json={"values": {**values, **change}})
+        assert r.status_code == 400 and message in r.json()["error"], (change, r.json())
+    (finished_run / "exports" / "taken").mkdir(parents=True)
+    r = c.post("/api/exports", headers=POST, json={"values": {**values, "out": "exports/taken"}})
+    assert (
+        r.status_code == 400 and "already exists; pass --force to replace it" in r.json()["error"]
+    )
+    assert c.get("/api/exports").json() == {"exports": []}

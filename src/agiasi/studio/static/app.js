@@ -32,12 +32,14 @@ function showTab(name) {
   for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== "tab-" + name;
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === name);
   if (name === "runs") refreshRuns();
+  if (name === "export") { refreshExports(); exportCommand(); }
 }
 for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => { location.hash = b.dataset.tab; });
 function route() {
   const h = decodeURIComponent(location.hash.slice(1));
   if (h.startsWith("run=")) { showTab("runs"); watch(h.slice(4)); return; }
-  showTab(["model", "data", "train", "runs", "chat"].includes(h) ? h : "model");
+  if (h.startsWith("export=")) { showTab("export"); viewExport(h.slice(7)); return; }
+  showTab(["model", "data", "train", "runs", "export", "chat"].includes(h) ? h : "model");
 }
 window.addEventListener("hashchange", route);
 
@@ -498,6 +500,88 @@ $("chat-latest").addEventListener("click", async () => {
   const run = r.runs.find((x) => x.saved_step);
   if (run) $("chat-model").value = `${run.name}/step_${run.saved_step}`;
 });
+
+// ------------------------------------------------------------------ export
+
+const xform = $("export-form");
+xform.addEventListener("submit", (e) => e.preventDefault());
+function exportValues() {
+  const values = {};
+  for (const f of xform.elements) {
+    if (!f.name) continue;
+    if (f.type === "checkbox") values[f.name] = f.checked;
+    else if (f.value.trim() !== "") values[f.name] = f.value.trim();
+  }
+  return values;
+}
+let xTimer = null;
+xform.addEventListener("input", () => { clearTimeout(xTimer); xTimer = setTimeout(exportCommand, 250); });
+xform.addEventListener("change", () => { clearTimeout(xTimer); xTimer = setTimeout(exportCommand, 250); });
+
+async function exportCommand() {
+  for (const e of xform.querySelectorAll(".error")) e.textContent = "";
+  try {
+    const r = await api("/api/export/command", {values: exportValues()});
+    $("export-form-error").textContent = "";
+    $("export-command").textContent = r.command;
+    $("export-start").disabled = false;
+  } catch (e) {
+    $("export-form-error").textContent = e.message;
+    const m = e.message.match(/--([a-z0-9-]+)/);
+    if (m && $("xe-" + m[1].replace(/-/g, "_"))) $("xe-" + m[1].replace(/-/g, "_")).textContent = e.message;
+    $("export-command").textContent = "";
+    $("export-start").disabled = true;
+  }
+}
+
+$("export-start").addEventListener("click", async () => {
+  try {
+    const r = await api("/api/exports", {values: exportValues()});
+    location.hash = "export=" + encodeURIComponent(r.out);
+  } catch (e) { $("export-form-error").textContent = e.message; }
+});
+
+async function refreshExports() {
+  const table = $("exports");
+  try {
+    const r = await api("/api/exports");
+    table.replaceChildren();
+    if (!r.exports.length) { table.append(el("tr", T("no_exports"))); return; }
+    for (const x of r.exports) {
+      const tr = el("tr");
+      const a = el("a", x.name);
+      a.href = "#export=" + encodeURIComponent(x.name);
+      const name = el("td");
+      name.append(a);
+      const state = el("td", T(x.state), "state " + x.state);
+      if (x.error) state.append(el("div", x.error, "error"));
+      tr.append(name, state);
+      table.append(tr);
+    }
+  } catch (e) { table.replaceChildren(el("tr", e.message, "error")); }
+}
+
+let exportTimer = null;
+async function viewExport(name) {
+  clearTimeout(exportTimer);
+  $("export-view").hidden = false;
+  $("export-title").textContent = name;
+  try {
+    const r = await api("/api/export?out=" + encodeURIComponent(name));
+    $("export-state").textContent = T(r.state);
+    $("export-state").dataset.state = r.state;
+    $("export-error").textContent = r.error || "";
+    $("export-report").textContent = r.report_text || "";
+    $("export-modelfile").textContent = r.Modelfile || "";
+    $("export-run").textContent = (r.run_commands || []).join("\n");
+    $("export-log").textContent = (r.log || []).join("\n");
+    const files = $("export-files");
+    files.replaceChildren();
+    for (const f of r.files || []) { const tr = el("tr"); tr.append(el("th", f.name), el("td", f.size.toLocaleString() + " B")); files.append(tr); }
+    if (r.state === "running") exportTimer = setTimeout(() => viewExport(name), 1500);
+    else refreshExports();
+  } catch (e) { $("export-error").textContent = e.message; }
+}
 
 listFiles("");
 showCommand();
