@@ -130,6 +130,7 @@ def _item_record(model, ts: TaskSet, i: int, s, context: str, cut: bool) -> dict
     return {
         "id": ts.item_id(i),
         "gold": ts.task.gold(item),
+        "choices": list(ts.task.choices(item)),
         "pred": int(np.argmax(ll)),
         "pred_norm": int(np.argmax(ll / lengths)),
         "logliks": s.logliks,

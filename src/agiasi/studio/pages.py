@@ -88,6 +88,12 @@ TEXT: dict[str, tuple[str, str]] = {
     "watch": ("観察", "Watch"),
     "tab_chat": ("チャット", "Chat"),
     "tab_export": ("エクスポート", "Export"),
+    "tab_eval": ("評価", "Evaluate"),
+    "eval_start": ("評価を開始", "Start the evaluation"),
+    "evals": ("評価一覧", "Evaluations"),
+    "no_evals": ("まだ評価はありません", "No evaluations yet"),
+    "disagree": ("モデルの答えが分かれた問題", "Items where the models disagree"),
+    "gold": ("正解", "gold"),
     "export_start": ("エクスポートを開始", "Start the export"),
     "exports": ("エクスポート一覧", "Exports"),
     "no_exports": ("まだエクスポートはありません", "No exports yet"),
@@ -157,7 +163,8 @@ def _field_html(f: dict[str, Any], lang: str, prefix: str = "f") -> str:
 
 
 def render_page(lang: str, schema: list[dict[str, Any]], root: str,
-                export_schema: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+                export_schema: list[dict[str, Any]] | None = None,
+                eval_schema: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     groups = "".join(
         f'<fieldset class="group"><legend>{escape(t("group_" + g["group"], lang))}</legend>'
         + "".join(_field_html(f, lang) for f in g["fields"])
@@ -167,12 +174,15 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
     export_fields = "".join(
         _field_html(f, lang, "x") for g in (export_schema or []) for f in g["fields"]
     )
+    eval_fields = "".join(
+        _field_html(f, lang, "v") for g in (eval_schema or []) for f in g["fields"]
+    )
     words = {k: t(k, lang) for k in TEXT}
     embedded = json.dumps({"lang": lang, "text": words}, ensure_ascii=False).replace("</", "<\\/")
     other = "en" if lang == "ja" else "ja"
     tabs = "".join(
         f'<button class="tab" data-tab="{k}" type="button">{escape(t("tab_" + k, lang))}</button>'
-        for k in ("model", "data", "train", "runs", "export", "chat")
+        for k in ("model", "data", "train", "runs", "export", "eval", "chat")
     )
     return f"""<!doctype html>
 <html lang="{lang}"><head><meta charset="utf-8">
@@ -241,6 +251,19 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
     <h4>{escape(t("run_it", lang))}</h4><pre id="export-run"></pre>
     <h4>Modelfile</h4><pre id="export-modelfile"></pre>
     <h4>{escape(t("log", lang))}</h4><pre id="export-log"></pre>
+  </div>
+</section>
+<section id="tab-eval" class="panel">
+  <form id="eval-form" autocomplete="off" class="export-form">{eval_fields}</form>
+  <div class="error" id="eval-form-error"></div>
+  <div class="actions"><pre id="eval-command"></pre>
+  <button type="button" id="eval-start" class="primary">{escape(t("eval_start", lang))}</button></div>
+  <h3>{escape(t("evals", lang))}</h3><table id="evals" class="runs"></table>
+  <div id="eval-view" hidden>
+    <h3 id="eval-title"></h3><div id="eval-state"></div><div class="error" id="eval-error"></div>
+    <pre id="eval-table"></pre>
+    <h4>{escape(t("disagree", lang))}</h4><table id="eval-disagree" class="runs"></table>
+    <h4>{escape(t("log", lang))}</h4><pre id="eval-log"></pre>
   </div>
 </section>
 <section id="tab-chat" class="panel">

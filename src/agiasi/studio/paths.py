@@ -66,3 +66,11 @@ def check_datasets(root: Path, value: str, what: str) -> str:
 
 def relative(root: Path, path: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def for_command(root: Path, path: Path) -> str:
+    """How a command run in the root names ``path``: relative inside the root, else absolute."""
+    try:
+        return relative(root, path)
+    except ValueError:
+        return str(path)

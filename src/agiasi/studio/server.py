@@ -92,10 +92,14 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         if chosen not in ("ja", "en"):
             accept = request.headers.get("accept-language", "").lower()
             chosen = "ja" if accept.startswith("ja") else "en"
+        from agiasi.eval.perplexity import EvalConfig
         from agiasi.export.config import ExportConfig
 
+        eval_schema = forms.form_schema(EvalConfig, groups={})
+        eval_schema = [{**g, "fields": [f for f in g["fields"] if f["name"] != "report"]}
+                       for g in eval_schema]  # fmt: skip
         html = render_page(chosen, forms.form_schema(_train_config_cls()), str(root),
-                           forms.form_schema(ExportConfig, groups={}))  # fmt: skip
+                           forms.form_schema(ExportConfig, groups={}), eval_schema)  # fmt: skip
         response = HTMLResponse(html)
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -366,6 +370,69 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
     def one_export(out: str):
         rel = paths.relative(root, paths.resolve(root, out, write=True, what="export"))
         return exports.export_state(root, rel, details=True)
+
+    # ------------------------------------------------------------------ evaluate
+
+    from agiasi.studio import evals
+
+    def eval_config(values: dict[str, Any]):
+        from agiasi.eval.perplexity import EvalConfig
+
+        values = {k: v for k, v in values.items() if v not in (None, "") and k != "report"}
+        if values.get("model"):
+            values["model"] = paths.for_command(
+                root, paths.resolve(root, str(values["model"]), what="model")
+            )
+        if values.get("compare"):
+            values["compare"] = ",".join(
+                paths.for_command(root, paths.resolve(root, m.strip(), what="--compare"))
+                for m in str(values["compare"]).split(",") if m.strip()
+            )  # fmt: skip
+        for key in ("text", "task_data", "fewshot_data"):
+            if values.get(key) and "=" not in str(values[key]):
+                values[key] = str(
+                    paths.resolve(root, str(values[key]), what=f"--{key.replace('_', '-')}")
+                )
+        if not values.get("task"):
+            raise AgiasiError("choose a --task (jcommonsenseqa, jnli): the page compares on JGLUE")
+        from agiasi.eval.tasks import parse_tasks
+
+        cfg = forms.config_from_form(EvalConfig, values, "agiasi eval", ("model",))
+        parse_tasks(cfg.task)  # an unknown task: the command's line, before it starts
+        return cfg
+
+    def eval_command(cfg) -> dict[str, Any]:
+        flags = forms.flags_of(cfg)
+        positional = []
+        if "--model" in flags:
+            i = flags.index("--model")
+            positional = [flags[i + 1]]
+            del flags[i : i + 2]
+        return {"flags": flags, "positional": positional,
+                "command": forms.shell_line(["agiasi", "eval", *positional, *flags])}  # fmt: skip
+
+    @app.post("/api/eval/command")
+    def eval_cmd(body: dict[str, Any]):
+        return eval_command(eval_config(body.get("values") or {}))
+
+    @app.post("/api/evals")
+    def start_eval(body: dict[str, Any]):
+        cfg = eval_config(body.get("values") or {})
+        shown = eval_command(cfg)
+        models = cfg.compare.split(",") if cfg.compare else [cfg.model]
+        eid = evals.start_eval(root, shown["flags"], shown["positional"],
+                               {"command": shown["command"], "models": models})  # fmt: skip
+        return {**shown, "id": eid}
+
+    @app.get("/api/evals")
+    def list_evals():
+        return {"evals": evals.find_evals(root)}
+
+    @app.get("/api/eval")
+    def one_eval(id: str):  # noqa: A002 - the query's name
+        if not id.replace("-", "").isdigit():
+            raise AgiasiError(f"no evaluation {id!r}")
+        return evals.eval_state(root, id, details=True)
 
     # ------------------------------------------------------------------ chat
 

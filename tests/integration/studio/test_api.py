@@ -290,3 +290,21 @@ def test_export_command_and_the_cli_refusals(finished_run):
         r.status_code == 400 and "already exists; pass --force to replace it" in r.json()["error"]
     )
     assert c.get("/api/exports").json() == {"exports": []}
+
+
+def test_eval_command_and_refusals(client):
+    model = str(tiny_model_path())
+    r = client.post("/api/eval/command", headers=POST,
+                    json={"values": {"model": model, "task": "jnli", "limit": "5"}}).json()  # fmt: skip
+    assert r["command"] == f"agiasi eval {model} --task jnli --limit 5"
+    cases = [
+        ({"model": model}, "choose a --task"),
+        ({"model": model, "task": "jsquad"}, "jsquad"),
+        ({"compare": f"{model},../x", "task": "jnli"}, "outside the studio's root"),
+        ({"model": model, "task": "jnli", "limit": "0"}, "--limit must be at least 1"),
+    ]
+    for values, message in cases:
+        r = client.post("/api/evals", headers=POST, json={"values": values})
+        assert r.status_code == 400 and message in r.json()["error"], (values, r.json())
+    assert client.get("/api/evals").json() == {"evals": []}
+    assert client.get("/api/eval", params={"id": "../../x"}).status_code == 400

@@ -33,13 +33,15 @@ function showTab(name) {
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === name);
   if (name === "runs") refreshRuns();
   if (name === "export") { refreshExports(); exportCommand(); }
+  if (name === "eval") { refreshEvals(); evalCommand(); }
 }
 for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => { location.hash = b.dataset.tab; });
 function route() {
   const h = decodeURIComponent(location.hash.slice(1));
   if (h.startsWith("run=")) { showTab("runs"); watch(h.slice(4)); return; }
   if (h.startsWith("export=")) { showTab("export"); viewExport(h.slice(7)); return; }
-  showTab(["model", "data", "train", "runs", "export", "chat"].includes(h) ? h : "model");
+  if (h.startsWith("eval=")) { showTab("eval"); viewEval(h.slice(5)); return; }
+  showTab(["model", "data", "train", "runs", "export", "eval", "chat"].includes(h) ? h : "model");
 }
 window.addEventListener("hashchange", route);
 
@@ -581,6 +583,94 @@ async function viewExport(name) {
     if (r.state === "running") exportTimer = setTimeout(() => viewExport(name), 1500);
     else refreshExports();
   } catch (e) { $("export-error").textContent = e.message; }
+}
+
+// ------------------------------------------------------------------ evaluate
+
+const vform = $("eval-form");
+vform.addEventListener("submit", (e) => e.preventDefault());
+function evalValues() {
+  const values = {};
+  for (const f of vform.elements) {
+    if (!f.name) continue;
+    if (f.type === "checkbox") values[f.name] = f.checked;
+    else if (f.value.trim() !== "") values[f.name] = f.value.trim();
+  }
+  return values;
+}
+let vTimer = null;
+for (const ev of ["input", "change"]) vform.addEventListener(ev, () => { clearTimeout(vTimer); vTimer = setTimeout(evalCommand, 250); });
+
+async function evalCommand() {
+  try {
+    const r = await api("/api/eval/command", {values: evalValues()});
+    $("eval-form-error").textContent = "";
+    $("eval-command").textContent = r.command;
+    $("eval-start").disabled = false;
+  } catch (e) {
+    $("eval-form-error").textContent = e.message;
+    $("eval-command").textContent = "";
+    $("eval-start").disabled = true;
+  }
+}
+
+$("eval-start").addEventListener("click", async () => {
+  try {
+    const r = await api("/api/evals", {values: evalValues()});
+    location.hash = "eval=" + r.id;
+  } catch (e) { $("eval-form-error").textContent = e.message; }
+});
+
+async function refreshEvals() {
+  const table = $("evals");
+  try {
+    const r = await api("/api/evals");
+    table.replaceChildren();
+    if (!r.evals.length) { table.append(el("tr", T("no_evals"))); return; }
+    for (const x of r.evals) {
+      const tr = el("tr");
+      const a = el("a", x.id);
+      a.href = "#eval=" + x.id;
+      const name = el("td");
+      name.append(a);
+      const state = el("td", T(x.state), "state " + x.state);
+      if (x.error) state.append(el("div", x.error, "error"));
+      tr.append(name, state, el("td", (x.models || []).join(", ")));
+      table.append(tr);
+    }
+  } catch (e) { table.replaceChildren(el("tr", e.message, "error")); }
+}
+
+let evalTimer = null;
+async function viewEval(id) {
+  clearTimeout(evalTimer);
+  $("eval-view").hidden = false;
+  $("eval-title").textContent = id;
+  try {
+    const r = await api("/api/eval?id=" + encodeURIComponent(id));
+    $("eval-state").textContent = T(r.state);
+    $("eval-state").dataset.state = r.state;
+    $("eval-error").textContent = r.error || "";
+    $("eval-table").textContent = r.table || "";
+    $("eval-log").textContent = (r.log || []).join("\n");
+    const table = $("eval-disagree");
+    table.replaceChildren();
+    if (r.disagreements && r.disagreements.length) {
+      const head = el("tr");
+      head.append(el("th", "item"), el("th", T("gold")), ...(r.models || []).map((m) => el("th", m.split("/").slice(-2).join("/"))));
+      table.append(head);
+      for (const d of r.disagreements) {
+        const tr = el("tr");
+        const q = el("td");
+        q.append(el("div", `${d.task} ${d.id}`, "note"), el("div", d.question.split("\n").slice(-3).join(" ")));
+        const name = (i) => (d.choices && d.choices[i] !== undefined ? `${i}: ${d.choices[i]}` : String(i));
+        tr.append(q, el("td", name(d.gold)), ...d.picks.map((p) => el("td", name(p), p === d.gold ? "right" : "wrong")));
+        table.append(tr);
+      }
+    }
+    if (r.state === "running") evalTimer = setTimeout(() => viewEval(id), 1500);
+    else refreshEvals();
+  } catch (e) { $("eval-error").textContent = e.message; }
 }
 
 listFiles("");
