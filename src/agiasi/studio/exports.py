@@ -5,16 +5,15 @@ shown with the report the CLI prints.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from agiasi.errors import AgiasiError
 from agiasi.studio.runs import (
-    MAX_DEPTH,
     STATE_DIR,
     _read_json,
     _slug,
+    folders_holding,
     last_error_line,
     launch,
     pid_alive,
@@ -97,20 +96,7 @@ def export_state(root: Path, rel: str, details: bool = False) -> dict[str, Any]:
 
 
 def find_exports(root: Path) -> list[dict[str, Any]]:
-    found: set[str] = set()
-    base = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "step_")))
-        if len(here.parts) - base >= MAX_DEPTH:
-            dirnames[:] = []
-        if REPORT in filenames:
-            found.add(here.relative_to(root).as_posix())
-            dirnames[:] = []
-    for rec in (root / STATE_DIR / "exports").glob("*.json"):
-        data = _read_json(rec)
-        if data and isinstance(data.get("out"), str):
-            found.add(data["out"])
+    found = folders_holding(root, (REPORT,), "exports", "out")
     return sorted((export_state(root, rel) for rel in found), key=lambda e: e["name"])
 
 

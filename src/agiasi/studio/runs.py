@@ -170,23 +170,30 @@ def _last_logged_step(metrics: Path) -> int | None:
     return None
 
 
-def find_runs(root: Path) -> list[dict[str, Any]]:
-    """Every run folder under the root (and every run the studio launched), newest first."""
+def folders_holding(root: Path, names: tuple[str, ...], record_dir: str, key: str) -> set[str]:
+    """Folders under the root (``MAX_DEPTH`` deep, hidden and step folders skipped) holding
+    one of ``names``, and those the studio's launch records in ``record_dir`` name by ``key``:
+    what a run list or an export list shows, found from the files alone."""
     found: set[str] = set()
     base_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not d.startswith("step_")
-        )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "step_")))
         if len(here.parts) - base_depth >= MAX_DEPTH:
             dirnames[:] = []
-        if TRAIN_CONFIG in filenames or METRICS in filenames:
+        if any(n in filenames for n in names):
             found.add(here.relative_to(root).as_posix())
-    for rec in (root / STATE_DIR / "runs").glob("*.json"):
-        launch = _read_json(rec)
-        if launch and isinstance(launch.get("output_dir"), str):
-            found.add(launch["output_dir"])
+            dirnames[:] = []  # nothing of the kind nests inside another
+    for rec in (root / STATE_DIR / record_dir).glob("*.json"):
+        data = _read_json(rec)
+        if data and isinstance(data.get(key), str):
+            found.add(data[key])
+    return found
+
+
+def find_runs(root: Path) -> list[dict[str, Any]]:
+    """Every run folder under the root (and every run the studio launched), newest first."""
+    found = folders_holding(root, (TRAIN_CONFIG, METRICS), "runs", "output_dir")
     runs = [run_state(root, rel) for rel in found]
 
     def started(r: dict[str, Any]) -> float:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from agiasi.cli import main
-from tests.helpers import cli_args
+from tests.helpers import cli_args, write_records
 from tests.integration.data.test_data_matrix import FLAT, NESTED
 from tests.reliability.common import one_error
 
@@ -51,41 +51,6 @@ def pair_records(shape: str) -> list[dict]:
     raise AssertionError(shape)
 
 
-def write_pairs(recs: list[dict], kind: str, folder) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind in ("jsonl", "folder"):
-        p = folder / "d.jsonl"
-        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
-        return str(folder if kind == "folder" else p)
-    if kind == "json":
-        p = folder / "d.json"
-        p.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        p = folder / "d.parquet"
-        pq.write_table(pa.Table.from_pylist(recs), str(p))
-    elif kind in ("csv", "tsv"):
-        import csv
-
-        p = folder / f"d.{kind}"
-        with open(p, "w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(
-                fh, fieldnames=list(recs[0]), delimiter="," if kind == "csv" else "\t"
-            )
-            w.writeheader()
-            w.writerows(recs)
-    elif kind == "hf-disk":
-        import datasets
-
-        p = folder / "ds"
-        datasets.Dataset.from_list(recs).save_to_disk(str(p))
-    else:
-        raise AssertionError(kind)
-    return str(p)
-
-
 COMBOS = [(s, k) for s in ("explicit", "alpaca-preference") for k in FLAT] + [
     (s, k) for s in ("explicit-conversational", "implicit", "sharegpt-preference") for k in NESTED
 ]
@@ -97,7 +62,7 @@ def rows(run) -> list[dict]:
 
 @pytest.mark.parametrize(("shape", "kind"), COMBOS, ids=[f"{s}-{k}" for s, k in COMBOS])
 def test_dpo_and_orpo_train_on_every_shape_and_kind(tiny_phi3_tok, tmp_path, shape, kind):
-    path = write_pairs(pair_records(shape), kind, tmp_path / "data")
+    path = write_records(pair_records(shape), kind, tmp_path / "data")
     for method in ("dpo", "orpo"):
         run = tmp_path / method
         args = cli_args(
@@ -132,7 +97,7 @@ def sft_step(tiny_phi3_tok, tmp_path_factory):
 
 @pytest.fixture()
 def pairs_file(tmp_path):
-    return write_pairs(pair_records("explicit"), "jsonl", tmp_path / "pairs")
+    return write_records(pair_records("explicit"), "jsonl", tmp_path / "pairs")
 
 
 def test_reference_is_the_starting_step_folder_exactly(tiny_phi3_tok, sft_step, pairs_file):
@@ -259,7 +224,7 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_pairs_one_line_exit_2_nothing_written(tiny_phi3_tok, tmp_path, capsys, case):
     recs, extra, message = BAD_CASES[case]
-    path = write_pairs(recs, "jsonl", tmp_path / "data")
+    path = write_records(recs, "jsonl", tmp_path / "data")
     run = tmp_path / "run"
     args = cli_args("train", base_model=tiny_phi3_tok, output_dir=run, max_steps=2, dataset=path)
     line = one_error(capsys, main([*args, *TINY, "--method", "dpo", *extra]))
@@ -274,7 +239,7 @@ def test_a_pair_far_longer_than_max_length_keeps_answer_tokens(tiny_phi3_tok, tm
     every pair keeps scored answer tokens, so "no answer token left" cannot happen for any
     --max-length ≥ 2 (the flag's bound); the run trains and scores both sides."""
     recs = [{"prompt": "長い質問です。" * 100, "chosen": "はい、" * 40, "rejected": "いいえ"}] * 2
-    path = write_pairs(recs, "jsonl", tmp_path / "data")
+    path = write_records(recs, "jsonl", tmp_path / "data")
     run = tmp_path / "run"
     args = cli_args("train", base_model=tiny_phi3_tok, output_dir=run, max_steps=2, dataset=path)
     tiny = [x if x != "48" else "4" for x in TINY]
