@@ -57,6 +57,8 @@ RESUMABLE_FIELDS = frozenset(
         "eval_steps",
         "early_stopping_patience",
         "progress",
+        "report_to",
+        "run_name",
         "resume",
         "overwrite",
         "output_dir",
@@ -173,6 +175,12 @@ class TrainConfig(ModelConfig):
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: the GPU if there is one)")
     progress: bool = option(True, "show the progress bar")
+    report_to: str | None = option(
+        None,
+        "also log every metric to these trackers: tensorboard, wandb, trackio, mlflow (commas "
+        "for several; stored in the run folder; W&B offline unless WANDB_MODE says otherwise)",
+    )
+    run_name: str | None = option(None, "the run's name in the trackers (default: the folder's)")
 
     def validate(self) -> None:
         """The flags' bounds, and the combinations of ``--method`` that cannot work."""

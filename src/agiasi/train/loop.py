@@ -408,6 +408,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     if not d.main:
         say = lambda msg: None  # noqa: E731
     cfg = preference_settings(resolve_init_from(cfg, say), say)
+    from agiasi.train.report import check_backends
+
+    check_backends(cfg.report_to)  # a tracker that is not installed: one line, before any work
     out_dir = Path(cfg.output_dir)
     device = pick_device(cfg, d)
     lock = RunLock(out_dir)
@@ -467,9 +470,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
         return run.finished
     if d.main:
         write_status(out_dir, "running", run.start_step)
+    reporter = None
     stop = StopRequest(not d.enabled)
     try:
-        result = _loop(cfg, d, device, out_dir, say, run, stop)
+        if d.main and cfg.report_to:
+            from agiasi.train.report import Reporter, parse_backends
+
+            name = cfg.run_name or out_dir.resolve().name
+            backends = parse_backends(cfg.report_to)
+            reporter = Reporter(backends, out_dir, name, run.run_id, asdict(cfg))
+        result = _loop(cfg, d, device, out_dir, say, run, stop, reporter)
     except KeyboardInterrupt:
         if d.main:
             write_status(out_dir, "stopped", _last_step(out_dir), "interrupted")
@@ -480,6 +490,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say) 
         raise
     finally:
         stop.close()
+        if reporter is not None:
+            reporter.close()
     if d.main:
         write_status(out_dir, "stopped" if stop.requested else "finished", result.steps)
     if stop.requested:
@@ -494,7 +506,8 @@ def _last_step(out_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, run, stop):
+def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, run, stop,
+          reporter=None):  # fmt: skip
     wrapper, optimizer, stream, soul = run.wrapper, run.optimizer, run.stream, run.wrapper.soul
     bar = None
     if d.main and cfg.progress:
@@ -553,6 +566,8 @@ def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, r
                 new_best = best is None or evaluated["eval_loss"] < best["eval_loss"]
                 stale_evals = 0 if new_best else stale_evals + 1
             log_step(record, metrics_fh, bar, soul)
+            if reporter is not None:
+                reporter.log(record)
             patience_out = bool(
                 cfg.early_stopping_patience and stale_evals >= cfg.early_stopping_patience
             )
@@ -566,6 +581,8 @@ def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, r
                 last_saved = save_step(
                     wrapper, optimizer, stream, cfg, d, done, last_saved, run.run_id, evaluated
                 )
+                if reporter is not None:
+                    report_plot(reporter, out_dir, done)
             if new_best:
                 best = {"step": done, **evaluated, "folder": last_saved.name}
                 if d.main:
@@ -624,6 +641,16 @@ def step_record(
         "sync_wait_s": v["sync_wait_s"],
         **{k: v[k] for k in OBJECTIVE_KEYS.get(method, ()) if k in v},
     }
+
+
+def report_plot(reporter, out_dir: Path, step: int) -> None:
+    """The phase plot so far, to the trackers (at each save)."""
+    try:
+        from agiasi.train.plot import plot_run
+
+        reporter.image(plot_run(out_dir), step)
+    except AgiasiError:  # no matplotlib: the numbers still go
+        pass
 
 
 def finish_run(out_dir: Path, final: Path, loss: float, best: dict | None, say) -> None:
