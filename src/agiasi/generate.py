@@ -75,6 +75,22 @@ def _stop_ids(tok) -> list[int]:
     return ids
 
 
+def generation_kwargs(tok, cfg: GenerateConfig) -> dict[str, Any]:
+    """HF ``generate``'s arguments for ``cfg``: length, repetition penalty, the stop tokens,
+    greedy or sampled (what ``agiasi chat`` and the studio's chat both use)."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+        eos_token_id=_stop_ids(tok),
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    return kwargs
+
+
 def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
     import torch
     from transformers import TextStreamer
@@ -84,17 +100,8 @@ def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
             stream.write(text + ("\n" if stream_end else ""))
             stream.flush()
 
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=cfg.max_new_tokens,
-        repetition_penalty=cfg.repetition_penalty,
-        eos_token_id=_stop_ids(tok),
-        pad_token_id=tok.pad_token_id or tok.eos_token_id,
-        streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True),
-    )
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        kwargs.update(do_sample=False)
+    kwargs = generation_kwargs(tok, cfg)
+    kwargs["streamer"] = _Streamer(tok, skip_prompt=True, skip_special_tokens=True)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(torch.tensor([ids], device=device), **kwargs)

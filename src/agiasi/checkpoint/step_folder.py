@@ -96,7 +96,7 @@ def clean_stale_temp(final: Path, pattern: str | None = None) -> list[Path]:
         return removed
     for p in parent.glob(pattern or f".{Path(final).name}.*-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_exists(int(pid)):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -106,7 +106,8 @@ def clean_stale_temp(final: Path, pattern: str | None = None) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """A process with this pid exists (it may belong to someone else)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

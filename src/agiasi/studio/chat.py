@@ -15,7 +15,8 @@ from collections import OrderedDict
 from typing import Any
 
 from agiasi.errors import AgiasiError
-from agiasi.generate import GenerateConfig, _load, _prompt_ids, _stop_ids, check_room
+from agiasi.generate import GenerateConfig, _load, _prompt_ids, check_room, generation_kwargs
+from agiasi.model.loading import release_memory
 
 KEEP = 2  # models kept loaded at once: two side by side (base vs fine-tuned)
 
@@ -35,22 +36,11 @@ class ChatModels:
                 self._models.move_to_end(path)
                 return self._models[path]
             while len(self._models) >= self.keep:
-                _, (model, _) = self._models.popitem(last=False)
-                self._free(model)
+                self._models.popitem(last=False)  # the least recently used goes
+                release_memory()
             loaded = _load(cfg)
             self._models[path] = loaded
             return loaded
-
-    @staticmethod
-    def _free(model) -> None:
-        import gc
-
-        import torch
-
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def prepare_reply(models: ChatModels, path: str, messages: list[dict[str, str]],
@@ -100,18 +90,9 @@ def start_reply(model, tok, ids: list[int], cfg: GenerateConfig, stop: threading
             if text:
                 pieces.put(text)
 
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=cfg.max_new_tokens,
-        repetition_penalty=cfg.repetition_penalty,
-        eos_token_id=_stop_ids(tok),
-        pad_token_id=tok.pad_token_id or tok.eos_token_id,
-        streamer=_Queued(tok, skip_prompt=True, skip_special_tokens=True),
-        stopping_criteria=StoppingCriteriaList([_Stop()]),
-    )
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        kwargs.update(do_sample=False)
+    kwargs = generation_kwargs(tok, cfg)
+    kwargs["streamer"] = _Queued(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
     device = next(model.parameters()).device
 
     def run() -> None:

@@ -117,10 +117,14 @@ def changed_fields(cfg) -> dict[str, Any]:
     return out
 
 
-def flags_of(cfg) -> list[str]:
-    """The flags that rebuild ``cfg`` on the command line (defaults left out)."""
+def flags_of(cfg, positional: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild ``cfg`` on the command line (defaults left out); the fields in
+    ``positional`` are the command's positional arguments and left out here
+    (:func:`positionals_of`)."""
     argv: list[str] = []
     for name, value in changed_fields(cfg).items():
+        if name in positional:
+            continue
         flag = options.flag_name(name)
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
@@ -131,6 +135,11 @@ def flags_of(cfg) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def positionals_of(cfg, positional: tuple[str, ...]) -> list[str]:
+    """The values of the positional fields that are set, in order."""
+    return [str(getattr(cfg, n)) for n in positional if getattr(cfg, n) is not None]
 
 
 def yaml_of(cfg) -> str:

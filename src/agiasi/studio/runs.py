@@ -31,7 +31,7 @@ from agiasi.checkpoint.run_folder import (
     read_best,
     read_status,
 )
-from agiasi.checkpoint.step_folder import TRAIN_CONFIG, list_checkpoints
+from agiasi.checkpoint.step_folder import TRAIN_CONFIG, list_checkpoints, pid_exists
 from agiasi.errors import AgiasiError
 
 STATE_DIR = ".agiasi-studio"
@@ -68,14 +68,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def pid_alive(pid: Any) -> bool:
     """A live process running agiasi (a recycled pid running something else is not)."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not pid_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

@@ -342,10 +342,7 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         return cfg, checked
 
     def export_command(cfg) -> dict[str, Any]:
-        flags = forms.flags_of(cfg)  # the checkpoint is the command's positional argument
-        i = flags.index("--checkpoint") if "--checkpoint" in flags else -1
-        if i >= 0:
-            del flags[i : i + 2]
+        flags = forms.flags_of(cfg, ("checkpoint",))  # the checkpoint is the positional argument
         return {"flags": flags, "out": cfg.out,
                 "command": forms.shell_line(["agiasi", "export", cfg.checkpoint, *flags])}  # fmt: skip
 
@@ -402,12 +399,7 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         return cfg
 
     def eval_command(cfg) -> dict[str, Any]:
-        flags = forms.flags_of(cfg)
-        positional = []
-        if "--model" in flags:
-            i = flags.index("--model")
-            positional = [flags[i + 1]]
-            del flags[i : i + 2]
+        flags, positional = forms.flags_of(cfg, ("model",)), forms.positionals_of(cfg, ("model",))
         return {"flags": flags, "positional": positional,
                 "command": forms.shell_line(["agiasi", "eval", *positional, *flags])}  # fmt: skip
 
