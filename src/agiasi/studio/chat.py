@@ -5,10 +5,15 @@ loading, prompt rendering, stop tokens and checks), streamed token by token.
 A user turn holding a control token's text (``<|assistant|>``) is refused by the same check as
 ``agiasi chat`` — inside the template it would forge a turn. A generation stops when the page
 goes away (the stream's reader disconnects) or at its end.
+
+``AGIASI_STUDIO_CHAT_HOLD=N`` (for tests and benchmarks only) makes a reply wait after its N-th
+piece until it is stopped (at most a minute): on a tiny model a whole reply takes a fraction of a
+second, so without it a test of the Stop button races the model's own end of turn.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -85,10 +90,17 @@ def start_reply(model, tok, ids: list[int], cfg: GenerateConfig, stop: threading
         def __call__(self, input_ids, scores, **kwargs) -> bool:
             return stop.is_set()
 
+    hold = int(os.environ.get("AGIASI_STUDIO_CHAT_HOLD") or 0)
+
     class _Queued(TextStreamer):
+        sent = 0
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:
                 pieces.put(text)
+                self.sent += 1
+                if hold and self.sent == hold:
+                    stop.wait(60)
 
     kwargs = generation_kwargs(tok, cfg)
     kwargs["streamer"] = _Queued(tok, skip_prompt=True, skip_special_tokens=True)

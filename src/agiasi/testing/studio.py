@@ -3,6 +3,7 @@ browser tests and ``bench/studio.py`` run it: the real server, started and stopp
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,8 +19,9 @@ def free_port() -> int:
 
 
 class StudioProcess:
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, env: dict[str, str] | None = None):
         self.root, self.port = Path(root), port
+        self.env = env
         self.url = f"http://127.0.0.1:{port}/"
         self.log = self.root.parent / f"studio-{port}.log"
         self.proc: subprocess.Popen | None = None
@@ -30,6 +32,7 @@ class StudioProcess:
                 [sys.executable, "-m", "agiasi", "studio", "--root", str(self.root),
                  "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env} if self.env else None,
             )  # fmt: skip
         deadline = time.time() + timeout
         while time.time() < deadline:
