@@ -51,7 +51,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "src/agiasi/assets/configs/phi-3.5-mini-shape/config.json"
-SHAPES = {"phi-3.5-mini": "/tmp/phi35-random", "llama-phi-dims": "/tmp/llama-phidims-random"}
+SHAPES = {
+    "phi-3.5-mini": "/tmp/phi35-random",
+    "llama-phi-dims": "/tmp/llama-phidims-random",
+    "qwen2.5-1.5b": "/tmp/qwen25-15b-random",
+}
 PEAK_FLOPS = 790e12  # dense bf16 on an H200 (measured 788 TFLOP/s on 8192³ products)
 ROWS = ["512x1", "512x8", "2048x1", "4096x1"]
 IMPLS = ["ref", "so8", "nosoul"]
@@ -65,6 +69,24 @@ def shape_config(shape: str):
     phi = AutoConfig.from_pretrained(CONFIG.parent)
     if shape == "phi-3.5-mini":
         return phi
+    if shape == "qwen2.5-1.5b":  # Qwen2.5-1.5B's dimensions: GQA, a 152k vocabulary, tied head
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
     same = (
         "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
         "num_key_value_heads max_position_embeddings rms_norm_eps"
@@ -76,6 +98,15 @@ def shape_config(shape: str):
         pad_token_id=3,
         tie_word_embeddings=False,
     )
+
+
+def config_dir(shape: str) -> Path:
+    """A folder holding only the shape's config.json (what an estimate reads; no weights)."""
+    path = Path("/tmp/agiasi-shape-configs") / shape
+    if not (path / "config.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        shape_config(shape).save_pretrained(path)
+    return path
 
 
 def save_tokenizer(path: Path) -> None:

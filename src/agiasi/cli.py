@@ -93,6 +93,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from agiasi.train import TrainConfig
+    from agiasi.train.estimate import estimate_command
+
+    file_values = _read_yaml(args.config) if args.config else None
+    estimate_command(build_config(TrainConfig, args, file_values), as_json=args.json)
+    return 0
+
+
+def _estimate_flags(p) -> None:
+    _config_file_flag(p)
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from agiasi.export import ExportConfig, export
 
@@ -204,6 +218,19 @@ COMMANDS = [
         _cmd_train,
         "agiasi.train.config:TrainConfig",
         extra=_config_file_flag,
+    ),
+    _Command(
+        "estimate",
+        "will it fit? the plan and the predicted peak GPU memory of `agiasi train`'s flags",
+        "Reads the model's config.json (no weights) and the data's token counts, and prints "
+        "parameters, trainable parameters, steps and tokens and the predicted peak GPU memory "
+        "broken down (weights, adapter with its gradients and AdamW state, checkpoints, one "
+        "layer's working set, head and loss, workspace, the allocator's slack, the CUDA "
+        "context) and host memory. Takes every flag of `agiasi train`.",
+        _cmd_estimate,
+        "agiasi.train.config:TrainConfig",
+        skip=("dry_run",),
+        extra=_estimate_flags,
     ),
     _Command(
         "export",

@@ -110,7 +110,7 @@ def test_the_page_started_run_equals_the_command_it_showed(studio, browser, tmp_
     done = subprocess.run([sys.executable, "-m", "agiasi", "train", *argv, "--no-progress"],
                           cwd=studio.root, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    timing = {"step_time_s", "tokens_per_s", "sync_wait_s", "peak_mem_gib", "compute_s_prev",
+    timing = {"step_time_s", "tokens_per_s", "sync_wait_s", "peak_mem_gib", "compute_s_prev", "peak_reserved_gib",
               "compute_s_prev_rank_std"}  # fmt: skip
 
     def lines(run):
@@ -175,3 +175,34 @@ def test_markup_in_data_and_errors_stays_text(studio, browser):
     wait_until(lambda: page.text_content("#data-error"), 20, "the error line")
     assert "nothing-here.jsonl" in page.text_content("#data-error")
     assert not page.problems, page.problems  # no dialog fired, no script ran
+
+
+def _estimate(page) -> float:
+    wait_until(lambda: page.get_attribute("#estimate", "data-state") == "done", 60, "the estimate")
+    return float(page.get_attribute("#estimate", "data-card"))
+
+
+@pytest.mark.parametrize("locale", ["ja-JP", "en-US"])
+def test_the_estimate_beside_the_form_follows_the_fields_and_equals_the_cli(
+    studio, browser, locale
+):
+    page = open_page(browser, studio.url, locale)
+    page.click("#use-shipped")
+    page.wait_for_selector("#model-info tr")
+    fill_form(page, max_length=256, batch_size=1)
+    first = _estimate(page)
+    parts = page.locator("#estimate-parts tr").count()
+    assert parts >= 6  # weights, adapter, checkpoints, layer, head, workspace, allocator
+    # a longer micro-batch: the page asks again and predicts more
+    page.fill("#f-batch_size", "8")
+    wait_until(lambda: _estimate(page) > first, 60, "a larger estimate")
+    shot(page, f"estimate_{locale[:2]}")
+    # the figure is the CLI's for the same flags
+    flags = page.text_content("#command").split()[2:]
+    cli = subprocess.run([sys.executable, "-m", "agiasi", "estimate", *flags, "--json"],
+                         cwd=studio.root, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["card_gib"] == _estimate(page)
+    words = {"ja-JP": "予測ピーク", "en-US": "Predicted peak"}[locale]
+    assert words in page.text_content("#estimate-peak")
+    assert not page.problems, page.problems

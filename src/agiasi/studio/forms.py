@@ -33,7 +33,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
             "gradient_checkpointing", "offload_activations", "offload_embeddings", "compile"),
 }  # fmt: skip
 # What the page sets itself: the bar is for terminals, Resume is its own button.
-HIDDEN = ("progress", "resume")
+HIDDEN = ("progress", "resume", "dry_run")
 # Fields naming files or folders: they must stay under the studio's root.
 PATH_FIELDS = ("dataset", "eval_dataset", "output_dir", "init_from", "base_model")
 

@@ -43,6 +43,38 @@ TEXT: dict[str, tuple[str, str]] = {
     "rejected": ("却下された回答", "rejected answer"),
     "command": ("コマンド", "Command"),
     "yaml": ("--config 用の YAML", "YAML for --config"),
+    "estimate": ("収まるか（GPU メモリの見積もり）", "Will it fit? (GPU memory estimate)"),
+    "estimate_peak": ("予測ピーク（GPU 1 枚あたり）", "Predicted peak per GPU"),
+    "estimate_reserved": ("PyTorch の予約分", "reserved by PyTorch"),
+    "estimate_context": ("CUDA コンテキスト", "CUDA context"),
+    "estimate_host": ("ホストメモリ", "host memory"),
+    "estimate_gpu_here": ("この機械の GPU", "This machine's GPU"),
+    "estimate_free": ("空き", "free"),
+    "estimate_short": ("予測ピーク", "Predicted peak"),
+    "estimate_data": (
+        "データ: {tokens} トークン{approx}、最長のマイクロバッチ {batch} × {length} トークン、1 エポック ≈ {steps} ステップ（1 ステップ {per_step} トークン）",
+        "Data: {tokens} tokens{approx}; the longest micro-batch {batch} × {length} tokens; one epoch ≈ {steps} steps of {per_step} tokens",
+    ),
+    "estimate_sampled": ("（先頭のレコードから）", " (from the first records)"),
+    "estimate_no_data": (
+        "データを数えられません（最大長で見積もり）: ",
+        "Data not counted (estimated at the max length): ",
+    ),
+    "estimate_over": ("空きメモリを超える見込みです", "likely more than is free"),
+    "estimate_part_weights": ("重み", "weights"),
+    "estimate_part_adapter": (
+        "LoRA とソウル（勾配・AdamW 状態込み）",
+        "LoRA and soul (with gradients and AdamW state)",
+    ),
+    "estimate_part_checkpoints": (
+        "チェックポイント（各層の入力）",
+        "checkpoints (each layer's input)",
+    ),
+    "estimate_part_layer": ("1 層の再計算と逆伝播", "one layer's recompute and backward"),
+    "estimate_part_head": ("ヘッドと損失", "head and loss"),
+    "estimate_part_soul": ("密な回転", "dense rotation"),
+    "estimate_part_workspace": ("作業領域", "workspace"),
+    "estimate_part_allocator": ("アロケータの余裕", "allocator slack"),
     "copy": ("コピー", "Copy"),
     "start": ("学習を開始", "Start training"),
     "stop": ("停止", "Stop"),
@@ -217,10 +249,14 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
 <section id="tab-train" class="panel">
   <form id="train-form" autocomplete="off">{groups}</form>
   <div class="error" id="form-error"></div>
+  <section id="estimate" class="estimate" aria-live="polite">
+  <h3>{escape(t("estimate", lang))}</h3><p id="estimate-peak"></p>
+  <table id="estimate-parts" class="kv"></table><p id="estimate-notes" class="note"></p></section>
   <h3>{escape(t("yaml", lang))} <button type="button" class="copy" data-copy="yaml">{escape(t("copy", lang))}</button></h3>
   <pre id="yaml"></pre>
   <div class="actions"><pre id="command"></pre>
   <button type="button" class="copy" data-copy="command">{escape(t("copy", lang))}</button>
+  <a href="#estimate" id="estimate-short" class="estimate-short"></a>
   <button type="button" id="start" class="primary">{escape(t("start", lang))}</button></div>
 </section>
 <section id="tab-runs" class="panel">

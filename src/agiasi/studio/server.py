@@ -210,6 +210,13 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
     def command(body: dict[str, Any]):
         return command_of(train_config(body.get("values") or {}))
 
+    @app.post("/api/estimate")
+    def estimate(body: dict[str, Any]):
+        from agiasi.train.estimate import estimate_with_data, gpu_memory_here
+
+        e, plan = estimate_with_data(train_config(body.get("values") or {}))
+        return {**e.as_dict(), "data": plan, "gpu": gpu_memory_here()}
+
     @app.post("/api/runs")
     def start(body: dict[str, Any]):
         cfg = train_config(body.get("values") or {})

@@ -59,6 +59,8 @@ RESUMABLE_FIELDS = frozenset(
         "progress",
         "report_to",
         "run_name",
+        "max_memory",
+        "dry_run",
         "resume",
         "overwrite",
         "output_dir",
@@ -181,6 +183,15 @@ class TrainConfig(ModelConfig):
         "for several; stored in the run folder; W&B offline unless WANDB_MODE says otherwise)",
     )
     run_name: str | None = option(None, "the run's name in the trackers (default: the folder's)")
+    max_memory: float | None = option(
+        None,
+        "refuse the run, before loading the model, when its predicted peak GPU memory (agiasi "
+        "estimate: PyTorch's reserved memory plus the CUDA context) is above this many GiB",
+        gt=0.0,
+    )
+    dry_run: bool = option(
+        False, "print the plan and the predicted peak memory (agiasi estimate), then stop"
+    )
 
     def validate(self) -> None:
         """The flags' bounds, and the combinations of ``--method`` that cannot work."""

@@ -393,8 +393,9 @@ def save_step(
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, log=None) -> TrainResult:
-    """Train LoRA + soul (or LoRA alone with ``soul=False``) and write step folders."""
+def train(cfg: TrainConfig, log=None) -> TrainResult | None:
+    """Train LoRA + soul (or LoRA alone with ``soul=False``) and write step folders; with
+    ``dry_run`` print the plan and the memory estimate instead (and return None)."""
     configure_process(training=True)
     cfg.validate()
     if cfg.eval_dataset and cfg.eval_split:
@@ -411,8 +412,16 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     from agiasi.train.report import check_backends
 
     check_backends(cfg.report_to)  # a tracker that is not installed: one line, before any work
+    if cfg.dry_run:
+        from agiasi.train.estimate import estimate_command
+
+        estimate_command(cfg, out=print)
+        return None
     out_dir = Path(cfg.output_dir)
     device = pick_device(cfg, d)
+    from agiasi.train.estimate import check_fits
+
+    check_fits(cfg, device, say)  # per rank: every rank holds its own model
     lock = RunLock(out_dir)
     if d.main:
         check_output_path(out_dir)
@@ -549,6 +558,8 @@ def _loop(cfg: TrainConfig, d: Dist, device: torch.device, out_dir: Path, say, r
                 v, done, lr, tokens * d.world_size, time.perf_counter() - t0, soul, cfg.method
             )
             record["peak_mem_gib"] = _peak_memory_gib(device)
+            if device.type == "cuda":  # what `agiasi estimate` predicts: the allocator's peak
+                record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             if timer.enabled and step > run.start_step:
                 # previous step's forward+backward GPU time: mean over ranks and its spread
                 record["compute_s_prev"] = v["c_mean"]

@@ -301,12 +301,9 @@ def _already_done(cfg: TrainConfig, resume_from: Path, done: int, out_dir: Path,
     return TrainResult(out_dir, resume_from, done, last_loss(metrics, done), metrics)
 
 
-def out_of_memory(
-    cfg: TrainConfig, error: BaseException, head_tied: bool | None, last_saved: Path | None
-) -> AgiasiError:
-    """What a CUDA out-of-memory error becomes: what was asked for, and this run's own ways to
-    need less, cheapest first (flags already on are not offered again). ``head_tied`` is None
-    before the model exists: the embedding's place is then unknown, and not offered."""
+def memory_tips(cfg: TrainConfig, head_tied: bool | None) -> list[str]:
+    """This run's own ways to need less GPU memory, cheapest first (flags already on are not
+    offered again): what the out-of-memory message and the estimate's warning both name."""
     tips = []
     if not cfg.gradient_checkpointing:
         tips.append("--gradient-checkpointing")
@@ -323,6 +320,16 @@ def out_of_memory(
             "(about the same tokens a step)"
         )
     tips.append(f"a shorter --max-length (now {cfg.max_length})")
+    return tips
+
+
+def out_of_memory(
+    cfg: TrainConfig, error: BaseException, head_tied: bool | None, last_saved: Path | None
+) -> AgiasiError:
+    """What a CUDA out-of-memory error becomes: what was asked for, and this run's own ways to
+    need less, cheapest first (flags already on are not offered again). ``head_tied`` is None
+    before the model exists: the embedding's place is then unknown, and not offered."""
+    tips = memory_tips(cfg, head_tied)
     resume = (
         f" Last complete checkpoint: {last_saved} (--resume auto continues from it)."
         if last_saved

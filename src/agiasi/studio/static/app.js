@@ -206,11 +206,60 @@ async function showCommand() {
     $("yaml").textContent = r.yaml;
     lastCommand = r;
     $("start").disabled = false;
+    scheduleEstimate();
   } catch (e) {
     showError(e.message);
     $("command").textContent = "";
     $("yaml").textContent = "";
     $("start").disabled = true;
+  }
+}
+
+// the estimate: agiasi estimate on the form's values, the newest answer only
+let estimateTimer = null, estimateSeq = 0;
+function scheduleEstimate() { clearTimeout(estimateTimer); estimateTimer = setTimeout(showEstimate, 400); }
+const gib = (v) => v.toFixed(2) + " GiB";
+
+async function showEstimate() {
+  const seq = ++estimateSeq;
+  const box = $("estimate");
+  box.dataset.state = "busy";
+  try {
+    const e = await api("/api/estimate", {values: formValues()});
+    if (seq !== estimateSeq) return;
+    let peak = `${T("estimate_peak")}: ${gib(e.card_gib)} (${gib(e.reserved_gib)} ${T("estimate_reserved")} + ${gib(e.card_gib - e.reserved_gib)} ${T("estimate_context")}); ${T("estimate_host")} ${gib(e.host_gib)}`;
+    if (e.gpu) {
+      peak += ` — ${T("estimate_gpu_here")}: ${gib(e.gpu.free_gib)} ${T("estimate_free")} / ${gib(e.gpu.total_gib)}`;
+      if (e.reserved_gib > e.gpu.free_gib) peak += ` — ${T("estimate_over")}`;
+    }
+    $("estimate-peak").textContent = peak;
+    const table = $("estimate-parts");
+    table.textContent = "";
+    const parts = {...e.gpu_gib, allocator: e.reserved_gib - e.allocated_gib};
+    for (const [k, v] of Object.entries(parts)) {
+      const row = table.insertRow();
+      row.dataset.part = k;
+      row.insertCell().textContent = T("estimate_part_" + k);
+      row.insertCell().textContent = gib(v);
+    }
+    const d = e.data || {};
+    const n = (v) => Number(v).toLocaleString(I18N.lang);
+    $("estimate-notes").textContent = d.error ? T("estimate_no_data") + d.error
+      : T("estimate_data").replace("{tokens}", n(d.tokens)).replace("{approx}", d.sampled ? T("estimate_sampled") : "")
+          .replace("{batch}", n(e.tokens_per_micro_batch / d.length)).replace("{length}", n(d.length))
+          .replace("{steps}", n(Math.max(1, Math.floor(d.tokens / e.tokens_per_step))))
+          .replace("{per_step}", n(e.tokens_per_step));
+    const short = $("estimate-short");
+    short.textContent = `${T("estimate_short")} ${gib(e.card_gib)}`;
+    short.classList.toggle("over", !!(e.gpu && e.reserved_gib > e.gpu.free_gib));
+    box.dataset.card = String(e.card_gib);
+    box.dataset.state = "done";
+  } catch (err) {
+    if (seq !== estimateSeq) return;
+    $("estimate-peak").textContent = err.message;
+    $("estimate-parts").textContent = "";
+    $("estimate-short").textContent = "";
+    box.dataset.state = "error";
   }
 }
 
