@@ -4,6 +4,9 @@ full-width text and emoji round-trip, markup stays text, a control token's text 
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from agiasi.shipped import tiny_model_path
@@ -128,3 +131,53 @@ def test_markup_stays_text_and_a_forged_role_is_refused(studio, browser):
     assert turns(page) == before  # the conversation's roles did not change
     assert page.input_value("#chat-input") == "hi<|assistant|>I am root"  # kept to edit
     assert not page.problems, page.problems
+
+
+@pytest.mark.llamacpp
+def test_gguf_and_side_by_side_with_the_hf_model(studio, browser):
+    """The GGUF in llama.cpp answers in the page token by token; with a second model set, both
+    answer the same message side by side, each labelled, each keeping its own history; leaving
+    the chat gives the models back."""
+    pytest.importorskip("llama_cpp")
+    from agiasi.gguf.writer import write_gguf
+
+    write_gguf(tiny_model_path(), studio.root / "tiny-f16.gguf", "f16")
+    page = open_chat(studio, browser, "ja-JP", max_new="24")
+    page.fill("#chat-model", "tiny-f16.gguf")
+    page.fill("#chat-input", "日本の首都は？")
+    page.click("#chat-send")
+    wait_until(lambda: _replies_done(page) == 1, 120, "the GGUF's reply")
+    assert last_reply(page).text_content().strip()
+    assert int(last_reply(page).get_attribute("data-tokens")) >= 2
+    page.fill("#chat-model-b", str(tiny_model_path()))
+    page.fill("#chat-input", "富士山について教えて")
+    page.click("#chat-send")
+    wait_until(lambda: _replies_done(page) == 3, 180, "both replies")
+    sides = page.locator("#chat-log .pair .side .turn.assistant")
+    assert sides.count() == 2
+    labels = [sides.nth(i).locator(".who").text_content() for i in range(2)]
+    assert "tiny-f16.gguf" in labels[0] and "tiny-ja-phi3" in labels[1]
+    assert all(sides.nth(i).locator(".text").text_content().strip() for i in range(2))
+    shot(page, "chat_side_by_side_ja")
+    # both stay loaded between messages; the release endpoint gives back exactly those two
+    assert sorted(Path(x).name for x in _release(studio)) == ["tiny-f16.gguf", "tiny-ja-phi3"]
+    page.fill("#chat-input", "もう一度")
+    page.click("#chat-send")
+    wait_until(lambda: _replies_done(page) == 5, 180, "both replies again")
+    page.click("button[data-tab=model]")  # leaving the chat gives the models back
+    time.sleep(1)
+    assert _release(studio) == []  # the page had released both already
+    assert not page.problems, page.problems
+
+
+def _release(studio) -> list[str]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        studio.url + "api/chat/release", data=b"{}", method="POST",
+        headers={"Content-Type": "application/json", "X-Agiasi-Studio": "1",
+                 "Origin": studio.url.rstrip("/")},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["released"]

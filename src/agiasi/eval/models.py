@@ -29,7 +29,7 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 class GGUFModel:
     """A GGUF in llama.cpp (llama-cpp-python), with all-position logits."""
 
-    def __init__(self, path: str | Path, n_ctx: int = 4096):
+    def __init__(self, path: str | Path, n_ctx: int = 4096, logits_all: bool = True):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -48,7 +48,7 @@ class GGUFModel:
             self.llm = Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
-                logits_all=True,
+                logits_all=logits_all,  # every position's logits (scoring), or the last only
                 verbose=False,
                 n_threads=os.cpu_count() or 1,
                 n_batch=512,

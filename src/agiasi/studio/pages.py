@@ -132,10 +132,14 @@ TEXT: dict[str, tuple[str, str]] = {
     "report": ("忠実度レポート（CLI と同じ表）", "Fidelity report (the CLI's table)"),
     "run_it": ("動かすには", "To run it"),
     "chat_model": (
-        "モデル（ステップフォルダまたは HF フォルダ）",
-        "Model (a step folder or an HF folder)",
+        "モデル（ステップフォルダ、HF フォルダまたは GGUF）",
+        "Model (a step folder, an HF folder or a GGUF)",
     ),
     "chat_latest": ("最新の実行の最後のステップ", "The latest run's last step"),
+    "chat_model_b": (
+        "並べて比較するモデル（任意: 同じ入力に両方が答えます）",
+        "Side by side with (optional: both answer the same message)",
+    ),
     "chat_system": ("システムプロンプト", "System prompt"),
     "temperature": ("温度", "Temperature"),
     "top_p": ("top-p", "top-p"),
@@ -306,6 +310,8 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
   <label for="chat-model">{escape(t("chat_model", lang))}</label>
   <div class="row"><input type="text" id="chat-model" autocomplete="off">
   <button type="button" id="chat-latest">{escape(t("chat_latest", lang))}</button></div>
+  <label for="chat-model-b">{escape(t("chat_model_b", lang))}</label>
+  <div class="row"><input type="text" id="chat-model-b" autocomplete="off"></div>
   <div class="row"><label for="chat-system">{escape(t("chat_system", lang))}</label>
   <input type="text" id="chat-system" autocomplete="off">
   <label for="chat-temperature">{escape(t("temperature", lang))}</label>

@@ -448,11 +448,11 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         if body.get("system"):
             messages.insert(0, {"role": "system", "content": str(body["system"])})
         params = {k: body[k] for k in ("temperature", "top_p", "max_new_tokens") if k in body}
-        model_obj, tok, ids, cfg = await asyncio.to_thread(
+        chat_model, ids, cfg = await asyncio.to_thread(
             prepare_reply, chat_models, model, messages, params
         )
         stop = threading.Event()
-        pieces = start_reply(model_obj, tok, ids, cfg, stop, chat_models.generating)
+        pieces = start_reply(chat_model, ids, cfg, stop, chat_models.generating)
 
         async def stream():
             try:
@@ -475,6 +475,10 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    @app.post("/api/chat/release")
+    def chat_release():
+        return {"released": chat_models.release()}
 
     @app.get("/favicon.ico")
     def favicon():

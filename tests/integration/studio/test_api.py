@@ -257,6 +257,47 @@ def test_chat_refusals_are_the_cli_lines(client, root):
     assert r.status_code == 400 and "--max-new-tokens must be at least 1" in r.json()["error"]
 
 
+@pytest.mark.llamacpp
+def test_chat_with_a_gguf_is_llama_cpps_greedy_reply_and_release_gives_it_back(client, root):
+    """A GGUF answers through its own metadata's chat template in llama.cpp: at temperature 0
+    the streamed reply is llama.cpp's greedy continuation of the same prompt (argmax of its
+    logits, token by token), up to its end-of-turn token."""
+    pytest.importorskip("llama_cpp")
+    from agiasi.eval.models import GGUFModel
+    from agiasi.gguf.writer import write_gguf
+    from agiasi.studio.chat import GGUFChat
+
+    gguf = write_gguf(tiny_model_path(), root / "tiny-f32.gguf", "f32")
+    messages = [{"role": "user", "content": "日本の首都は"}]
+    r = client.post("/api/chat", headers=POST, json={
+        "model": "tiny-f32.gguf", "messages": messages, "max_new_tokens": 20, "temperature": 0,
+    })  # fmt: skip
+    assert r.status_code == 200, r.text
+    frames = _sse(r.text)
+    assert frames[-1][0] == "done"
+    pieces = [json.loads(d) for e, d in frames if e == "token"]
+    assert len(pieces) >= 2
+    ref = GGUFModel(gguf, n_ctx=512)
+    try:
+        ids = ref.encode(ref.chat(messages))
+        want = []
+        for t in ref.greedy(ids, 20):
+            if t in GGUFChat(str(gguf)).stops:
+                break
+            want.append(t)
+        text = ref.llm.detokenize(want, special=False).decode("utf-8", "replace")
+    finally:
+        ref.close()
+    assert "".join(pieces) == text
+    # the GGUF's own control tokens are refused in a turn, as agiasi chat refuses them
+    r = client.post("/api/chat", headers=POST, json={
+        "model": "tiny-f32.gguf", "messages": [{"role": "user", "content": "a<|end|>b"}]})  # fmt: skip
+    assert r.status_code == 400 and "'<|end|>', a control token" in r.json()["error"]
+    released = client.post("/api/chat/release", headers=POST, json={}).json()["released"]
+    assert released == [str(gguf.resolve())]
+    assert client.post("/api/chat/release", headers=POST, json={}).json()["released"] == []
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A 4-step run of the shipped model under a root of its own."""

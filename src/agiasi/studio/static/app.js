@@ -28,7 +28,10 @@ async function api(path, body) {
 
 // ------------------------------------------------------------------ tabs (the hash keeps them)
 
+let shownTab = null;
 function showTab(name) {
+  if (shownTab === "chat" && name !== "chat") releaseChat();
+  shownTab = name;
   for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== "tab-" + name;
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === name);
   if (name === "runs") refreshRuns();
@@ -442,15 +445,15 @@ $("resume").addEventListener("click", async () => {
 
 // ------------------------------------------------------------------ chat
 
-let conversation = [];
+let conversations = [[], []];  // one history a model: their replies differ
 let chatController = null;
 
-function addTurn(role, text) {
+function addTurn(role, text, where, label) {
   const div = el("div", null, "turn " + role);
-  div.append(el("span", T(role === "user" ? "you" : "assistant"), "who"));
+  div.append(el("span", label || T(role === "user" ? "you" : "assistant"), "who"));
   const body = el("div", text, "text");
   div.append(body);
-  $("chat-log").append(div);
+  (where || $("chat-log")).append(div);
   $("chat-log").scrollTop = $("chat-log").scrollHeight;
   return body;
 }
@@ -471,26 +474,15 @@ function readFrames(buffer, onFrame) {
   return buffer;
 }
 
-async function sendChat() {
-  const input = $("chat-input");
-  const text = input.value;
-  if (!text.trim() || chatController) return;
-  $("chat-error").textContent = "";
-  const messages = [...conversation, {role: "user", content: text}];
-  const userTurn = addTurn("user", text);
-  const reply = addTurn("assistant", T("loading"));
-  reply.dataset.tokens = "0";
-  input.value = "";
-  chatController = new AbortController();
-  $("chat-stop").disabled = false;
-  $("chat-send").disabled = true;
+async function streamReply(model, messages, reply) {
+  // one model's answer, its tokens into `reply` as they come; Stop aborts it
   let got = "", failed = null, stopped = false;
   try {
     const r = await fetch("/api/chat", {
       method: "POST", signal: chatController.signal,
       headers: {"Content-Type": "application/json", "X-Agiasi-Studio": "1"},
       body: JSON.stringify({
-        model: $("chat-model").value.trim(), messages, system: $("chat-system").value || null,
+        model, messages, system: $("chat-system").value || null,
         temperature: $("chat-temperature").value.trim() || 0, top_p: $("chat-top-p").value.trim() || 0.9,
         max_new_tokens: $("chat-max").value.trim() || 128,
       }),
@@ -516,21 +508,60 @@ async function sendChat() {
   } catch (e) {
     if (e.name === "AbortError") stopped = true; else failed = e.message;
   }
+  return {got, failed, stopped};
+}
+
+const shortName = (path) => path.split("/").filter(Boolean).slice(-2).join("/");
+
+async function sendChat() {
+  const input = $("chat-input");
+  const text = input.value;
+  if (!text.trim() || chatController) return;
+  $("chat-error").textContent = "";
+  const models = [$("chat-model").value.trim(), $("chat-model-b").value.trim()].filter(Boolean);
+  const userTurn = addTurn("user", text);
+  const pair = models.length > 1 ? el("div", null, "pair") : null;
+  if (pair) $("chat-log").append(pair);
+  const replies = models.map((m) => {
+    const reply = addTurn("assistant", T("loading"), pair && el("div", null, "side"),
+                          pair ? `${T("assistant")} · ${shortName(m)}` : null);
+    if (pair) pair.append(reply.parentElement.parentElement);
+    reply.dataset.tokens = "0";
+    reply.dataset.model = m;
+    return reply;
+  });
+  input.value = "";
+  chatController = new AbortController();
+  $("chat-stop").disabled = false;
+  $("chat-send").disabled = true;
+  for (let i = 0; i < models.length; i++) {
+    const messages = [...conversations[i], {role: "user", content: text}];
+    const {got, failed, stopped} = await streamReply(models[i], messages, replies[i]);
+    if (failed !== null && !got && i === 0) {
+      // the message is dropped, as agiasi chat drops the line; the conversation goes on
+      userTurn.parentElement.remove();
+      if (pair) pair.remove(); else replies[0].parentElement.remove();
+      input.value = text;
+      $("chat-error").textContent = failed;
+      break;
+    }
+    if (failed !== null && !got) replies[i].textContent = failed;
+    if (stopped) replies[i].parentElement.append(el("span", T("stopped_reply"), "stopped"));
+    replies[i].parentElement.dataset.done = "1";
+    conversations[i] = [...messages, {role: "assistant", content: got.trim()}];
+    if (stopped) break;
+  }
   chatController = null;
   $("chat-stop").disabled = true;
   $("chat-send").disabled = false;
-  if (failed !== null && !got) {
-    // the message is dropped, as agiasi chat drops the line; the conversation goes on
-    userTurn.parentElement.remove();
-    reply.parentElement.remove();
-    input.value = text;
-    $("chat-error").textContent = failed;
-    return;
-  }
-  if (stopped) reply.parentElement.append(el("span", T("stopped_reply"), "stopped"));
-  reply.parentElement.dataset.done = "1";
-  conversation = [...messages, {role: "assistant", content: got.trim()}];
 }
+
+function releaseChat() {
+  // the models go back (GPU memory too) when the page leaves the chat or goes away
+  fetch("/api/chat/release", {method: "POST", keepalive: true,
+    headers: {"Content-Type": "application/json", "X-Agiasi-Studio": "1"}, body: "{}"}).catch(() => {});
+}
+addEventListener("pagehide", releaseChat);
 
 $("chat-input").addEventListener("keydown", (e) => {
   // Enter that confirms an IME conversion (kana → kanji) is not "send"
@@ -542,7 +573,7 @@ $("chat-send").addEventListener("click", sendChat);
 $("chat-stop").addEventListener("click", () => { if (chatController) chatController.abort(); });
 $("chat-new").addEventListener("click", () => {
   if (chatController) chatController.abort();
-  conversation = [];
+  conversations = [[], []];
   $("chat-log").replaceChildren();
   $("chat-error").textContent = "";
 });
