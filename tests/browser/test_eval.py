@@ -25,9 +25,9 @@ def test_compare_base_and_a_step_on_jcqa_items(studio, browser):
     page = open_page(browser, studio.url + "#eval", "en-US")
     page.fill("#v-compare", f"{tiny_model_path()},runs/a/step_6")
     page.fill("#v-task", "jcommonsenseqa")
-    page.fill("#v-limit", "30")
+    page.fill("#v-limit", "50")
     wait_until(
-        lambda: "--limit 30" in (page.text_content("#eval-command") or ""), 20, "the command"
+        lambda: "--limit 50" in (page.text_content("#eval-command") or ""), 20, "the command"
     )
     page.click("#eval-start")
     wait_until(
@@ -44,4 +44,25 @@ def test_compare_base_and_a_step_on_jcqa_items(studio, browser):
     rows = page.locator("#eval-disagree tr").count()
     assert rows == (differ + 1 if differ else 0)
     shot(page, "eval_en")
+    # held-out perplexity the same way: no task, the same two models
+    page.fill("#v-task", "")
+    page.fill("#v-limit", "")
+    page.fill("#v-max_tokens", "1024")
+    wait_until(lambda: "--task" not in (page.text_content("#eval-command") or "x--task"), 20,
+               "the perplexity command")  # fmt: skip
+    page.click("#eval-start")
+    wait_until(
+        lambda: page.get_attribute("#eval-state", "data-state") == "finished"
+        and "perplexity" in (page.text_content("#eval-table") or ""),
+        300,
+        "the perplexities",
+    )
+    from agiasi.eval.entry import format_perplexities
+
+    ppl = [json.loads(f.read_text(encoding="utf-8")) for f in
+           (studio.root / ".agiasi-studio" / "evals").glob("*.report.json")]  # fmt: skip
+    (ppl,) = [r for r in ppl if r.get("kind") == "perplexity"]
+    assert page.text_content("#eval-table") == format_perplexities(ppl)
+    assert [r["model"] for r in ppl["rows"]][1].endswith("runs/a/step_6")
+    shot(page, "eval_perplexity_en")
     assert not page.problems, page.problems

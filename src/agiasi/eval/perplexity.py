@@ -132,11 +132,14 @@ class EvalConfig:
     )
     compare: str | None = option(
         None,
-        "--task: BASE,MODEL[,…] scored on the same items; each against the first with a 95 % "
-        "paired-bootstrap interval and a verdict",
+        "BASE,MODEL[,…]: with --task scored on the same items, each against the first with a "
+        "95 % paired-bootstrap interval and a verdict; without, each one's perplexity on the "
+        "same text",
     )
     report: str | None = option(
-        None, "--task: write the whole JSON report (every item's prompt and scores) here"
+        None,
+        "write the whole JSON report here (--task: every item's prompt and scores; --compare: "
+        "each model's perplexity)",
     )
     device: str | None = option(
         None, "cpu, cuda or cuda:N for a step or HF folder (default: the GPU if there is one)"

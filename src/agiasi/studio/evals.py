@@ -1,6 +1,7 @@
-"""Evaluations from the page: ``agiasi eval --task … [--compare A,B]`` as a subprocess writing
-its whole JSON report into the studio's folder; shown as the CLI prints its table (the same
-JSON through the same formatter), with the items on which the models disagree."""
+"""Evaluations from the page: ``agiasi eval --task … [--compare A,B]`` (JGLUE) or ``agiasi eval
+--compare A,B`` (held-out perplexity) as a subprocess writing its whole JSON report into the
+studio's folder; shown as the CLI prints its table (the same JSON through the same formatter),
+with the items on which the models disagree."""
 
 from __future__ import annotations
 
@@ -65,7 +66,13 @@ def eval_state(root: Path, eid: str, details: bool = False) -> dict[str, Any]:
         out["state"] = "finished"
     if details:
         out["log"] = tail_lines(eval_dir(root) / f"{eid}.log", 30)
-        if report is not None:
+        if report is not None and report.get("kind") == "perplexity":
+            from agiasi.eval.entry import format_perplexities
+
+            out["table"] = format_perplexities(report)
+            out["disagreements"] = []
+            out["models"] = report.get("models")
+        elif report is not None:
             from agiasi.eval.benchmark import format_benchmark
 
             out["table"] = format_benchmark(report)

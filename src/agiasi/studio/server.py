@@ -397,12 +397,18 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
                 values[key] = str(
                     paths.resolve(root, str(values[key]), what=f"--{key.replace('_', '-')}")
                 )
-        if not values.get("task"):
-            raise AgiasiError("choose a --task (jcommonsenseqa, jnli): the page compares on JGLUE")
+        if not values.get("task") and not values.get("compare"):
+            raise AgiasiError(
+                "choose a --task (jcommonsenseqa, jnli), or --compare two models or more for "
+                "their held-out perplexity"
+            )
         from agiasi.eval.tasks import parse_tasks
 
         cfg = forms.config_from_form(EvalConfig, values, "agiasi eval", ("model",))
-        parse_tasks(cfg.task)  # an unknown task: the command's line, before it starts
+        if cfg.task:
+            parse_tasks(cfg.task)  # an unknown task: the command's line, before it starts
+        elif cfg.model:
+            raise AgiasiError("--compare names every model itself; leave out the MODEL argument")
         return cfg
 
     def eval_command(cfg) -> dict[str, Any]:

@@ -169,7 +169,8 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, capsys):
         ),
         (["eval", model, "--task", "jnli", "--task-data", str(tmp_path / "no.json")], "not found"),
         (["eval", "--compare", model, "--task", "jnli"], "two models or more"),
-        (["eval", "--compare", f"{model},{model}"], "--compare needs --task"),
+        (["eval", "--compare", model], "--compare needs at least two models"),
+        (["eval", model, "--compare", f"{model},{model}"], "leave out the MODEL argument"),
         (["eval", model, "--task", "jnli", "--text", "x.txt"], "--text is for perplexity"),
         (["eval", model, "--task", "jnli", "--num-fewshot", "-1"], "--num-fewshot"),
     ]

@@ -735,6 +735,7 @@ async function viewEval(id) {
     $("eval-log").textContent = (r.log || []).join("\n");
     const table = $("eval-disagree");
     table.replaceChildren();
+    table.previousElementSibling.hidden = !(r.disagreements && r.disagreements.length);
     if (r.disagreements && r.disagreements.length) {
       const head = el("tr");
       head.append(el("th", "item"), el("th", T("gold")), ...(r.models || []).map((m) => el("th", m.split("/").slice(-2).join("/"))));
