@@ -52,8 +52,10 @@ def test_compare_base_and_a_step_on_jcqa_items(studio, browser):
                "the perplexity command")  # fmt: skip
     page.click("#eval-start")
     wait_until(
-        lambda: page.get_attribute("#eval-state", "data-state") == "finished"
-        and "perplexity" in (page.text_content("#eval-table") or ""),
+        lambda: (
+            page.get_attribute("#eval-state", "data-state") == "finished"
+            and "perplexity" in (page.text_content("#eval-table") or "")
+        ),
         300,
         "the perplexities",
     )

@@ -43,7 +43,7 @@ def start_export(root: Path, checked, shown, flags: list[str], meta: dict[str, A
         pass  # held by a running export: its message
     argv = ["export", shown.checkpoint, *flags]
     return launch(root, record_path(root, shown.out), log_path(root, shown.out), argv,
-                  {"out": shown.out, **meta})  # fmt: skip
+                  {"out": shown.out, "checkpoint": str(checked.checkpoint), **meta})  # fmt: skip
 
 
 def export_state(root: Path, rel: str, details: bool = False) -> dict[str, Any]:
@@ -52,7 +52,8 @@ def export_state(root: Path, rel: str, details: bool = False) -> dict[str, Any]:
     folder = root / rel
     record = _read_json(record_path(root, rel)) or {}
     report = _read_json(folder / REPORT) if folder.is_dir() else None
-    out: dict[str, Any] = {"name": rel, "error": None, "command": record.get("command")}
+    out: dict[str, Any] = {"name": rel, "error": None, "command": record.get("command"),
+                           "checkpoint": (report or {}).get("checkpoint") or record.get("checkpoint")}  # fmt: skip
     if pid_alive(record.get("pid")) and record.get("exit_code") is None:
         out["state"] = "running"
     elif record.get("exit_code") not in (None, 0):
@@ -106,3 +107,23 @@ def check_not_running(root: Path, rel: str) -> None:
         raise AgiasiError(
             f"another `agiasi export` is writing {rel}; wait for it or pick another --out"
         )
+
+
+def parameter_count(checkpoint: Path) -> int:
+    """Parameters of the model a step folder (or a run folder's last step) exports: its base
+    model built from config.json on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agiasi.checkpoint.run_folder import is_run_folder, resolve_step
+    from agiasi.checkpoint.step_folder import read_manifest
+    from agiasi.model.config import checkpoint_model_config
+    from agiasi.model.loading import load_config
+
+    ckpt = resolve_step(checkpoint, "last") if is_run_folder(checkpoint) else checkpoint
+    manifest = read_manifest(ckpt)
+    base = checkpoint_model_config(manifest, ckpt, {})["base_model"]
+    hf = load_config(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    return sum(p.numel() for p in model.parameters())

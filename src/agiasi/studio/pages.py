@@ -128,6 +128,17 @@ TEXT: dict[str, tuple[str, str]] = {
     "gold": ("正解", "gold"),
     "export_start": ("エクスポートを開始", "Start the export"),
     "exports": ("エクスポート一覧", "Exports"),
+    "gguf_types": (
+        "GGUF の型（選ぶと --gguf に入ります）",
+        "GGUF types (a tick adds it to --gguf)",
+    ),
+    "gguf_type": ("型", "type"),
+    "gguf_bpw": ("ビット/重み", "bits/weight"),
+    "gguf_size": ("推定サイズ", "estimated size"),
+    "gguf_writer": ("書き手", "written by"),
+    "gguf_imatrix": ("重要度行列", "importance matrix"),
+    "imatrix_required": ("必須", "required"),
+    "imatrix_default": ("既定で使用（4 ビット以下）", "on by default (≤ 4 bits)"),
     "no_exports": ("まだエクスポートはありません", "No exports yet"),
     "report": ("忠実度レポート（CLI と同じ表）", "Fidelity report (the CLI's table)"),
     "run_it": ("動かすには", "To run it"),
@@ -272,6 +283,8 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
     <button type="button" id="resume">{escape(t("resume", lang))}</button></div>
     <div class="error" id="run-error"></div>
     <pre id="run-command"></pre>
+    <div id="run-links" class="row"><div><h4>{escape(t("exports", lang))}</h4><ul id="run-exports"></ul></div>
+    <div><h4>{escape(t("evals", lang))}</h4><ul id="run-evals"></ul></div></div>
     <div class="phases">{escape(t("phases", lang))}</div>
     <div id="charts"></div>
     <h3>{escape(t("log", lang))}</h3><pre id="log"></pre>
@@ -280,6 +293,7 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
 <section id="tab-export" class="panel">
   <form id="export-form" autocomplete="off" class="export-form">{export_fields}</form>
   <div class="error" id="export-form-error"></div>
+  <h4>{escape(t("gguf_types", lang))}</h4><table id="gguf-types" class="runs"></table>
   <div class="actions"><pre id="export-command"></pre>
   <button type="button" id="export-start" class="primary">{escape(t("export_start", lang))}</button></div>
   <h3>{escape(t("exports", lang))}</h3><table id="exports" class="runs"></table>

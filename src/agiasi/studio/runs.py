@@ -260,3 +260,13 @@ def stop_run(root: Path, rel: str) -> int:
             os.kill(pid, signal.SIGINT)
             return pid
     raise AgiasiError(f"{rel} is not running")
+
+
+def inside(root: Path, path: str | None, rel: str) -> bool:
+    """Whether ``path`` (absolute, or as a command under the root names it) is inside the run
+    folder ``rel``: how the run page finds its exports and evaluations on disk."""
+    if not path:
+        return False
+    p = Path(path)
+    p = (p if p.is_absolute() else root / p).resolve()
+    return p.is_relative_to((root / rel).resolve())

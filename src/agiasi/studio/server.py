@@ -272,6 +272,11 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         launch = runs._read_json(runs.launch_path(root, rel)) or {}
         state["command"] = launch.get("command")
         state["started"] = launch.get("started")
+        # what the run produced, found from the files on disk (a restart loses nothing)
+        state["exports"] = [e for e in exports.find_exports(root)
+                            if runs.inside(root, e.get("checkpoint"), rel)]  # fmt: skip
+        state["evals"] = [e for e in evals.find_evals(root)
+                          if any(runs.inside(root, m, rel) for m in e.get("models") or [])]  # fmt: skip
         return state
 
     @app.get("/api/events")
@@ -365,6 +370,24 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
             root, absolute, cfg, shown["flags"], {"command": shown["command"]}
         )
         return {**shown, "pid": pid}
+
+    @app.get("/api/gguf-types")
+    def gguf_types(checkpoint: str = ""):
+        """The table of GGUF types (agiasi.gguf.file_types) with each file's size estimated
+        from the checkpoint's base model's parameter count (its config on the meta device)."""
+        from agiasi.gguf.file_types import GGUF_TYPE_TABLE
+
+        params = None
+        if checkpoint:
+            try:
+                params = exports.parameter_count(paths.resolve(root, checkpoint, what="checkpoint"))
+            except AgiasiError:
+                params = None  # no sizes until the checkpoint is one
+        rows = [{"name": t.name, "writer": t.writer, "bpw": t.bpw,
+                 "needs_imatrix": t.needs_imatrix, "low_bit": t.low_bit,
+                 "size_bytes": int(params * t.bytes_per_param) if params else None}
+                for t in GGUF_TYPE_TABLE.values()]  # fmt: skip
+        return {"parameters": params, "types": rows}
 
     @app.get("/api/exports")
     def list_exports():

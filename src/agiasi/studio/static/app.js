@@ -433,6 +433,20 @@ async function runDetails() {
     const r = await api("/api/run?run=" + encodeURIComponent(current.name));
     $("log").textContent = r.log.join("\n");
     $("run-command").textContent = r.command || "";
+    const links = (id, items, hash, label, none) => {
+      const ul = $(id);
+      ul.replaceChildren();
+      if (!items.length) { ul.append(el("li", T(none), "note")); return; }
+      for (const x of items) {
+        const li = el("li");
+        const a = el("a", label(x));
+        a.href = hash(x);
+        li.append(a, el("span", " " + T(x.state), "state " + x.state));
+        ul.append(li);
+      }
+    };
+    links("run-exports", r.exports || [], (x) => "#export=" + encodeURIComponent(x.name), (x) => x.name, "no_exports");
+    links("run-evals", r.evals || [], (x) => "#eval=" + x.id, (x) => `${x.id} (${(x.models || []).map(shortName).join(" · ")})`, "no_evals");
   } catch (e) { $("run-error").textContent = e.message; }
 }
 
@@ -600,7 +614,45 @@ let xTimer = null;
 xform.addEventListener("input", () => { clearTimeout(xTimer); xTimer = setTimeout(exportCommand, 250); });
 xform.addEventListener("change", () => { clearTimeout(xTimer); xTimer = setTimeout(exportCommand, 250); });
 
+// the GGUF type table: a tick is the type in --gguf, sizes from the checkpoint's parameters
+let typesFor = null;
+async function ggufTypes() {
+  const ckpt = ($("x-checkpoint").value || "").trim();
+  const chosen = new Set(($("x-gguf").value || "").split(",").map((x) => x.trim().toLowerCase()).filter(Boolean));
+  const table = $("gguf-types");
+  if (typesFor !== ckpt) {
+    typesFor = ckpt;
+    try {
+      const r = await api("/api/gguf-types?checkpoint=" + encodeURIComponent(ckpt));
+      table.replaceChildren();
+      const head = el("tr");
+      for (const k of ["", "gguf_type", "gguf_bpw", "gguf_size", "gguf_imatrix", "gguf_writer"]) head.append(el("th", k ? T(k) : ""));
+      table.append(head);
+      for (const t of r.types) {
+        const tr = el("tr");
+        tr.dataset.type = t.name;
+        const box = el("input");
+        box.type = "checkbox";
+        box.addEventListener("change", () => {
+          const now = ($("x-gguf").value || "").split(",").map((x) => x.trim()).filter(Boolean).filter((x) => x.toLowerCase() !== t.name);
+          if (box.checked) now.push(t.name);
+          $("x-gguf").value = now.join(",");
+          $("x-gguf").dispatchEvent(new Event("input", {bubbles: true}));
+        });
+        const cell = el("td");
+        cell.append(box);
+        const size = t.size_bytes === null ? "–" : t.size_bytes >= 2 ** 30 ? (t.size_bytes / 2 ** 30).toFixed(2) + " GiB" : (t.size_bytes / 2 ** 20).toFixed(1) + " MiB";
+        const im = t.needs_imatrix ? T("imatrix_required") : t.low_bit ? T("imatrix_default") : "–";
+        tr.append(cell, el("td", t.name), el("td", t.bpw.toFixed(2)), el("td", "≈ " + size), el("td", im, t.needs_imatrix ? "wrong" : ""), el("td", t.writer));
+        table.append(tr);
+      }
+    } catch (e) { table.replaceChildren(el("tr", e.message, "error")); }
+  }
+  for (const tr of table.querySelectorAll("tr[data-type]")) tr.querySelector("input").checked = chosen.has(tr.dataset.type);
+}
+
 async function exportCommand() {
+  ggufTypes();
   for (const e of xform.querySelectorAll(".error")) e.textContent = "";
   try {
     const r = await api("/api/export/command", {values: exportValues()});
