@@ -67,11 +67,14 @@ def _load(cfg: GenerateConfig):
 
 
 def _stop_ids(tok) -> list[int]:
+    """EOS and the end-of-turn tokens the vocabulary has. Looked up one by one: ``get_vocab``
+    builds the whole vocabulary as a dict (150k entries for Qwen), a cost every message paid."""
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    vocab = tok.get_vocab()
     for s in ("<|end|>", "<|endoftext|>"):
-        if s in vocab and vocab[s] not in ids:
-            ids.append(vocab[s])
+        i = tok.convert_tokens_to_ids(s)
+        if isinstance(i, int) and i != tok.unk_token_id and tok.convert_ids_to_tokens(i) == s:
+            if i not in ids:
+                ids.append(i)
     return ids
 
 

@@ -225,20 +225,24 @@ DONE = object()  # the end of a reply in its queue
 
 
 def start_reply(chat, ids: list[int], cfg: GenerateConfig, stop: threading.Event,
-                lock: threading.Lock) -> queue.Queue:  # fmt: skip
-    """Generate the assistant's turn in a thread of its own; its queue receives each piece of
-    text as it is decoded, then an exception if one happened, then :data:`DONE`. ``stop`` ends
-    it early; the thread gives ``lock`` back when the model is done, whoever was reading — one
-    reply at a time, a second is refused."""
+                lock: threading.Lock, sink=None) -> queue.Queue | None:  # fmt: skip
+    """Generate the assistant's turn in a thread of its own; each piece of text as it is
+    decoded, then an exception if one happened, then :data:`DONE` go to ``sink`` (a callable:
+    the server hands them straight to its event loop, one thread switch a piece) or, without
+    one, into the queue returned. ``stop`` ends it early; the thread gives ``lock`` back when
+    the model is done, whoever was reading — one reply at a time, a second is refused."""
     if not lock.acquire(blocking=False):
         raise AgiasiError("another reply is being written; stop it first")
-    pieces: queue.Queue = queue.Queue()
+    pieces: queue.Queue | None = None
+    if sink is None:
+        pieces = queue.Queue()
+        sink = pieces.put
     hold = int(os.environ.get("AGIASI_STUDIO_CHAT_HOLD") or 0)
     sent = 0
 
     def put(text: str) -> None:
         nonlocal sent
-        pieces.put(text)
+        sink(text)
         sent += 1
         if hold and sent == hold:
             stop.wait(60)
@@ -247,10 +251,40 @@ def start_reply(chat, ids: list[int], cfg: GenerateConfig, stop: threading.Event
         try:
             chat.generate(ids, cfg, stop, put)
         except BaseException as e:  # noqa: BLE001 - handed to the reader
-            pieces.put(AgiasiError(f"generation failed: {type(e).__name__}: {e}"))
+            sink(AgiasiError(f"generation failed: {type(e).__name__}: {e}"))
         finally:
             lock.release()
-            pieces.put(DONE)
+            sink(DONE)
 
-    threading.Thread(target=run, daemon=True).start()
+    _worker().submit(run)
     return pieces
+
+
+class _Worker:
+    """One long-lived thread that writes every reply: a new thread a reply waited in
+    ``Thread.start`` for the GIL and made OpenMP build a new team of threads for its first
+    kernel — milliseconds before the first token that ``agiasi chat`` (the main thread) never
+    pays (bench/chat_ttft.py)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="agiasi-chat", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.jobs.get()()
+
+    def submit(self, job) -> None:
+        self.jobs.put(job)
+
+
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker() -> _Worker:
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        return _WORKER

@@ -57,6 +57,10 @@ def studio(cfg: StudioConfig, say=None) -> None:
     loopback = is_loopback(cfg.host)
     token = cfg.token or (None if loopback else secrets.token_urlsafe(24))
     app = create_app(root, token=token, loopback_port=cfg.port if loopback else None)
+    # A chat reply is written by a thread that holds the GIL between the model's small kernels;
+    # Python hands it to the event loop (which sends the token) only every switch interval, 5 ms
+    # by default: a delay each token had in the page and not in `agiasi chat` (bench/chat_ttft.py).
+    sys.setswitchinterval(0.0005)
     shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     url = f"http://{shown_host}:{cfg.port}/" + (f"?token={token}" if token else "")
     say(f"agiasi studio: {url} (root {root.resolve()}; Ctrl-C stops the server, not the runs)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import secrets
 from pathlib import Path
 from typing import Any
@@ -481,14 +480,17 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
             prepare_reply, chat_models, model, messages, params
         )
         stop = threading.Event()
-        pieces = start_reply(chat_model, ids, cfg, stop, chat_models.generating)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        start_reply(chat_model, ids, cfg, stop, chat_models.generating,
+                    sink=lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item))  # fmt: skip
 
         async def stream():
             try:
                 while True:
                     try:
-                        item = await asyncio.to_thread(pieces.get, True, 0.5)
-                    except queue.Empty:  # nothing new: is the page still there?
+                        item = await asyncio.wait_for(pieces.get(), 0.5)
+                    except TimeoutError:  # nothing new: is the page still there?
                         if await request.is_disconnected():
                             return
                         continue
