@@ -95,12 +95,12 @@ def plan_imatrix(plan: ExportPlan, log=_say) -> ExportPlan:
 
 
 def streamed_types(types: list[str]) -> list[str]:
-    """The GGUF types written while the merged tensors stream into the HF folder: those gguf-py
-    writes itself, plus F16 when llama.cpp's quantizer makes the others from it."""
+    """The GGUF types written while the merged tensors stream into the HF folder: F32, F16, BF16
+    and Q8_0 (agiasi.gguf.writer), plus F16 when llama.cpp's quantizer makes the K-quants from
+    it."""
     from agiasi.gguf.file_types import KQUANT_TYPES
-    from agiasi.gguf.quantize import have_quantizer
 
-    from_f16 = [t for t in types if t in KQUANT_TYPES or (t == "q8_0" and have_quantizer())]
+    from_f16 = [t for t in types if t in KQUANT_TYPES]
     direct = [t for t in types if t not in from_f16]
     return direct + (["f16"] if from_f16 and "f16" not in direct else [])
 
