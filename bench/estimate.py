@@ -209,8 +209,8 @@ def train_row(model_dir: Path, name: str, seq: int, batch: int) -> dict:
 def table(rows: list[dict]) -> str:
     g = 2**30
     out = [
-        "| shape | configuration | tokens | measured reserved / allocated GiB | predicted reserved / allocated GiB | error reserved | error allocated | weights after load, measured / predicted GiB |",
-        "|---|---|---|---|---|---:|---:|---|",
+        "| shape | configuration | tokens | measured reserved / allocated GiB | predicted reserved / allocated GiB | error reserved | error allocated | measured in | weights after load, measured / predicted GiB |",
+        "|---|---|---|---|---|---:|---:|---|---|",
     ]
     for r in rows:
         if "oom" in r:
@@ -224,7 +224,12 @@ def table(rows: list[dict]) -> str:
             f"{r['peak_reserved'] / g:.2f} / {r['peak_allocated'] / g:.2f} | "
             f"{r['pred_reserved'] / g:.2f} / {r['pred_allocated'] / g:.2f} | "
             f"{100 * r['err_reserved']:+.1f} % | {100 * r['err_allocated']:+.1f} % | "
-            f"{r['loaded_allocated'] / g:.3f} / {r['pred_loaded'] / g:.3f} |"
+            f"{r.get('src', '')} | "
+            + (
+                f"{r['loaded_allocated'] / g:.3f} / {r['pred_loaded'] / g:.3f} |"
+                if r.get("loaded_allocated")
+                else "– |"
+            )
         )
     ok = [r for r in rows if "oom" not in r]
     if ok:

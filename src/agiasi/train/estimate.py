@@ -48,26 +48,41 @@ NF4_BLOCK, NESTED_BLOCK = 64, 256
 LOSS_CHUNK = 1024  # agiasi.model.wrapper's loss_chunk
 CUDA_CONTEXT = int(0.5 * GIB)  # the driver's context, outside torch's reserved memory
 
-# Fitted to peaks measured by bench/estimate.py (see bench/RESULTS.md, "Will it fit?"): the
-# coefficients of one layer's recompute and backward in units of (tokens × width × b), eager
-# and compiled; the layers' whole working sets without checkpointing; the allocator's slack.
+# Fitted to peaks measured on an H100 capped at 11.5 GiB (bench/RESULTS.md, "Will it fit?"):
+# sessions 14-16's bench/train.py rows of agiasi's step, Phi-3.5-mini's shape and a Llama of its
+# dimensions, 512 to 65,536 tokens, compiled with offloaded checkpoints (``c``/``o``, with and
+# without ``e``), and the oldest rows of the eager step (2026-11-25). Units: one layer's
+# recompute and backward keeps ``k·width·b`` bytes a token; the allocator's slack is
+# ``slack_mib + slack_widest · (the widest activation of a layer) + slack_moving · (what is
+# not weights or adapter)``. Settings no measured row covers — no checkpointing, the dense
+# rotation, a bf16 base — use rough coefficients and the estimate says they are unchecked.
 FIT: dict[str, float] = {
-    "eager_h": 12.0,
-    "eager_q": 3.0,
-    "eager_i": 6.0,
-    "compiled_h": 10.0,
-    "compiled_q": 2.0,
-    "compiled_i": 5.0,
-    "nockpt_h": 10.0,
-    "nockpt_q": 2.0,
-    "nockpt_i": 4.0,
-    "dropout": 2.0,  # per LoRA input width: the dropped copy and its mask
+    "compiled_h": 9.3,
+    "compiled_q": 1.0,
+    "compiled_i": 1.54,
+    "eager_h": 19.5,
+    "eager_q": 1.0,
+    "eager_i": 0.3,
+    "nockpt_h": 12.0,
+    "nockpt_q": 1.0,
+    "nockpt_i": 3.0,
+    "dropout": 1.0,  # per LoRA input width: the dropped copy of one layer's LoRA inputs
     "full_soul": 12.0,  # float32 H × H matrices the dense rotation's parametrization keeps
-    "workspace_mib": 64.0,
-    "slack": 0.5,
-    "slack_mib": 96.0,
+    "workspace_mib": 72.0,
+    "slack_mib": 171.0,
+    "slack_widest": 3.2,
+    "slack_moving": 0.12,
     "host_base_gib": 2.5,
 }
+
+
+def checked(cfg) -> bool:
+    """Whether measured peaks cover this configuration's kind (module docstring, :data:`FIT`)."""
+    return (
+        cfg.gradient_checkpointing
+        and cfg.quantization == "nf4"
+        and not (cfg.soul and cfg.rotation == "full")
+    )
 
 
 def _round(n: int) -> int:
@@ -103,6 +118,7 @@ class Shape:
     lora_in_width: int  # sum of one layer's LoRA targets' input widths (what dropout copies)
     soul_parameters: int
     largest_weight: int  # values of the largest quantized linear (its dequantized transient)
+    widest_out: int  # the widest output of a decoder layer's linears (gate_up: 2 × intermediate)
     tied: bool
 
 
@@ -186,6 +202,7 @@ def model_shape(cfg) -> Shape:
     for name, m in layer0.named_modules():
         if name.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear):
             lora_in += m.in_features
+    widest = max(m.out_features for m in layer0.modules() if isinstance(m, nn.Linear))
     qkv = sum(
         m.out_features
         for name, m in layer0.named_modules()
@@ -215,6 +232,7 @@ def model_shape(cfg) -> Shape:
         lora_in_width=lora_in,
         soul_parameters=soul,
         largest_weight=largest,
+        widest_out=widest,
         tied=tied,
     )
 
@@ -238,8 +256,6 @@ def predict(cfg, shape: Shape, length: int | None = None, b: int = 2) -> Estimat
         + tiled * FIT[f"{mode}_i"] * i * b
         + dropout
     )
-    if cfg.quantization == "nf4":
-        layer += shape.largest_weight * b  # one dequantized weight at a time
     if cfg.gradient_checkpointing:
         kept = 2 if cfg.offload_activations else big_l
         parts["checkpoints"] = kept * n * h * b
@@ -252,16 +268,26 @@ def predict(cfg, shape: Shape, length: int | None = None, b: int = 2) -> Estimat
     parts["head"] = min(n, LOSS_CHUNK) * v * (b + 4) + n * h * b
     if cfg.soul and cfg.rotation == "full":
         parts["soul"] = int(FIT["full_soul"] * h * h * 4)
-    parts["workspace"] = int(FIT["workspace_mib"] * 2**20) + 4 * trainable
+    parts["workspace"] = int(FIT["workspace_mib"] * 2**20)
     allocated = sum(parts.values())
     moving = allocated - parts["weights"] - parts["adapter"]
-    reserved = int(allocated + FIT["slack"] * moving + FIT["slack_mib"] * 2**20)
+    widest = tiled * shape.widest_out * b
+    reserved = int(
+        allocated
+        + FIT["slack_mib"] * 2**20
+        + FIT["slack_widest"] * widest
+        + FIT["slack_moving"] * moving
+    )
     host_parts = {"process": int(FIT["host_base_gib"] * GIB)}
     if cfg.gradient_checkpointing and cfg.offload_activations:
         host_parts["offloaded checkpoints"] = big_l * n * h * b
     if on_host_embedding:
         host_parts["input embedding"] = shape.embedding_bytes
     steps = cfg.max_steps
+    notes = [] if checked(cfg) else [
+        "note: no measured peak covers this configuration yet (no gradient checkpointing, the "
+        "dense rotation or a 16-bit base): the estimate is the formula's alone"
+    ]  # fmt: skip
     return Estimate(
         shape=shape,
         tokens_per_micro_batch=n,
@@ -273,6 +299,7 @@ def predict(cfg, shape: Shape, length: int | None = None, b: int = 2) -> Estimat
         card=reserved + CUDA_CONTEXT,
         host=sum(host_parts.values()),
         host_parts=host_parts,
+        notes=notes,
     )
 
 
