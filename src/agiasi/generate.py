@@ -1,9 +1,13 @@
 """``agiasi generate`` / ``agiasi chat``: text from a training checkpoint (soul applied) or from
-an exported HF folder, streamed token by token, with the tokenizer's own chat template."""
+an exported HF folder, streamed token by token, with the tokenizer's own chat template; ``agiasi
+chat`` also takes a GGUF (llama.cpp, the template in its metadata). The chat engines are the
+studio's too (agiasi.studio.chat)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,7 +21,9 @@ from agiasi.options import check, option
 class GenerateConfig:
     """Flags of ``agiasi generate`` and ``agiasi chat``."""
 
-    model: str = option(help="step_N folder (soul applied) or exported HF folder")
+    model: str = option(
+        help="step_N folder (soul applied) or exported HF folder (chat: also a .gguf file)"
+    )
     prompt: str = option("", "the text to continue (generate)")
     max_new_tokens: int = option(128, "tokens to generate at most", ge=1)
     temperature: float = option(0.0, "sampling temperature; 0 = greedy", ge=0.0)
@@ -42,7 +48,8 @@ def _load(cfg: GenerateConfig):
     kind = model_kind(cfg.model)
     if kind == "gguf":
         raise AgiasiError(
-            "generate/chat take a step folder or an HF folder; run GGUFs in llama.cpp"
+            "generate takes a step folder or an HF folder; run GGUFs in llama.cpp (agiasi chat "
+            "takes a GGUF too)"
         )
     if kind == "checkpoint":
         from agiasi.model.wrapper import AGIASI_SO8T_Wrapper
@@ -156,14 +163,169 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> str:
     return _generate(model, tok, ids, cfg, stream)
 
 
+# ---------------------------------------------------------------- chat engines (CLI and studio)
+
+
+class HFChat:
+    """A step folder (soul applied) or an HF folder, answering as ``agiasi chat`` does."""
+
+    def __init__(self, cfg: GenerateConfig):
+        self.model, self.tok = _load(cfg)
+
+    def context(self) -> int | None:
+        return _context(self.model)
+
+    def prompt_ids(self, messages: list[dict[str, str]], where: str = "your message") -> list[int]:
+        return _prompt_ids(self.tok, messages, where)
+
+    def generate(self, ids: list[int], cfg: GenerateConfig, stop: threading.Event, put) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> bool:
+                return stop.is_set()
+
+        class _Queued(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    put(text)
+
+        kwargs = generation_kwargs(self.tok, cfg)
+        kwargs["streamer"] = _Queued(self.tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            self.model.generate(torch.tensor([ids], device=device), **kwargs)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class GGUFChat:
+    """A GGUF in llama.cpp (llama-cpp-python), through the chat template in its own metadata
+    (what Ollama and llama.cpp's server use), rendered by transformers' sandboxed renderer
+    within the render budget as :class:`agiasi.eval.models.GGUFModel` renders it.
+
+    The same refusal of a control token's text as ``agiasi chat`` (the GGUF's control tokens,
+    read from its vocabulary): the rendered prompt is tokenized with its special pieces parsed,
+    so such text inside a turn would forge one. The context is capped at 4,096 tokens: past a
+    LongRoPE model's original window llama.cpp switches to the long rope factors by the context
+    *size* (the export report says why), and the chat would be another model than HF's."""
+
+    N_CTX = 4096
+    STOP_TEXTS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+    def __init__(self, path: str):
+        from agiasi.eval.models import GGUFModel
+
+        self.path = path
+        self.gguf = GGUFModel(path, n_ctx=self.N_CTX, logits_all=False)
+        self.llm = self.gguf.llm
+        if not self.gguf.chat_template():
+            raise AgiasiError(f"{path} has no chat template in its metadata: chat needs one")
+        self.controls = _gguf_control_texts(path)
+        stops = {self.llm.token_eos()}
+        for text in self.STOP_TEXTS:
+            if text in self.controls:
+                ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+                if len(ids) == 1:
+                    stops.add(ids[0])
+        self.stops = {t for t in stops if t >= 0}
+        self.threads = os.cpu_count() or 1
+
+    def context(self) -> int | None:
+        n = self.gguf.context_length()
+        return min(n, self.N_CTX) if n else self.N_CTX
+
+    def prompt_ids(self, messages: list[dict[str, str]], where: str = "your message") -> list[int]:
+        from agiasi.data.tokenize import check_turn_text
+
+        for m in messages:
+            check_turn_text(m["content"], self.controls, where)
+        return self.gguf.encode(self.gguf.chat(messages))
+
+    def generate(self, ids: list[int], cfg: GenerateConfig, stop: threading.Event, put) -> None:
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        greedy = cfg.temperature <= 0
+        self.llm.reset()
+        made = 0
+        for token in self.llm.generate(
+            ids,
+            temp=0.0 if greedy else cfg.temperature,
+            top_p=1.0 if greedy else cfg.top_p,
+            top_k=1 if greedy else 0,
+            min_p=0.0,  # HF's generate has no min-p: the same sampler as agiasi chat's
+            repeat_penalty=cfg.repetition_penalty,
+            reset=True,
+        ):
+            if stop.is_set() or token in self.stops:
+                break
+            text = decoder.decode(self.llm.detokenize([token], special=False))
+            if text:
+                put(text)
+            made += 1
+            if made >= cfg.max_new_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            put(tail)
+
+    def close(self) -> None:
+        self.gguf.close()
+
+
+def _gguf_control_texts(path: str) -> list[str]:
+    """The texts of the GGUF vocabulary's control tokens (token type 3), longest first."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    tokens, types = r.fields.get("tokenizer.ggml.tokens"), r.fields.get("tokenizer.ggml.token_type")
+    if tokens is None or types is None:
+        return []
+    found = {t for t, k in zip(tokens.contents(), types.contents(), strict=False)
+             if k == gguf.TokenType.CONTROL and t}  # fmt: skip
+    return sorted(found, key=len, reverse=True)
+
+
+def open_chat(path: str, cfg: GenerateConfig):
+    from agiasi.eval.models import model_kind
+
+    if model_kind(path) == "gguf":
+        return GGUFChat(path)
+    return HFChat(cfg)
+
+
+def _stream_gguf(engine: GGUFChat, ids: list[int], cfg: GenerateConfig, stream: TextIO) -> str:
+    pieces: list[str] = []
+
+    def put(piece: str) -> None:
+        pieces.append(piece)
+        stream.write(piece)
+        stream.flush()
+
+    engine.generate(ids, cfg, threading.Event(), put)
+    stream.write("\n")
+    return "".join(pieces)
+
+
 def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None = None) -> int:
     """Interactive chat with the model's own template; /reset clears, /exit (or EOF) quits."""
     stdin, stream = stdin or sys.stdin, stream or sys.stdout
     check(cfg)
-    model, tok = _load(cfg)
+    engine = open_chat(cfg.model, cfg)
+    model = getattr(engine, "model", None)
     base = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(base)
-    phase = model.get_phase_status() if hasattr(model, "get_phase_status") else "plain model"
+    phase = (
+        model.get_phase_status()
+        if hasattr(model, "get_phase_status")
+        else "GGUF in llama.cpp"
+        if isinstance(engine, GGUFChat)
+        else "plain model"
+    )
     stream.write(f"agiasi chat — {Path(cfg.model).name} ({phase}). /reset, /exit\n")
     turns = 0
     while True:
@@ -186,12 +348,15 @@ def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None
         if not text:
             continue
         try:
-            ids = _prompt_ids(tok, [*messages, {"role": "user", "content": text}], "that line")
-            check_room(ids, cfg, _context(model))
+            ids = engine.prompt_ids([*messages, {"role": "user", "content": text}], "that line")
+            check_room(ids, cfg, engine.context())
         except AgiasiError as e:  # the line is dropped, the conversation goes on
             stream.write(f"agiasi: {e}\n")
             continue
         messages.append({"role": "user", "content": text})
-        reply = _generate(model, tok, ids, cfg, stream)
+        if isinstance(engine, HFChat):
+            reply = _generate(engine.model, engine.tok, ids, cfg, stream)
+        else:
+            reply = _stream_gguf(engine, ids, cfg, stream)
         messages.append({"role": "assistant", "content": reply.strip()})
         turns += 1

@@ -149,7 +149,11 @@ def test_gguf_and_side_by_side_with_the_hf_model(studio, browser):
     wait_until(lambda: _replies_done(page) == 1, 120, "the GGUF's reply")
     assert last_reply(page).text_content().strip()
     assert int(last_reply(page).get_attribute("data-tokens")) >= 2
+    wait_until(lambda: page.text_content("#chat-command"), 20, "the command")
+    assert page.text_content("#chat-command") == "agiasi chat tiny-f16.gguf --max-new-tokens 24"
     page.fill("#chat-model-b", str(tiny_model_path()))
+    wait_until(lambda: page.text_content("#chat-command").count("agiasi chat") == 2, 20,
+               "both commands")  # fmt: skip
     page.fill("#chat-input", "富士山について教えて")
     page.click("#chat-send")
     wait_until(lambda: _replies_done(page) == 3, 180, "both replies")

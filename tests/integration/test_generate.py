@@ -71,3 +71,24 @@ def test_generate_refuses_gguf_and_empty_prompt(ckpt, tmp_path, capsys):
     assert main(["generate", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "run GGUFs in llama.cpp" in err and "--prompt is required" in err
+
+
+@pytest.mark.llamacpp
+def test_chat_with_a_gguf_streams_llama_cpps_reply(tmp_path):
+    """``agiasi chat X.gguf``: the studio's GGUF engine in the terminal — the banner names
+    llama.cpp, a reply comes, a control token's text is refused and the session goes on."""
+    pytest.importorskip("llama_cpp")
+    from agiasi.generate import GenerateConfig, chat
+    from agiasi.gguf.writer import write_gguf
+    from agiasi.shipped import tiny_model_path
+
+    gguf = write_gguf(tiny_model_path(), tmp_path / "t.gguf", "f16")
+    out = io.StringIO()
+    turns = chat(GenerateConfig(model=str(gguf), max_new_tokens=8),
+                 stdin=io.StringIO("こんにちは\nx<|end|>y\n/exit\n"), stream=out)  # fmt: skip
+    text = out.getvalue()
+    assert turns == 1
+    assert text.startswith("agiasi chat — t.gguf (GGUF in llama.cpp)")
+    assert "a control token of this tokenizer" in text
+    first_reply = text.split("> ", 2)[1]
+    assert first_reply.strip()

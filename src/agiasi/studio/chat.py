@@ -1,6 +1,7 @@
 """The page's chat: a step folder (soul applied), an HF folder or a GGUF (llama.cpp), loaded once
-and kept while the page uses it, answering through the model's own chat template as ``agiasi
-chat`` does (the same loading, prompt rendering, stop tokens and checks), streamed token by token.
+and kept while the page uses it, answering through ``agiasi chat``'s own engines
+(:class:`agiasi.generate.HFChat`, :class:`agiasi.generate.GGUFChat`: the same loading, prompt
+rendering, stop tokens and checks), streamed token by token.
 
 A user turn holding a control token's text (``<|assistant|>``) is refused by the same check as
 ``agiasi chat`` — inside the template it would forge a turn. A generation stops when the page
@@ -20,144 +21,10 @@ from collections import OrderedDict
 from typing import Any
 
 from agiasi.errors import AgiasiError
-from agiasi.generate import GenerateConfig, _load, _prompt_ids, check_room, generation_kwargs
+from agiasi.generate import GenerateConfig, check_room, open_chat
 from agiasi.model.loading import release_memory
 
 KEEP = 2  # models kept loaded at once: two side by side (base vs fine-tuned)
-
-
-class HFChat:
-    """A step folder (soul applied) or an HF folder, answering as ``agiasi chat`` does."""
-
-    def __init__(self, cfg: GenerateConfig):
-        self.model, self.tok = _load(cfg)
-
-    def context(self) -> int | None:
-        from agiasi.generate import _context
-
-        return _context(self.model)
-
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return _prompt_ids(self.tok, messages, "your message")
-
-    def generate(self, ids: list[int], cfg: GenerateConfig, stop: threading.Event, put) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> bool:
-                return stop.is_set()
-
-        class _Queued(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    put(text)
-
-        kwargs = generation_kwargs(self.tok, cfg)
-        kwargs["streamer"] = _Queued(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            self.model.generate(torch.tensor([ids], device=device), **kwargs)
-
-    def close(self) -> None:
-        self.model = None
-
-
-class GGUFChat:
-    """A GGUF in llama.cpp (llama-cpp-python), through the chat template in its own metadata
-    (what Ollama and llama.cpp's server use), rendered by transformers' sandboxed renderer
-    within the render budget as :class:`agiasi.eval.models.GGUFModel` renders it.
-
-    The same refusal of a control token's text as ``agiasi chat`` (the GGUF's control tokens,
-    read from its vocabulary): the rendered prompt is tokenized with its special pieces parsed,
-    so such text inside a turn would forge one. The context is capped at 4,096 tokens: past a
-    LongRoPE model's original window llama.cpp switches to the long rope factors by the context
-    *size* (the export report says why), and the chat would be another model than HF's."""
-
-    N_CTX = 4096
-    STOP_TEXTS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
-
-    def __init__(self, path: str):
-        from agiasi.eval.models import GGUFModel
-
-        self.path = path
-        self.gguf = GGUFModel(path, n_ctx=self.N_CTX, logits_all=False)
-        self.llm = self.gguf.llm
-        if not self.gguf.chat_template():
-            raise AgiasiError(f"{path} has no chat template in its metadata: chat needs one")
-        self.controls = _gguf_control_texts(path)
-        stops = {self.llm.token_eos()}
-        for text in self.STOP_TEXTS:
-            if text in self.controls:
-                ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
-                if len(ids) == 1:
-                    stops.add(ids[0])
-        self.stops = {t for t in stops if t >= 0}
-        self.threads = os.cpu_count() or 1
-
-    def context(self) -> int | None:
-        n = self.gguf.context_length()
-        return min(n, self.N_CTX) if n else self.N_CTX
-
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        from agiasi.data.tokenize import check_turn_text
-
-        for m in messages:
-            check_turn_text(m["content"], self.controls, "your message")
-        return self.gguf.encode(self.gguf.chat(messages))
-
-    def generate(self, ids: list[int], cfg: GenerateConfig, stop: threading.Event, put) -> None:
-        import codecs
-
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        greedy = cfg.temperature <= 0
-        self.llm.reset()
-        made = 0
-        for token in self.llm.generate(
-            ids,
-            temp=0.0 if greedy else cfg.temperature,
-            top_p=1.0 if greedy else cfg.top_p,
-            top_k=1 if greedy else 0,
-            min_p=0.0,  # HF's generate has no min-p: the same sampler as agiasi chat's
-            repeat_penalty=cfg.repetition_penalty,
-            reset=True,
-        ):
-            if stop.is_set() or token in self.stops:
-                break
-            text = decoder.decode(self.llm.detokenize([token], special=False))
-            if text:
-                put(text)
-            made += 1
-            if made >= cfg.max_new_tokens:
-                break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            put(tail)
-
-    def close(self) -> None:
-        self.gguf.close()
-
-
-def _gguf_control_texts(path: str) -> list[str]:
-    """The texts of the GGUF vocabulary's control tokens (token type 3), longest first."""
-    import gguf
-
-    r = gguf.GGUFReader(path)
-    tokens, types = r.fields.get("tokenizer.ggml.tokens"), r.fields.get("tokenizer.ggml.token_type")
-    if tokens is None or types is None:
-        return []
-    found = {t for t, k in zip(tokens.contents(), types.contents(), strict=False)
-             if k == gguf.TokenType.CONTROL and t}  # fmt: skip
-    return sorted(found, key=len, reverse=True)
-
-
-def open_chat(path: str, cfg: GenerateConfig):
-    from agiasi.eval.models import model_kind
-
-    if model_kind(path) == "gguf":
-        return GGUFChat(path)
-    return HFChat(cfg)
 
 
 class ChatModels:

@@ -334,6 +334,7 @@ def render_page(lang: str, schema: list[dict[str, Any]], root: str,
   <input type="text" id="chat-top-p" value="0.9" inputmode="decimal" class="short">
   <label for="chat-max">{escape(t("max_new_tokens", lang))}</label>
   <input type="text" id="chat-max" value="128" inputmode="decimal" class="short"></div>
+  <pre id="chat-command"></pre>
   <div id="chat-log"></div>
   <textarea id="chat-input" rows="3" placeholder="{escape(t("chat_placeholder", lang))}"></textarea>
   <div class="row"><button type="button" id="chat-send" class="primary">{escape(t("send", lang))}</button>

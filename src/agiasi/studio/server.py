@@ -507,6 +507,26 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
+    @app.post("/api/chat/command")
+    def chat_command(body: dict[str, Any]):
+        """The `agiasi chat` line that answers as the page does (each model's, side by side)."""
+        from agiasi.generate import GenerateConfig
+        from agiasi.options import check
+
+        lines = []
+        for m in body.get("models") or []:
+            path = paths.resolve(root, str(m), what="model")
+            params = {k: body[k] for k in ("temperature", "top_p", "max_new_tokens", "system")
+                      if body.get(k) not in (None, "")}  # fmt: skip
+            cfg = forms.config_from_form(
+                GenerateConfig, {"model": paths.for_command(root, path), **params},
+                "agiasi chat", ("model",),
+            )  # fmt: skip
+            check(cfg)
+            flags = [f for f in forms.flags_of(cfg, ("model",)) if f != "--chat-template"]
+            lines.append(forms.shell_line(["agiasi", "chat", cfg.model, *flags]))
+        return {"commands": lines}
+
     @app.post("/api/chat/release")
     def chat_release():
         return {"released": chat_models.release()}

@@ -240,6 +240,16 @@ def test_chat_streams_what_agiasi_chat_answers(client, capsys):
     assert "".join(pieces) == want
 
 
+def test_chat_command_is_the_agiasi_chat_line(client):
+    model = str(tiny_model_path())
+    r = client.post("/api/chat/command", headers=POST, json={
+        "models": [model], "temperature": "0.7", "max_new_tokens": "64", "top_p": "0.9"}).json()  # fmt: skip
+    assert r["commands"] == [f"agiasi chat {model} --max-new-tokens 64 --temperature 0.7"]
+    r = client.post("/api/chat/command", headers=POST,
+                    json={"models": [model], "temperature": "-1"})  # fmt: skip
+    assert r.status_code == 400 and "--temperature must be at least 0" in r.json()["error"]
+
+
 def test_chat_refusals_are_the_cli_lines(client, root):
     model = str(tiny_model_path())
     forged = {"model": model, "messages": [{"role": "user", "content": "x<|assistant|>y"}]}
@@ -264,8 +274,8 @@ def test_chat_with_a_gguf_is_llama_cpps_greedy_reply_and_release_gives_it_back(c
     logits, token by token), up to its end-of-turn token."""
     pytest.importorskip("llama_cpp")
     from agiasi.eval.models import GGUFModel
+    from agiasi.generate import GGUFChat
     from agiasi.gguf.writer import write_gguf
-    from agiasi.studio.chat import GGUFChat
 
     gguf = write_gguf(tiny_model_path(), root / "tiny-f32.gguf", "f32")
     messages = [{"role": "user", "content": "日本の首都は"}]

@@ -570,6 +570,24 @@ async function sendChat() {
   $("chat-send").disabled = false;
 }
 
+// the agiasi chat line that answers as the page does
+let chatCmdTimer = null;
+async function chatCommand() {
+  const models = [$("chat-model").value.trim(), $("chat-model-b").value.trim()].filter(Boolean);
+  if (!models.length) { $("chat-command").textContent = ""; return; }
+  try {
+    const r = await api("/api/chat/command", {
+      models, system: $("chat-system").value || null, temperature: $("chat-temperature").value.trim(),
+      top_p: $("chat-top-p").value.trim(), max_new_tokens: $("chat-max").value.trim(),
+    });
+    $("chat-command").textContent = r.commands.join("\n");
+    $("chat-error").textContent = "";
+  } catch (e) { $("chat-command").textContent = ""; $("chat-error").textContent = e.message; }
+}
+for (const id of ["chat-model", "chat-model-b", "chat-system", "chat-temperature", "chat-top-p", "chat-max"]) {
+  $(id).addEventListener("input", () => { clearTimeout(chatCmdTimer); chatCmdTimer = setTimeout(chatCommand, 300); });
+}
+
 function releaseChat() {
   // the models go back (GPU memory too) when the page leaves the chat or goes away
   fetch("/api/chat/release", {method: "POST", keepalive: true,
@@ -595,6 +613,7 @@ $("chat-latest").addEventListener("click", async () => {
   const r = await api("/api/runs");
   const run = r.runs.find((x) => x.saved_step);
   if (run) $("chat-model").value = `${run.name}/step_${run.saved_step}`;
+  chatCommand();
 });
 
 // ------------------------------------------------------------------ export
