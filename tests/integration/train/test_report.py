@@ -158,3 +158,31 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, monkeypat
     assert not run.exists()
     line = one_error(capsys, main([*args[:-1], "tensorbord"]))
     assert "'tensorbord' is not one of tensorboard, wandb, trackio, mlflow" in line
+
+
+def test_a_dpo_run_reports_its_rewards(tmp_path):
+    """``--method dpo --report-to tensorboard``: the preference figures (rewards, margin,
+    accuracy, log-probs) reach TensorBoard under their metrics.jsonl names and values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"質問{i}：日本の首都は？", "chosen": "東京です。", "rejected": f"大阪{i}です。"}
+            for i in range(8)]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    run = tmp_path / "run"
+    cmd = cli_cmd("train", base_model=tiny_model_path(), output_dir=run, method="dpo",
+                  dataset=pairs, max_steps=3, save_steps=3, batch_size=2, max_length=48,
+                  quantization="none", progress=False, learning_rate=1e-3,
+                  report_to="tensorboard")  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    lines = metrics(run)
+    for key in ("rewards/chosen", "rewards/rejected", "margin", "accuracy", "logps/chosen"):
+        want = [(r["step"], r[key]) for r in lines]
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in got] == [1, 2, 3], key
+        assert all(abs(g - w) <= 1e-6 * max(1.0, abs(w))
+                   for (_, g), (_, w) in zip(got, want, strict=True)), key  # fmt: skip
+    assert lines[0]["rewards/chosen"] == 0 and lines[-1]["margin"] != 0  # it moved from the start
