@@ -25,5 +25,11 @@ find "$work/site/bitsandbytes" -name 'libbitsandbytes_*.so' \
 mkdir -p .whl
 grep -qx '/.whl/' .gitignore 2>/dev/null || echo '/.whl/' >> .gitignore
 tar cJf .whl/site.tar.xz -C "$work/site" .
+# llama.cpp's own converter (the reference row of bench/export.py) from the llama-cpp-python
+# source distribution agiasi builds: the script, its conversion/ package and gguf-py (~1 MB)
+python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(python3 -c 'import llama_cpp; print(llama_cpp.__version__)')" -d "$work/sdist" 2> >(grep -v "is ignored" >&2)
+tar xzf "$work"/sdist/llama_cpp_python-*.tar.gz -C "$work/sdist"
+vendor=$(echo "$work"/sdist/llama_cpp_python-*/vendor/llama.cpp)
+tar cJf .whl/llama-convert.tar.xz -C "$vendor" convert_hf_to_gguf.py conversion gguf-py
 rm -rf "$work"
 ls -la .whl/site.tar.xz
