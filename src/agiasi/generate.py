@@ -5,7 +5,6 @@ studio's too (agiasi.studio.chat)."""
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -101,20 +100,38 @@ def generation_kwargs(tok, cfg: GenerateConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
+def _hf_stream(model, tok, ids, cfg: GenerateConfig, put, stop: threading.Event | None = None):
+    """HF ``generate`` with ``cfg``'s arguments, each piece of text handed to ``put`` as the
+    tokenizer decodes it (transformers' streamer); ``stop`` ends it early. Returns the ids."""
     import torch
-    from transformers import TextStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-    class _Streamer(TextStreamer):
+    class _Put(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stream.write(text + ("\n" if stream_end else ""))
-            stream.flush()
+            if text:
+                put(text)
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            return stop.is_set()
 
     kwargs = generation_kwargs(tok, cfg)
-    kwargs["streamer"] = _Streamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs["streamer"] = _Put(tok, skip_prompt=True, skip_special_tokens=True)
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
     device = next(model.parameters()).device
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=device), **kwargs)
+        return model.generate(torch.tensor([ids], device=device), **kwargs)
+
+
+def _generate(model, tok, ids, cfg: GenerateConfig, stream: TextIO) -> str:
+    def put(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    out = _hf_stream(model, tok, ids, cfg, put)
+    stream.write("\n")
+    stream.flush()
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
@@ -179,24 +196,7 @@ class HFChat:
         return _prompt_ids(self.tok, messages, where)
 
     def generate(self, ids: list[int], cfg: GenerateConfig, stop: threading.Event, put) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> bool:
-                return stop.is_set()
-
-        class _Queued(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    put(text)
-
-        kwargs = generation_kwargs(self.tok, cfg)
-        kwargs["streamer"] = _Queued(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            self.model.generate(torch.tensor([ids], device=device), **kwargs)
+        _hf_stream(self.model, self.tok, ids, cfg, put, stop)
 
     def close(self) -> None:
         self.model = None
@@ -219,7 +219,6 @@ class GGUFChat:
     def __init__(self, path: str):
         from agiasi.eval.models import GGUFModel
 
-        self.path = path
         self.gguf = GGUFModel(path, n_ctx=self.N_CTX, logits_all=False)
         self.llm = self.gguf.llm
         if not self.gguf.chat_template():
@@ -232,7 +231,6 @@ class GGUFChat:
                 if len(ids) == 1:
                     stops.add(ids[0])
         self.stops = {t for t in stops if t >= 0}
-        self.threads = os.cpu_count() or 1
 
     def context(self) -> int | None:
         n = self.gguf.context_length()
@@ -298,7 +296,8 @@ def open_chat(path: str, cfg: GenerateConfig):
     return HFChat(cfg)
 
 
-def _stream_gguf(engine: GGUFChat, ids: list[int], cfg: GenerateConfig, stream: TextIO) -> str:
+def _stream_reply(engine, ids: list[int], cfg: GenerateConfig, stream: TextIO) -> str:
+    """One reply of either engine written to ``stream`` as it comes; returns its text."""
     pieces: list[str] = []
 
     def put(piece: str) -> None:
@@ -354,9 +353,6 @@ def chat(cfg: GenerateConfig, stdin: TextIO | None = None, stream: TextIO | None
             stream.write(f"agiasi: {e}\n")
             continue
         messages.append({"role": "user", "content": text})
-        if isinstance(engine, HFChat):
-            reply = _generate(engine.model, engine.tok, ids, cfg, stream)
-        else:
-            reply = _stream_gguf(engine, ids, cfg, stream)
+        reply = _stream_reply(engine, ids, cfg, stream)
         messages.append({"role": "assistant", "content": reply.strip()})
         turns += 1

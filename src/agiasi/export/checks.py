@@ -84,13 +84,9 @@ def check_output_path(
 
 
 def check_keys_fit(shapes: dict[str, tuple[int, ...]], new_cfg) -> None:
-    from transformers import AutoModelForCausalLM
+    from agiasi.model.loading import meta_model
 
-    with torch.device("meta"):
-        expected = {
-            k: tuple(v.shape)
-            for k, v in AutoModelForCausalLM.from_config(new_cfg).state_dict().items()
-        }
+    expected = {k: tuple(v.shape) for k, v in meta_model(new_cfg).state_dict().items()}
     missing = sorted(k for k in set(expected) - set(shapes) if not k.endswith("inv_freq"))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])

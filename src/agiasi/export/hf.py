@@ -89,7 +89,9 @@ def _heap_kept():
     3 of a 0.4 B model's 7.4 s of system time on 2 cores, 2.5 s of its 18 s (bench/RESULTS.md).
     While the stream runs, freed memory is kept for the next tensor (32 MiB, glibc's largest
     mmap threshold; no trimming); afterwards the defaults return and the heap is trimmed."""
-    libc = _glibc()
+    from agiasi.model.loading import glibc
+
+    libc = glibc()
     if libc is None:
         yield
         return
@@ -102,18 +104,6 @@ def _heap_kept():
         libc.mallopt(m_trim_threshold, 128 * 2**10)  # glibc's defaults
         libc.mallopt(m_mmap_threshold, 128 * 2**10)
         libc.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def _teed(tensors, streams):

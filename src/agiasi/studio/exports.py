@@ -112,18 +112,12 @@ def check_not_running(root: Path, rel: str) -> None:
 def parameter_count(checkpoint: Path) -> int:
     """Parameters of the model a step folder (or a run folder's last step) exports: its base
     model built from config.json on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from agiasi.checkpoint.run_folder import is_run_folder, resolve_step
     from agiasi.checkpoint.step_folder import read_manifest
     from agiasi.model.config import checkpoint_model_config
-    from agiasi.model.loading import load_config
+    from agiasi.model.loading import load_config, meta_model
 
     ckpt = resolve_step(checkpoint, "last") if is_run_folder(checkpoint) else checkpoint
     manifest = read_manifest(ckpt)
     base = checkpoint_model_config(manifest, ckpt, {})["base_model"]
-    hf = load_config(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(load_config(base)).parameters())

@@ -511,7 +511,6 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
     def chat_command(body: dict[str, Any]):
         """The `agiasi chat` line that answers as the page does (each model's, side by side)."""
         from agiasi.generate import GenerateConfig
-        from agiasi.options import check
 
         lines = []
         for m in body.get("models") or []:
@@ -522,8 +521,7 @@ def create_app(root: Path, token: str | None = None, loopback_port: int | None =
                 GenerateConfig, {"model": paths.for_command(root, path), **params},
                 "agiasi chat", ("model",),
             )  # fmt: skip
-            check(cfg)
-            flags = [f for f in forms.flags_of(cfg, ("model",)) if f != "--chat-template"]
+            flags = forms.flags_of(cfg, ("model",))
             lines.append(forms.shell_line(["agiasi", "chat", cfg.model, *flags]))
         return {"commands": lines}
 

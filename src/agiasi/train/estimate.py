@@ -117,7 +117,6 @@ class Shape:
     lora_parameters: int
     lora_in_width: int  # sum of one layer's LoRA targets' input widths (what dropout copies)
     soul_parameters: int
-    largest_weight: int  # values of the largest quantized linear (its dequantized transient)
     widest_out: int  # the widest output of a decoder layer's linears (gate_up: 2 × intermediate)
     tied: bool
 
@@ -160,18 +159,15 @@ class Estimate:
 def model_shape(cfg) -> Shape:
     """Build the model on the meta device (no weight is read or allocated) and measure it as
     ``agiasi train`` would load it: NF4 linears, LoRA targets, the soul."""
-    import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
 
     from agiasi.model.config import lora_targets_for, match_lora_targets
-    from agiasi.model.loading import load_config
+    from agiasi.model.loading import load_config, meta_model
     from agiasi.soul import Soul
 
     hf = load_config(cfg.base_model, cfg.trust_remote_code)
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.trust_remote_code)
+    model = meta_model(hf, cfg.trust_remote_code)
     targets = lora_targets_for(hf, cfg.lora_targets)
     match_lora_targets(model, targets)  # the same loud failure as the trainer's
     b = dtype_bytes(cfg)
@@ -181,17 +177,16 @@ def model_shape(cfg) -> Shape:
     decoder = getattr(model, model.base_model_prefix)
     quantized = {
         id(m.weight)
-        for name, m in decoder.named_modules()
+        for m in decoder.modules()
         if isinstance(m, nn.Linear) and cfg.quantization == "nf4"
     }
-    weight_bytes, largest, seen = 0, 0, set()
+    weight_bytes, seen = 0, set()
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         if id(p) in quantized:
             weight_bytes += nf4_bytes(p.numel())
-            largest = max(largest, p.numel())
         else:
             weight_bytes += _round(p.numel() * b)
     lora, lora_in = 0, 0
@@ -212,13 +207,10 @@ def model_shape(cfg) -> Shape:
     )
     hidden = int(text.hidden_size)
     soul = 0
-    if cfg.soul:
-        soul_cfg = cfg.model_config().soul_config(hidden)
-        if cfg.rotation == "full":  # the parametrization's H × H original (its init needs values)
-            soul = hidden * hidden + (cfg.alpha_mode == "learned")
-        else:
-            s = Soul(soul_cfg)
-            soul = sum(p.numel() for p in s.parameters() if p.requires_grad)
+    if cfg.soul and cfg.rotation == "full":  # the parametrization's H × H original (its init
+        soul = hidden * hidden + (cfg.alpha_mode == "learned")  # needs values: not on meta)
+    elif cfg.soul:
+        soul = Soul(cfg.model_config().soul_config(hidden)).num_trainable()
     return Shape(
         hidden=hidden,
         intermediate=int(getattr(text, "intermediate_size", 4 * hidden)),
@@ -231,7 +223,6 @@ def model_shape(cfg) -> Shape:
         lora_parameters=lora,
         lora_in_width=lora_in,
         soul_parameters=soul,
-        largest_weight=largest,
         widest_out=widest,
         tied=tied,
     )
