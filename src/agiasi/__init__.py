@@ -7,7 +7,10 @@ import logging as _logging
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 from agiasi.errors import AgiasiError  # noqa: E402
-from agiasi.soul import PHI, Soul, SoulConfig, fold_into, phase_status  # noqa: E402
+from agiasi.process import gc_paused  # noqa: E402
+
+with gc_paused(freeze=True):  # the soul imports torch: its objects are not scanned
+    from agiasi.soul import PHI, Soul, SoulConfig, fold_into, phase_status  # noqa: E402
 
 __version__ = "0.1.0"
 

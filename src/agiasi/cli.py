@@ -108,9 +108,12 @@ def _estimate_flags(p) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from agiasi.export import ExportConfig, export
+    from agiasi.process import gc_paused
 
-    export(build_config(ExportConfig, args))
+    with gc_paused(freeze=True):  # the imports on, and the process ends after it
+        from agiasi.export import ExportConfig, export
+
+        export(build_config(ExportConfig, args))
     return 0
 
 
@@ -354,9 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         _quiet_libraries()
     configure_process()
+    from agiasi.process import gc_paused
+
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        with gc_paused(freeze=True):  # building the parser imports the configs' modules
+            parser = build_parser()
+            args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except AgiasiError as e:
         if debug:

@@ -61,10 +61,12 @@ def _say(msg: str) -> None:
 
 def export(cfg: ExportConfig, log=_say) -> dict[str, Any]:
     """Merge, fold, write HF + GGUF + Modelfile + card + report into ``cfg.out``."""
+    from agiasi.process import gc_paused
 
-    plan = plan_export(cfg, log)
-    with _output_lock(plan.out):
-        return _export(plan, cfg, log)
+    with gc_paused():
+        plan = plan_export(cfg, log)
+        with _output_lock(plan.out):
+            return _export(plan, cfg, log)
 
 
 @contextmanager

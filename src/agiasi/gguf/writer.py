@@ -255,20 +255,23 @@ def q8_0_bytes(t: torch.Tensor) -> np.ndarray:
 
     Why not gguf-py's: numpy runs it on one core (a 3.8 B model's Q8_0 took longer than the
     whole merge); llama.cpp's quantizer would need the F16 file written and read back first.
-    Chunks of 8,192 blocks keep the dozen elementwise passes in the CPU's cache (7× faster than
-    whole-tensor passes on a 49 M-value embedding, and no tensor-sized temporaries).
-    tests/unit/gguf/test_q8_0.py checks byte equality, rounding ties and zero blocks included."""
+    Chunks of 8,192 blocks keep the elementwise passes in the CPU's cache (7× faster than
+    whole-tensor passes on a 49 M-value embedding, and no tensor-sized temporaries), and the
+    passes are few: rounding half away from zero is the int8
+    cast's truncation plus the truncated doubled remainder (±1 exactly where |remainder| ≥ ½,
+    with no ``x + 0.5`` that rounds 0.49999997 up). Half the time of gguf-py's formula written
+    pass for pass in torch. tests/unit/gguf/test_q8_0.py checks byte equality, rounding ties
+    and zero blocks included."""
     x = t.reshape(-1, Q8_0_BLOCK)
     out = np.empty((x.shape[0], 2 + Q8_0_BLOCK), dtype=np.uint8)
     dst = torch.from_numpy(out)
     step = 8192
     for b0 in range(0, x.shape[0], step):
-        c = x[b0 : b0 + step].to(torch.float32)
-        d = c.abs().amax(dim=1, keepdim=True) / 127
-        v = c * torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        a = v.abs()
-        whole = a.floor()
-        q = torch.sign(v) * (whole + (2 * (a - whole)).floor())  # gguf-py's np_roundf
+        c = x[b0 : b0 + step].to(torch.float32)  # may be ``t`` itself: not written to
+        d = c.abs().amax(dim=1, keepdim=True).div_(127)  # aminmax(dim=1): 6× slower
+        v = c * torch.where(d == 0, 0.0, 1 / d)
+        whole = v.to(torch.int8)  # toward zero; |v| <= 127
+        half_up = v.sub_(whole).mul_(2).to(torch.int8)  # ±1 where the remainder is ≥ ½
         dst[b0 : b0 + step, :2] = d.to(torch.float16).view(torch.uint8)
-        dst[b0 : b0 + step, 2:] = q.to(torch.int8).view(torch.uint8)
+        dst[b0 : b0 + step, 2:] = whole.add_(half_up).view(torch.uint8)
     return out.reshape(*t.shape[:-1], -1)

@@ -53,3 +53,21 @@ def test_nf4_roundtrip_is_bitsandbytes():
         w.float(), blocksize=64, quant_type="nf4", compress_statistics=True
     )
     assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(q, state).to(torch.bfloat16))
+
+
+def test_nf4_roundtrip_counts_ties_and_chunk_edges_as_bitsandbytes_does():
+    """The CPU path counts bounds below each weight instead of bitsandbytes' bucketize: a
+    weight exactly on a bound (and one float either side), an all-zero block, blocks far
+    apart in scale, and more blocks than one chunk must all land on bitsandbytes' codes."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    bounds, _ = _get_4bit_quantize_bounds("nf4", torch.device("cpu"))
+    ties = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)),
+                      torch.nextafter(bounds, torch.tensor(-2.0))])  # fmt: skip
+    w = torch.randn(9000, 64) * torch.logspace(-6, 2, 9000)[:, None]
+    w[0] = torch.cat([torch.tensor([1.0, -1.0]), ties, torch.zeros(64 - 2 - ties.numel())])
+    w[1] = 0.0
+    w[2] = -w[0] * 3.5
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(q, state))

@@ -36,7 +36,9 @@ def test_ties_zeros_and_extremes_equal_gguf_py():
     rows.append(torch.tensor([3.4e38, -3.4e38] * 16))
     rows.append(torch.tensor([1.0] + [0.49999997] * 31) * 127)  # just under a tie
     t = torch.stack([r.to(torch.float32) for r in rows])
+    kept = t.clone()
     assert np.array_equal(q8_0_bytes(t), _reference(t))
+    assert torch.equal(t, kept)  # a float32 tensor is quantized, not overwritten
 
 
 def test_bf16_input_quantizes_its_float32_values():
