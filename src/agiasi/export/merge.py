@@ -160,7 +160,7 @@ def _nf4_roundtrip_cpu(w: torch.Tensor, bnbf, step: int = 4096) -> torch.Tensor:
     code = bnbf.get_4bit_type("nf4", device=w.device)
     a = w.to(torch.float32).reshape(-1, 64)
     absmax = a.abs().amax(dim=1)
-    offset = absmax.mean()
+    offset = _mean_as_loaded(absmax)
     qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
     scales = bnbf.dequantize_blockwise(qabsmax, state2)
     scales += offset
@@ -181,6 +181,28 @@ def _nf4_roundtrip_cpu(w: torch.Tensor, bnbf, step: int = 4096) -> torch.Tensor:
         value = code.index_select(0, ik.copy_(ck).view(-1)).view(k, 64)
         out[rows] = value.mul_(scales[rows, None])
     return out.reshape(w.shape)
+
+
+# How many threads this process's torch uses by default: the model was quantized at load with
+# this many (read at import, before the export's stream shares the cores out).
+_LOAD_THREADS = torch.get_num_threads()
+
+
+def _mean_as_loaded(absmax: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``absmax.mean()``, summed by as many threads as when the model was loaded.
+
+    A float32 sum's rounding depends on how many threads split it: at the export's shared
+    thread count (:func:`agiasi.export.hf._cores_shared`) the offset moved by 4e-9 and 1e-4 of
+    a layer's weights came back one bfloat16 step away from what the NF4 model computed with.
+    Thread counts are per thread in torch, so this changes only the merge worker's, briefly."""
+    n = torch.get_num_threads()
+    if n == _LOAD_THREADS:
+        return absmax.mean()
+    torch.set_num_threads(_LOAD_THREADS)
+    try:
+        return absmax.mean()
+    finally:
+        torch.set_num_threads(n)
 
 
 def is_quantized_linear(key: str, shape: tuple[int, ...]) -> bool:

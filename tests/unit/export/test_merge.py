@@ -71,3 +71,24 @@ def test_nf4_roundtrip_counts_ties_and_chunk_edges_as_bitsandbytes_does():
     w[2] = -w[0] * 3.5
     q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(q, state))
+
+
+def test_nf4_roundtrip_sums_as_many_threads_as_the_load_did():
+    """The export shares the cores out between its threads; the NF4 offset (a float32 mean
+    whose rounding depends on the thread count) must still be summed as when the model was
+    quantized at load, or a few weights come back one bfloat16 step off."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    n = torch.get_num_threads()
+    if n < 2:
+        pytest.skip("one thread: nothing to share out")
+    g = torch.Generator().manual_seed(0)  # its mean differs by 4e-9 between 1 and 2 threads
+    w = (torch.randn(3072, 8192, generator=g) * 0.02).to(torch.bfloat16)
+    q, state = bnbf.quantize_4bit(w.float(), blocksize=64, quant_type="nf4",
+                                  compress_statistics=True)  # fmt: skip
+    want = bnbf.dequantize_4bit(q, state).to(torch.bfloat16)
+    torch.set_num_threads(1)
+    try:
+        got = nf4_roundtrip(w)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(got, want)
