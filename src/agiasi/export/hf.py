@@ -109,10 +109,10 @@ def _heap_kept():
 @contextmanager
 def _cores_shared(merge_device: str):
     """While the stream runs, two threads compute on the CPU at once — the merge worker (NF4
-    round trip, LoRA, fold) and the writer (F16 and Q8_0 conversion) — and each of torch's
-    operations would start its own team of all the cores' threads: on 2 cores that is 4 busy
-    threads, spinning and waking each other (1 s more user and system time, 14.7 s against
-    13.7 s of a 0.4 B model's export, bench/RESULTS.md). Each gets half the cores instead.
+    round trip, LoRA, fold) and the GGUF streams (F16 and Q8_0 conversion) — and each of
+    torch's operations would start its own team of all the cores' threads: on 2 cores, threads
+    spinning and waking each other (a 0.4 B model's export took 11.5–12.1 s that way against
+    9.8–11.3 s, bench/RESULTS.md). Each gets half the cores instead.
     Where there is a GPU the merge's heavy parts run there, and the writer keeps every core."""
     n = torch.get_num_threads()
     if torch.device(merge_device).type != "cpu" or torch.cuda.is_available() or n < 2:
