@@ -1,6 +1,6 @@
 """`python -m agiasi …` (and `torchrun -m agiasi train …`)."""
 
-from agiasi.cli import main
+from agiasi.cli import console
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console())

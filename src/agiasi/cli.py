@@ -110,7 +110,7 @@ def _estimate_flags(p) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from agiasi.process import gc_paused
 
-    with gc_paused(freeze=True):  # the imports on, and the process ends after it
+    with gc_paused(freeze=args.process_ends):  # from the imports on
         from agiasi.export import ExportConfig, export
 
         export(build_config(ExportConfig, args))
@@ -345,24 +345,34 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def console() -> int:
+    """The ``agiasi`` command and ``python -m agiasi``: :func:`main` in a process that ends with
+    the command, so what the imports and a bounded command made may be frozen out of the
+    cyclic collector's sight (:func:`agiasi.process.gc_paused`). A caller that goes on after
+    :func:`main` (tests, scripts) gets no freezing: a garbage cycle frozen there would never be
+    collected."""
+    return main(process_ends=True)
+
+
+def main(argv: Sequence[str] | None = None, *, process_ends: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import signal
     import threading
+
+    from agiasi.process import gc_paused
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
-    if not debug:
-        _quiet_libraries()
-    configure_process()
-    from agiasi.process import gc_paused
-
     try:
-        with gc_paused(freeze=True):  # building the parser imports the configs' modules
+        with gc_paused(freeze=process_ends):  # the libraries' and the configs' imports
+            if not debug:
+                _quiet_libraries()
+            configure_process()
             parser = build_parser()
             args = parser.parse_args(argv)
+        args.process_ends = process_ends
         return int(args.func(args) or 0)
     except AgiasiError as e:
         if debug:

@@ -178,3 +178,29 @@ def test_gpu_out_of_memory_in_any_command_is_one_clear_line(tiny_phi3, monkeypat
         "agiasi: error: the GPU ran out of memory (it asked for 1.50 GiB more, 10.75 GiB in use);"
     )
     assert len(err.strip().splitlines()) == 1 and "internal error" not in err
+
+
+def test_main_called_in_process_freezes_nothing_and_leaves_the_collector_on(tiny_phi3, capsys):
+    """``main`` pauses the cyclic collector over its imports; only the console entry (a process
+    that ends with the command) may also freeze what exists then — a caller that goes on (tests,
+    scripts) would otherwise keep every garbage cycle of the command forever."""
+    import gc
+
+    from agiasi.process import gc_paused
+
+    frozen = gc.get_freeze_count()
+    assert main(["info", str(tiny_phi3)]) == 0
+    assert gc.get_freeze_count() == frozen
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused(freeze=True):  # nested: the outer pause decides
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+    assert gc.isenabled()
+    try:
+        with gc_paused(freeze=True):
+            pass
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
