@@ -257,11 +257,11 @@ def q8_0_bytes(t: torch.Tensor) -> np.ndarray:
     whole merge); llama.cpp's quantizer would need the F16 file written and read back first.
     Chunks of 8,192 blocks keep the elementwise passes in the CPU's cache (7× faster than
     whole-tensor passes on a 49 M-value embedding, and no tensor-sized temporaries), and the
-    passes are few: rounding half away from zero is the int8
-    cast's truncation plus the truncated doubled remainder (±1 exactly where |remainder| ≥ ½,
-    with no ``x + 0.5`` that rounds 0.49999997 up). Half the time of gguf-py's formula written
-    pass for pass in torch. tests/unit/gguf/test_q8_0.py checks byte equality, rounding ties
-    and zero blocks included."""
+    passes are few: rounding half away from zero is the int8 cast's truncation plus the
+    truncated doubled remainder (±1 exactly where |remainder| ≥ ½, with no ``x + 0.5`` that
+    rounds 0.49999997 up): 0.6× the time of gguf-py's formula written pass for pass in torch,
+    on one thread or two. tests/unit/gguf/test_q8_0.py checks byte equality, rounding ties and
+    zero blocks included."""
     x = t.reshape(-1, Q8_0_BLOCK)
     out = np.empty((x.shape[0], 2 + Q8_0_BLOCK), dtype=np.uint8)
     dst = torch.from_numpy(out)
@@ -271,7 +271,9 @@ def q8_0_bytes(t: torch.Tensor) -> np.ndarray:
         d = c.abs().amax(dim=1, keepdim=True).div_(127)  # aminmax(dim=1): 6× slower
         v = c * torch.where(d == 0, 0.0, 1 / d)
         whole = v.to(torch.int8)  # toward zero; |v| <= 127
-        half_up = v.sub_(whole).mul_(2).to(torch.int8)  # ±1 where the remainder is ≥ ½
+        # ±1 where the remainder is ≥ ½; ``whole`` cast first: a float - int8 operation runs
+        # torch's unvectorized type-promoting loop, 8× slower than the cast and a float one
+        half_up = v.sub_(whole.to(torch.float32)).mul_(2).to(torch.int8)
         dst[b0 : b0 + step, :2] = d.to(torch.float16).view(torch.uint8)
         dst[b0 : b0 + step, 2:] = whole.add_(half_up).view(torch.uint8)
     return out.reshape(*t.shape[:-1], -1)
