@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 
-def llama_quantize(src: Path, dst: Path, ftype: str) -> float:
-    import llama_cpp
+def llama_quantize(src: Path, dst: Path, gguf_type: str) -> float:
+    """llama.cpp's quantizer as agiasi calls it (``agiasi.gguf.quantize.quantize_gguf``:
+    ``llama_model_quantize``, ``nthread`` = the CPU count, as ``llama-quantize`` runs)."""
+    from agiasi.gguf.quantize import quantize_gguf
 
-    from agiasi.gguf.quantize import quiet_llama_cpp
-
-    quiet_llama_cpp()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = os.cpu_count() or 1
     t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    quantize_gguf(src, dst, gguf_type)
     return time.perf_counter() - t0
 
 
@@ -78,7 +71,7 @@ def main() -> None:
         tmp = Path(tmp)
         if "q8_0" in args.rows:
             ref = tmp / "llama-q8_0.gguf"
-            t_ref = llama_quantize(args.f16, ref, "Q8_0")
+            t_ref = llama_quantize(args.f16, ref, "q8_0")
             t_ours, made = ours_q8_0(args.f16, tmp / "ours-q8_0.bin")
             ours = np.memmap(tmp / "ours-q8_0.bin", dtype=np.uint8, mode="r")
             checked = same = 0
@@ -93,7 +86,7 @@ def main() -> None:
                          "ours s": round(t_ours, 2), "ours / llama.cpp": round(t_ours / t_ref, 2),
                          "tensors byte-equal": f"{same}/{checked}"})  # fmt: skip
         if "q4_k_m" in args.rows:
-            t_k = llama_quantize(args.f16, tmp / "llama-q4_k_m.gguf", "Q4_K_M")
+            t_k = llama_quantize(args.f16, tmp / "llama-q4_k_m.gguf", "q4_k_m")
             rows.append({"stage": "Q4_K_M from the F16 file (agiasi calls this same quantizer)",
                          "llama.cpp s": round(t_k, 2)})  # fmt: skip
     for r in rows:

@@ -9,7 +9,8 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 from agiasi.errors import AgiasiError  # noqa: E402
 from agiasi.process import gc_paused  # noqa: E402
 
-with gc_paused(freeze=True):  # the soul imports torch: its objects are not scanned
+with gc_paused():  # the soul imports torch: not scanned while it loads (no freeze: a
+    # library import must not pin its host program's garbage; the console entry freezes)
     from agiasi.soul import PHI, Soul, SoulConfig, fold_into, phase_status  # noqa: E402
 
 __version__ = "0.1.0"

@@ -65,7 +65,7 @@ def write_hf_folder(plan: ExportPlan, hf_dir: Path, folder: Path, log) -> tuple:
             f"{len(plan.shapes)} tensors"
             + (f"; GGUF {', '.join(types)} on the same pass" if types else "")
         )
-        with _heap_kept(), _cores_shared(plan.merge.device), _Teed(streams) as teed:
+        with _heap_kept(), _cores_shared(), _Teed(streams) as teed:
             write_sharded(hf_dir, plan.shapes, teed(merged_tensors(plan.merge)), plan.dtype)
         maybe_crash("export_hf_written")
         ggufs = {t: s.finish() for t, s in streams.items()}
@@ -107,7 +107,7 @@ def _heap_kept():
 
 
 @contextmanager
-def _cores_shared(merge_device: str):
+def _cores_shared():
     """While the stream runs, two threads compute on the CPU at once — the merge worker (NF4
     round trip, LoRA, fold) and the GGUF streams (F16 and Q8_0 conversion) — and each of
     torch's operations would start its own team of all the cores' threads: on 2 cores, threads
@@ -115,7 +115,7 @@ def _cores_shared(merge_device: str):
     9.8–11.3 s, bench/RESULTS.md). Each gets half the cores instead.
     Where there is a GPU the merge's heavy parts run there, and the writer keeps every core."""
     n = torch.get_num_threads()
-    if torch.device(merge_device).type != "cpu" or torch.cuda.is_available() or n < 2:
+    if torch.cuda.is_available() or n < 2:  # a CUDA merge, and the NF4 round trip, go to it
         yield
         return
     torch.set_num_threads(max(1, n // 2))

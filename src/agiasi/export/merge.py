@@ -194,7 +194,8 @@ def _mean_as_loaded(absmax: torch.Tensor) -> torch.Tensor:
     A float32 sum's rounding depends on how many threads split it: at the export's shared
     thread count (:func:`agiasi.export.hf._cores_shared`) the offset moved by 4e-9 and 1e-4 of
     a layer's weights came back one bfloat16 step away from what the NF4 model computed with.
-    Thread counts are per thread in torch, so this changes only the merge worker's, briefly."""
+    Thread counts are per thread in torch, so this changes the merge worker's, briefly (a thread
+    started in that moment would inherit it: its speed, never a value, would change)."""
     n = torch.get_num_threads()
     if n == _LOAD_THREADS:
         return absmax.mean()
